@@ -1,0 +1,3 @@
+"""stabilize: see, and stop, vanishing and exploding gradients in PyTorch Lightning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,4 @@
+from stabilize.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""One LightningModule per architecture variant, from the deliberately fragile to the stabilized."""
+
+from stabilize.models.base import ImageClassifier
+from stabilize.models.plain import BatchNormCNN, DeepPlainCNN, PlainCNN
+from stabilize.models.resnet import FixupResNet, ResNet
+
+__all__ = ["BatchNormCNN", "DeepPlainCNN", "FixupResNet", "ImageClassifier", "PlainCNN", "ResNet"]

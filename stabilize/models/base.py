@@ -1,0 +1,307 @@
+"""The base class of every model: everything but the network."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+from torchmetrics.classification import MulticlassAccuracy
+
+OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
+SchedulerName = Literal["cosine", "onecycle", "constant"]
+Stage = Literal["train", "val", "test"]
+
+# One-cycle needs a warm-up phase; this is PyTorch's own default when none is given.
+ONECYCLE_DEFAULT_WARMUP = 0.3
+
+
+class ImageClassifier(LightningModule):
+    """Base LightningModule of the collection: optimizers, LR schedules, loss, metrics and input checks.
+
+    A variant supplies only its network by overriding :meth:`build_network`; the arguments of the variant's
+    ``__init__`` are available there through ``self.hparams``, because :meth:`save_hyperparameters` records the
+    arguments of the whole ``__init__`` chain. Every checkpoint therefore reloads with ``load_from_checkpoint``.
+
+    Args:
+        num_classes: Number of classes (size of the logits).
+        in_channels: Channels of the input images.
+        optimizer: ``"sgd"`` (with ``momentum`` and ``nesterov``), ``"adam"``, ``"adamw"`` or ``"rmsprop"``.
+        lr: Peak learning rate (reached after the warm-up).
+        momentum: Momentum of SGD and RMSprop.
+        nesterov: Nesterov momentum for SGD.
+        betas: Adam/AdamW coefficients.
+        weight_decay: L2 penalty (decoupled for AdamW). Never applied to normalization weights or biases, i.e. to
+            any parameter with fewer than two dimensions.
+        scheduler: ``"cosine"`` (linear warm-up, then cosine decay to zero), ``"onecycle"``
+            (:class:`~torch.optim.lr_scheduler.OneCycleLR`) or ``"constant"``. All step once per optimizer step.
+        warmup_fraction: Fraction of the total optimizer steps spent warming up (cosine and one-cycle; one-cycle
+            uses 0.3 when this is 0).
+        label_smoothing: Label smoothing of the training loss. Validation and test losses are plain
+            cross-entropy so that they stay comparable across runs.
+        channels_last: Run the network in ``torch.channels_last`` memory format (faster convolutions on GPUs).
+        compile: Compile the network with :func:`torch.compile` once, when the Trainer sets the module up.
+
+    Raises:
+        ValueError: If a numeric argument is out of range.
+    """
+
+    #: Spatial size the network insists on, or ``None`` when any size works.
+    expected_image_size: int | None = None
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 5e-4,
+        scheduler: SchedulerName = "cosine",
+        warmup_fraction: float = 0.0,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_arguments(
+            num_classes,
+            in_channels,
+            optimizer,
+            lr,
+            momentum,
+            betas,
+            weight_decay,
+            scheduler,
+            warmup_fraction,
+            label_smoothing,
+        )
+        self.save_hyperparameters()
+        self.network = self.build_network()
+        if not isinstance(self.network, nn.Module):
+            raise TypeError(f"{type(self).__name__}.build_network() must return an nn.Module, got {self.network!r}.")
+        if channels_last:
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        size = self.expected_image_size or 32
+        self.example_input_array = torch.zeros(2, in_channels, size, size)
+        # Counts batches with NaN/Inf pixels on the device; read (one sync) only every log_every_n_steps.
+        self.register_buffer("_nonfinite_input_batches", torch.zeros((), dtype=torch.long), persistent=False)
+        self._compiled_network: Any = None
+
+    def build_network(self) -> nn.Module:
+        """Return the network mapping images ``(N, C, H, W)`` to logits ``(N, num_classes)``.
+
+        Override this in a subclass; read the subclass's own ``__init__`` arguments from ``self.hparams``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must override build_network() to return its network.")
+
+    # ----------------------------------------------------------------------------------------------------- forward
+    def check_input(self, x: Tensor) -> None:
+        """Fail at once, with what was expected, on an input of the wrong type, rank, channel count or dtype.
+
+        Only metadata is inspected here, so the check costs no device synchronisation.
+        """
+        name = type(self).__name__
+        channels = self.hparams.in_channels
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} expects a torch.Tensor of images, got {type(x).__name__}.")
+        if x.ndim != 4:
+            raise ValueError(
+                f"{name} expects a batch of images of shape (N, {channels}, H, W); got shape {tuple(x.shape)}"
+                f" ({x.ndim} dimensions). Add a batch dimension with x.unsqueeze(0) for a single image."
+            )
+        if x.shape[1] != channels:
+            raise ValueError(
+                f"{name} expects {channels} input channels (N, {channels}, H, W); got shape {tuple(x.shape)}."
+                " Channels-last data must be permuted to (N, C, H, W) first."
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{name} expects floating-point images, got dtype {x.dtype}. Convert and normalize first, e.g."
+                " x.float() / 255 followed by per-channel normalization (CIFAR10DataModule does this)."
+            )
+        size = self.expected_image_size
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            raise ValueError(f"{name} expects {size}x{size} images; got shape {tuple(x.shape)}.")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        network = self._compiled_network if self._compiled_network is not None else self.network
+        return network(x)
+
+    def configure_model(self) -> None:
+        # Compile once per process, outside the registered modules, so checkpoints keep their plain keys.
+        if self.hparams.compile and self._compiled_network is None:
+            self._compiled_network = torch.compile(self.network)
+
+    # ------------------------------------------------------------------------------------------------------ steps
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: Stage) -> Tensor:
+        x, y = batch
+        self._nonfinite_input_batches += ~torch.isfinite(x).all()
+        logits = self(x)
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        metric = {"train": self.train_acc, "val": self.val_acc, "test": self.test_acc}[stage]
+        metric(logits.detach(), y)
+        on_step = stage == "train"
+        self.log(
+            f"{stage}/loss", loss.detach(), on_step=on_step, on_epoch=True, batch_size=len(y), sync_dist=not on_step
+        )
+        self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Return the logits of the images in ``batch`` (an ``(x, y)`` pair or a bare image tensor)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x)
+
+    # ------------------------------------------------------------------------------------- non-finite input check
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._trainer is not None and (batch_idx + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._raise_on_nonfinite_inputs()
+
+    def on_train_epoch_end(self) -> None:
+        self._raise_on_nonfinite_inputs()
+
+    def on_validation_epoch_end(self) -> None:
+        self._raise_on_nonfinite_inputs()
+
+    def on_test_epoch_end(self) -> None:
+        self._raise_on_nonfinite_inputs()
+
+    def _raise_on_nonfinite_inputs(self) -> None:
+        count = int(self._nonfinite_input_batches.item())
+        if count:
+            self._nonfinite_input_batches.zero_()
+            step = self.trainer.global_step if self._trainer is not None else "?"
+            raise ValueError(
+                f"{count} input batch(es) seen up to global step {step} contain NaN or Inf pixels. The data, not"
+                " the model, is broken: check the dataset files and the normalization (a zero std divides by zero)."
+            )
+
+    # ------------------------------------------------------------------------------------------------ optimizers
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Split the trainable parameters into weight-decayed weights and non-decayed norm weights and biases.
+
+        Parameters with fewer than two dimensions (norm scales and shifts, biases, scalar gains) get no weight
+        decay: decaying them only fights the normalization. Override to add groups with their own learning rate.
+        """
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        optimizer = self._build_optimizer(self.parameter_groups())
+        scheduler = self._build_scheduler(optimizer)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def _build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0)
+        if hp.optimizer == "adam":
+            return torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas))
+        if hp.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        return torch.optim.RMSprop(groups, lr=hp.lr, momentum=hp.momentum)
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole fit, as the Trainer estimates them (needed by the decaying schedules)."""
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError(
+                f"scheduler={self.hparams.scheduler!r} needs a finite training length: set the Trainer's max_epochs"
+                " or max_steps, or use scheduler='constant'."
+            )
+        return int(total)
+
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer) -> LRScheduler | None:
+        hp = self.hparams
+        if hp.scheduler == "constant":
+            return None
+        total = self.total_steps()
+        if hp.scheduler == "onecycle":
+            return OneCycleLR(
+                optimizer,
+                max_lr=[group["lr"] for group in optimizer.param_groups],
+                total_steps=total,
+                pct_start=hp.warmup_fraction or ONECYCLE_DEFAULT_WARMUP,
+                # Cycling momentum needs a momentum to cycle; RMSprop without one must stay without one.
+                cycle_momentum=hp.optimizer != "rmsprop" or hp.momentum > 0,
+            )
+        return LambdaLR(optimizer, cosine_with_warmup(total, round(hp.warmup_fraction * total)))
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Any:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then a cosine from 1 to 0 at ``total_steps``."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def _check_arguments(
+    num_classes: int,
+    in_channels: int,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    scheduler: str,
+    warmup_fraction: float,
+    label_smoothing: float,
+) -> None:
+    checks = [
+        (num_classes >= 2, f"num_classes must be at least 2, got {num_classes}."),
+        (in_channels >= 1, f"in_channels must be positive, got {in_channels}."),
+        (
+            optimizer in ("sgd", "adam", "adamw", "rmsprop"),
+            f"optimizer must be one of sgd, adam, adamw, rmsprop; got {optimizer!r}.",
+        ),
+        (math.isfinite(lr) and lr > 0, f"lr must be a positive finite number, got {lr}."),
+        (0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}."),
+        (len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two numbers in [0, 1), got {betas}."),
+        (weight_decay >= 0, f"weight_decay must be non-negative, got {weight_decay}."),
+        (
+            scheduler in ("cosine", "onecycle", "constant"),
+            f"scheduler must be one of cosine, onecycle, constant; got {scheduler!r}.",
+        ),
+        (0 <= warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {warmup_fraction}."),
+        (0 <= label_smoothing < 1, f"label_smoothing must be in [0, 1), got {label_smoothing}."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

@@ -1,0 +1,147 @@
+"""Plain (shortcut-free) convolutional networks: the seed ConvNet, the fragile deep baseline, its normalized twin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from stabilize.models.base import ImageClassifier
+from stabilize.models.blocks import (
+    ActivationName,
+    ClassifierHead,
+    ConvNormAct,
+    InitName,
+    NormLayer,
+    NormName,
+    activation_layer,
+    init_weights,
+    norm_layer,
+)
+
+STAGE_WIDTHS = (16, 32, 64)
+MIN_PLAIN_DEPTH = 5  # stem + one conv per stage + head
+
+
+class PlainCNN(ImageClassifier):
+    """The seed article's ConvNet, corrected: five 3x3 convs 3-64-64-128-128-256, each followed by a 2x2
+    max-pool (32 -> 1 pixels), then a linear head 256 -> ``num_classes`` with no activation on the logits.
+
+    Args:
+        activation: Nonlinearity after every convolution.
+        init: Weight initialisation (see :func:`stabilize.models.blocks.init_weights`).
+        **kwargs: Optimizer, scheduler and loss settings of :class:`ImageClassifier`.
+    """
+
+    widths = (64, 64, 128, 128, 256)
+    expected_image_size = 32
+
+    def __init__(self, activation: ActivationName = "relu", init: InitName = "kaiming", **kwargs: Any) -> None:
+        activation_layer(activation)
+        super().__init__(**kwargs)
+
+    def build_network(self) -> nn.Module:
+        act = activation_layer(self.hparams.activation)
+        layers: list[nn.Module] = []
+        in_channels = self.hparams.in_channels
+        for width in self.widths:
+            layers += [ConvNormAct(in_channels, width, activation=act), nn.MaxPool2d(2)]
+            in_channels = width
+        layers += [nn.Flatten(), nn.Linear(in_channels, self.hparams.num_classes)]
+        network = nn.Sequential(*layers)
+        init_weights(network, self.hparams.init, self.hparams.activation)
+        return network
+
+
+def stage_depths(num_convs: int, num_stages: int = len(STAGE_WIDTHS)) -> list[int]:
+    """Spread ``num_convs`` convolutions as evenly as possible over the stages (earlier stages get the extra)."""
+    base, extra = divmod(num_convs, num_stages)
+    return [base + (stage < extra) for stage in range(num_stages)]
+
+
+def plain_network(
+    depth: int,
+    in_channels: int,
+    num_classes: int,
+    activation: str,
+    norm: NormLayer | None,
+    width: int = 1,
+) -> nn.Sequential:
+    """A VGG-style network of ``depth`` weight layers (convs + the linear head) in three stages of width
+    16/32/64 (times ``width``), halving the resolution at the start of stages 2 and 3: the "plain" networks of
+    He et al. (2016), Fig. 6, which ResNets of the same depth add shortcuts to.
+    """
+    act = activation_layer(activation)
+    widths = [w * width for w in STAGE_WIDTHS]
+    layers: list[nn.Module] = [ConvNormAct(in_channels, widths[0], norm_layer=norm, activation=act)]
+    channels = widths[0]
+    for stage, (stage_width, convs) in enumerate(zip(widths, stage_depths(depth - 2))):
+        for index in range(convs):
+            stride = 2 if stage > 0 and index == 0 else 1
+            layers.append(ConvNormAct(channels, stage_width, stride, norm_layer=norm, activation=act))
+            channels = stage_width
+    layers.append(ClassifierHead(channels, num_classes))
+    return nn.Sequential(*layers)
+
+
+class DeepPlainCNN(ImageClassifier):
+    """The fragile baseline: a deep plain CNN with no shortcuts and no normalization.
+
+    ``depth`` counts weight layers, as the ResNet names do: ``depth - 1`` convolutions plus the linear head, so
+    ``DeepPlainCNN(depth=56)`` is the "plain-56" that He et al. compare ResNet-56 against. Deep + ``sigmoid`` +
+    ``small_normal`` init makes the gradients of the early layers vanish by orders of magnitude.
+
+    Args:
+        depth: Number of weight layers (at least 5).
+        activation: Nonlinearity after every convolution.
+        init: Weight initialisation scheme.
+        width: Multiplier of the stage widths 16/32/64.
+        **kwargs: Optimizer, scheduler and loss settings of :class:`ImageClassifier`.
+
+    Raises:
+        ValueError: If ``depth`` or ``width`` is too small.
+    """
+
+    def __init__(
+        self,
+        depth: int = 20,
+        activation: ActivationName = "relu",
+        init: InitName = "kaiming",
+        width: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        if depth < MIN_PLAIN_DEPTH:
+            raise ValueError(f"depth must be at least {MIN_PLAIN_DEPTH} (stem + 3 stages + head), got {depth}.")
+        if width < 1:
+            raise ValueError(f"width must be a positive integer, got {width}.")
+        activation_layer(activation)
+        super().__init__(**kwargs)
+
+    def normalization(self) -> NormLayer | None:
+        """Normalization after every conv; the plain baseline has none."""
+        return None
+
+    def build_network(self) -> nn.Module:
+        hp = self.hparams
+        network = plain_network(hp.depth, hp.in_channels, hp.num_classes, hp.activation, self.normalization(), hp.width)
+        init_weights(network, hp.init, hp.activation)
+        return network
+
+
+class BatchNormCNN(DeepPlainCNN):
+    """:class:`DeepPlainCNN` with a normalization layer after every convolution (and no shortcuts).
+
+    Args:
+        norm: ``"batch"`` (BatchNorm), ``"group"`` (GroupNorm, 8 groups) or ``"layer"`` (GroupNorm, 1 group).
+        **kwargs: ``depth``, ``activation``, ``init``, ``width`` of :class:`DeepPlainCNN` and the settings of
+            :class:`ImageClassifier`.
+    """
+
+    def __init__(self, norm: NormName = "batch", **kwargs: Any) -> None:
+        if norm == "none":
+            raise ValueError("BatchNormCNN needs a normalization; use DeepPlainCNN for the unnormalized network.")
+        norm_layer(norm)
+        super().__init__(**kwargs)
+
+    def normalization(self) -> NormLayer | None:
+        return norm_layer(self.hparams.norm)

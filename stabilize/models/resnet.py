@@ -1,0 +1,192 @@
+"""CIFAR ResNets (He et al. 2016, section 4.2), pre-activation ResNets (He et al. 2016b) and Fixup ResNets."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from stabilize.models.base import ImageClassifier
+from stabilize.models.blocks import (
+    ActivationLayer,
+    ActivationName,
+    BasicBlock,
+    ClassifierHead,
+    FixupBasicBlock,
+    InitName,
+    NormLayer,
+    ShortcutName,
+    activation_layer,
+    conv3x3,
+    fixup_init,
+    init_weights,
+    norm_layer,
+)
+from stabilize.models.plain import STAGE_WIDTHS
+
+ResNetNorm = Literal["batch", "group", "layer"]
+
+
+class CifarResNet(nn.Module):
+    """Stem conv, three stages of ``blocks_per_stage`` residual blocks at widths 16/32/64 (times ``width``),
+    global average pooling and a linear head. The block type, norm layer and activation are injected.
+    """
+
+    def __init__(
+        self,
+        blocks_per_stage: int,
+        block: type[BasicBlock] | type[FixupBasicBlock] = BasicBlock,
+        width: float = 1.0,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        norm: NormLayer | None = nn.BatchNorm2d,
+        activation: ActivationLayer = nn.ReLU,
+        shortcut_kind: str = "A",
+        preact: bool = False,
+    ) -> None:
+        super().__init__()
+        widths = [max(1, round(w * width)) for w in STAGE_WIDTHS]
+        stem: list[nn.Module] = [conv3x3(in_channels, widths[0], bias=norm is None)]
+        if not preact:  # a pre-activation net normalizes at the start of each block instead
+            stem += [norm(widths[0]) if norm is not None else nn.Identity(), activation()]
+        self.stem = nn.Sequential(*stem)
+        stages: list[nn.Module] = []
+        channels = widths[0]
+        for index, stage_width in enumerate(widths):
+            blocks = []
+            for block_index in range(blocks_per_stage):
+                stride = 2 if index > 0 and block_index == 0 else 1
+                blocks.append(block(channels, stage_width, stride, norm, activation, shortcut_kind, preact))
+                channels = stage_width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        # Pre-activation blocks end in a conv, so the features still need their final norm + activation.
+        self.final = (
+            nn.Sequential(norm(channels) if norm is not None else nn.Identity(), activation())
+            if preact
+            else nn.Identity()
+        )
+        self.head = ClassifierHead(channels, num_classes)
+
+    def blocks(self) -> list[nn.Module]:
+        return [block for stage in self.stages for block in stage]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.final(self.stages(self.stem(x))))
+
+
+def resnet_blocks_per_stage(depth: int) -> int:
+    """Blocks per stage of a CIFAR ResNet of ``depth`` = 6n + 2 weight layers."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"A CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110, ...); got {depth}.")
+    return (depth - 2) // 6
+
+
+class ResNet(ImageClassifier):
+    """CIFAR ResNet of He et al. (2016): depth 6n+2, three stages of n basic blocks at widths 16/32/64.
+
+    ResNet-20/56/110 with option-A shortcuts have 0.27M/0.85M/1.7M parameters, as in the paper's Table 6.
+
+    Args:
+        depth: 6n+2 weight layers (20, 32, 44, 56, 110, ...).
+        width: Multiplier of the stage widths (``width=4`` gives a wide ResNet).
+        shortcut: ``"A"`` zero-padding identity shortcuts (the paper's CIFAR choice, no parameters) or
+            ``"B"`` 1x1 projection shortcuts where the shape changes.
+        preact: Use pre-activation blocks (He et al. 2016b), with a final norm + activation before the head.
+        zero_init_residual: Start every residual branch at zero (its last norm scale, or last conv for
+            pre-activation), so each block is initially the identity (Goyal et al. 2017).
+        norm: ``"batch"``, ``"group"`` or ``"layer"``.
+        activation: Nonlinearity inside the blocks.
+        init: Initialisation of conv and linear weights.
+        **kwargs: Optimizer, scheduler and loss settings of :class:`ImageClassifier`.
+
+    Raises:
+        ValueError: If ``depth`` is not 6n+2 or ``width`` is not positive.
+    """
+
+    def __init__(
+        self,
+        depth: int = 20,
+        width: float = 1.0,
+        shortcut: ShortcutName = "A",
+        preact: bool = False,
+        zero_init_residual: bool = False,
+        norm: ResNetNorm = "batch",
+        activation: ActivationName = "relu",
+        init: InitName = "kaiming",
+        **kwargs: Any,
+    ) -> None:
+        resnet_blocks_per_stage(depth)
+        if not width > 0:
+            raise ValueError(f"width must be positive, got {width}.")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 projection), got {shortcut!r}.")
+        norm_layer(norm)
+        activation_layer(activation)
+        super().__init__(**kwargs)
+
+    def build_network(self) -> nn.Module:
+        hp = self.hparams
+        network = CifarResNet(
+            resnet_blocks_per_stage(hp.depth),
+            BasicBlock,
+            hp.width,
+            hp.in_channels,
+            hp.num_classes,
+            norm_layer(hp.norm),
+            activation_layer(hp.activation),
+            hp.shortcut,
+            hp.preact,
+        )
+        init_weights(network, hp.init, hp.activation)
+        if hp.zero_init_residual:
+            for block in network.blocks():
+                last = block.conv2 if hp.preact else block.last_norm
+                if getattr(last, "weight", None) is not None:
+                    nn.init.zeros_(last.weight)
+        return network
+
+
+class FixupResNet(ImageClassifier):
+    """A CIFAR ResNet with no normalization at all, made trainable by Fixup initialisation (Zhang et al. 2019).
+
+    Every residual branch starts at zero and the first conv of each branch is scaled by ``L^{-1/2}`` (L = number
+    of branches), so activations and gradients keep their scale through depth without BatchNorm.
+
+    Args:
+        depth: 6n+2 weight layers.
+        width: Multiplier of the stage widths.
+        shortcut: ``"A"`` or ``"B"`` (unnormalized projection).
+        activation: Nonlinearity inside the blocks.
+        **kwargs: Optimizer, scheduler and loss settings of :class:`ImageClassifier`.
+    """
+
+    def __init__(
+        self,
+        depth: int = 20,
+        width: float = 1.0,
+        shortcut: ShortcutName = "A",
+        activation: ActivationName = "relu",
+        **kwargs: Any,
+    ) -> None:
+        resnet_blocks_per_stage(depth)
+        if not width > 0:
+            raise ValueError(f"width must be positive, got {width}.")
+        activation_layer(activation)
+        super().__init__(**kwargs)
+
+    def build_network(self) -> nn.Module:
+        hp = self.hparams
+        network = CifarResNet(
+            resnet_blocks_per_stage(hp.depth),
+            FixupBasicBlock,
+            hp.width,
+            hp.in_channels,
+            hp.num_classes,
+            None,
+            activation_layer(hp.activation),
+            hp.shortcut,
+        )
+        init_weights(network.stem, "kaiming", hp.activation)
+        fixup_init(network.blocks(), network.head.linear)
+        return network

@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch import nn
+
+from stabilize.models import ImageClassifier, ResNet
+from stabilize.models.base import cosine_with_warmup
+from tests.helpers.data import SyntheticImages
+
+
+class LearningRateRecorder(Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def run(model: ImageClassifier, steps: int, tmp_path: Path, **kwargs) -> LearningRateRecorder:
+    recorder = LearningRateRecorder()
+    trainer = Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[recorder],
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+    trainer.fit(model, SyntheticImages(num=64, batch_size=8))
+    return recorder
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "constant"])
+def test_every_optimizer_and_schedule_builds_and_steps(optimizer: str, scheduler: str, tmp_path: Path) -> None:
+    model = ResNet(depth=8, optimizer=optimizer, scheduler=scheduler, lr=0.01, warmup_fraction=0.25)
+    before = [p.detach().clone() for p in model.parameters()]
+    recorder = run(model, 8, tmp_path)
+    assert len(recorder.lrs) == 8
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert changed == len(before)
+    expected_class = {
+        "sgd": torch.optim.SGD,
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+        "rmsprop": torch.optim.RMSprop,
+    }[optimizer]
+    assert type(model.trainer.optimizers[0]) is expected_class
+    if scheduler == "constant":
+        assert recorder.lrs == [0.01] * 8
+    elif scheduler == "cosine":
+        # 2 warm-up steps of 8, stepping once per optimizer step.
+        assert recorder.lrs[:3] == pytest.approx([0.005, 0.01, 0.01])
+        assert recorder.lrs[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    else:
+        assert recorder.lrs[0] == pytest.approx(0.01 / 25)  # OneCycleLR starts at max_lr / div_factor
+        assert max(recorder.lrs) == pytest.approx(0.01, rel=0.05)
+        assert recorder.lrs[-1] < recorder.lrs[0]
+
+
+def test_cosine_with_warmup_shape() -> None:
+    multiplier = cosine_with_warmup(total_steps=100, warmup_steps=10)
+    assert multiplier(0) == pytest.approx(0.1)
+    assert multiplier(9) == pytest.approx(1.0)
+    assert multiplier(55) == pytest.approx(0.5)
+    assert multiplier(100) == pytest.approx(0.0)
+
+
+def test_sgd_uses_nesterov_momentum_and_weight_decay_skips_norms_and_biases() -> None:
+    model = ResNet(depth=8, weight_decay=1e-3, momentum=0.8, scheduler="constant")
+    optimizer = model.configure_optimizers()
+    assert optimizer.defaults["nesterov"]
+    assert optimizer.defaults["momentum"] == 0.8
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 1e-3
+    assert plain["weight_decay"] == 0.0
+    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    bias_params = {id(m.bias) for m in model.modules() if isinstance(m, nn.Linear)}
+    decayed_ids = {id(p) for p in decayed["params"]}
+    assert not (norm_params | bias_params) & decayed_ids
+    assert {id(p) for p in plain["params"]} == norm_params | bias_params
+    conv_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    assert conv_weights <= decayed_ids
+
+
+def test_scheduler_needs_a_finite_run(tmp_path: Path) -> None:
+    model = ResNet(depth=8, scheduler="cosine")
+    trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="finite training length"):
+        trainer.fit(model, SyntheticImages(num=16, batch_size=8))
+
+
+def test_logs_documented_metrics(tmp_path: Path) -> None:
+    model = ResNet(depth=8, scheduler="constant")
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, SyntheticImages(num=32, batch_size=8))
+    assert {"train/loss_step", "train/acc_step", "train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc"} <= set(
+        trainer.callback_metrics
+    )
+    trainer.test(model, SyntheticImages(num=32, batch_size=8), verbose=False)
+    assert {"test/loss", "test/acc"} <= set(trainer.callback_metrics)
+    assert 0.0 <= trainer.callback_metrics["test/acc"].item() <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("images", "error", "message"),
+    [
+        (torch.randn(3, 32, 32), ValueError, r"shape \(N, 3, H, W\).*unsqueeze"),
+        (torch.randn(2, 1, 32, 32), ValueError, "expects 3 input channels"),
+        (torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), TypeError, "floating-point images.*uint8"),
+        ([[0.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_inputs_fail_at_once_with_what_was_expected(images, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        ResNet(depth=8)(images)
+
+
+def test_plain_cnn_insists_on_32x32() -> None:
+    from stabilize.models import PlainCNN
+
+    with pytest.raises(ValueError, match="expects 32x32 images"):
+        PlainCNN()(torch.randn(2, 3, 64, 64))
+
+
+class NaNAtBatch(SyntheticImages):
+    """Synthetic data whose batch 3 contains a NaN pixel."""
+
+    def __init__(self) -> None:
+        super().__init__(num=64, batch_size=8)
+        self.images[3 * 8 + 1, 0, 5, 5] = float("nan")
+
+
+def test_nonfinite_inputs_are_caught_at_the_next_logging_step(tmp_path: Path) -> None:
+    model = ResNet(depth=8, scheduler="constant")
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=5,
+        limit_val_batches=0,
+    )
+    data = NaNAtBatch()
+    data.train_dataloader = lambda: torch.utils.data.DataLoader(  # fixed order: batch 3 holds the NaN
+        torch.utils.data.TensorDataset(data.images, data.labels), batch_size=8
+    )
+    with pytest.raises(ValueError, match="contain NaN or Inf pixels"):
+        trainer.fit(model, data)
+    # Checked on logging steps only: the batch at index 3 is reported when batch 4 (the 5th) ends.
+    assert trainer.global_step == 5
+
+
+def test_user_subclass_supplies_only_its_network(tmp_path: Path) -> None:
+    class TinyNet(ImageClassifier):
+        def __init__(self, hidden: int = 8, **kwargs) -> None:
+            super().__init__(**kwargs)
+
+        def build_network(self) -> nn.Module:
+            return nn.Sequential(
+                nn.Conv2d(3, self.hparams.hidden, 3),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(self.hparams.hidden, self.hparams.num_classes),
+            )
+
+    model = TinyNet(hidden=4, lr=0.05)
+    assert model.hparams.hidden == 4
+    assert model.hparams.lr == 0.05
+    run(model, 3, tmp_path)
+    assert model.network[0].out_channels == 4
+
+
+def test_missing_build_network_says_what_to_do() -> None:
+    with pytest.raises(NotImplementedError, match="must override build_network"):
+        ImageClassifier()
+
+
+def test_channels_last_gives_the_same_logits() -> None:
+    torch.manual_seed(0)
+    reference = ResNet(depth=8).eval()
+    fast = ResNet(depth=8, channels_last=True).eval()
+    fast.load_state_dict(reference.state_dict())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images), reference(images), rtol=1e-4, atol=1e-5)
