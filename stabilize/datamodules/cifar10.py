@@ -263,8 +263,8 @@ class CIFAR10DataModule(LightningDataModule):
             raise ValueError(f"translate must be in [0, {IMAGE_SHAPE[-1]}) pixels, got {translate}.")
         if not 0 <= cutout <= IMAGE_SHAPE[-1]:
             raise ValueError(f"cutout must be in [0, {IMAGE_SHAPE[-1]}] pixels, got {cutout}.")
-        if device is not None and torch.device(device).type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be None, 'cpu' or 'cuda', got {device!r}.")
+        if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be None, 'cpu' or 'cuda' (optionally 'cuda:N'), got {device!r}.")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir or os.environ.get(ENV_DATA_DIR) or "data").expanduser()
         stats = (CIFAR10_MEAN, CIFAR10_STD) if normalize else (None, None)
@@ -414,17 +414,26 @@ class CIFAR10DataModule(LightningDataModule):
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + 7919 * (rank + 1))
         return self._generators[device]
 
-    def transform_batch(self, batch: Split, train: bool) -> Split:
-        """uint8 batch to normalized float32, augmented per image when ``train`` (and ``augment``) is set."""
-        images, labels = batch
+    def transform_images(self, images: Tensor, train: bool) -> Tensor:
+        """uint8 images to normalized float32, augmented per image when ``train`` (and ``augment``) is set.
+
+        Anything that is not a uint8 tensor (e.g. an already normalized float batch, or the model's
+        ``example_input_array`` that Lightning passes through this hook) is returned unchanged.
+        """
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8:
+            return images
         if train and self.hparams.augment and not self.augmentation.is_identity:
-            images = self.augmentation(images, self.generator(images.device))
-        else:
-            images = self.augmentation.normalize(images)
-        return images, labels
+            return self.augmentation(images, self.generator(images.device))
+        return self.augmentation.normalize(images)
+
+    def transform_batch(self, batch: Any, train: bool) -> Any:
+        """Apply :meth:`transform_images` to an ``(images, labels)`` batch or a bare image tensor."""
+        if isinstance(batch, (tuple, list)) and batch:
+            return (self.transform_images(batch[0], train), *batch[1:])
+        return self.transform_images(batch, train)
 
     @override
-    def on_after_batch_transfer(self, batch: Split, dataloader_idx: int) -> Split:
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         training = self.trainer is not None and self.trainer.training
         return self.transform_batch(batch, train=training)
 
