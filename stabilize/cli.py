@@ -8,10 +8,10 @@ Any other LightningModule or LightningDataModule can be named by its import path
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 # Imported for their side effect too: jsonargparse resolves short class names among the imported subclasses.
@@ -26,14 +26,15 @@ class StabilizeCLI(LightningCLI):
     """:class:`~lightning.pytorch.cli.LightningCLI` with subclass mode for model and data, TensorBoard logging
     (Lightning's default logger whenever tensorboard is installed, which it is as a dependency) and a fixed seed.
 
-    Errors raised by the classes' argument checks (``ValueError``) are reported like jsonargparse's own parse
-    errors, as one message and exit code 2, instead of a traceback.
+    ``--model`` accepts any LightningModule and ``--data`` any LightningDataModule (optional, for models that
+    bring their own dataloaders). Errors raised by the classes' argument checks (``ValueError``) are reported
+    like jsonargparse's own parse errors, as one message and exit code 2, instead of a traceback.
     """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
         super().__init__(
-            model_class=None,
+            model_class=LightningModule,
             datamodule_class=None,
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -50,7 +51,7 @@ class StabilizeCLI(LightningCLI):
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``stabilize`` console script and of ``python -m stabilize``."""
-    StabilizeCLI(args=args if args is not None else sys.argv[1:])
+    StabilizeCLI(args=args)
 
 
 if __name__ == "__main__":

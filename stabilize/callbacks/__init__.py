@@ -1,3 +1,5 @@
 """Lightning callbacks that watch the health of the gradients."""
 
-__all__: list[str] = []
+from stabilize.callbacks.gradient_health import GradientHealthCallback
+
+__all__ = ["GradientHealthCallback"]

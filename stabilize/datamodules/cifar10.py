@@ -205,7 +205,8 @@ class CIFAR10DataModule(LightningDataModule):
         val_size: Training images held out for validation: a count, or a fraction in ``[0, 1)``; 0 disables
             validation. The split is a seeded permutation, identical for a given ``seed``.
         seed: Seed of the split, the shuffling and the augmentation.
-        num_workers: DataLoader workers. Batches are one tensor index each, so 0 is usually fastest.
+        num_workers: DataLoader workers. A batch is one tensor index into memory, so workers only add
+            inter-process copies: 0 (the default) is fastest (see benchmarks/bench_datamodule.py).
         pin_memory: Pin batches in page-locked memory for asynchronous copies to the GPU.
         drop_last: Drop the last incomplete training batch.
         download: Download the official archive (md5-checked) when ``data_dir`` holds no copy.

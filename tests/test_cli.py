@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from stabilize.cli import DEFAULT_SEED, StabilizeCLI, main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+FAST = ["--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def stabilize_command(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the installed console script (falling back to ``python -m stabilize``) in a subprocess."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "stabilize", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
+    )
+
+
+def tiny_data_args(tiny_cifar: Path) -> list[str]:
+    return [
+        "--data",
+        "CIFAR10DataModule",
+        f"--data.data_dir={tiny_cifar}",
+        "--data.val_size=40",
+        "--data.batch_size=16",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [
+        ("PlainCNN", []),
+        ("DeepPlainCNN", ["--model.depth=8", "--model.activation=sigmoid"]),
+        ("BatchNormCNN", ["--model.depth=8", "--model.norm=group"]),
+        ("ResNet", ["--model.depth=8", "--model.preact=true"]),
+        ("FixupResNet", ["--model.depth=8"]),
+    ],
+)
+def test_fast_dev_run_of_every_variant_through_the_console_script(
+    model: str, options: list[str], tiny_cifar: Path, tmp_path: Path
+) -> None:
+    result = stabilize_command("fit", "--model", model, *options, *tiny_data_args(tiny_cifar), *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=1` reached" in result.stderr + result.stdout
+
+
+def test_user_subclass_trains_through_the_cli(tiny_cifar: Path, tmp_path: Path) -> None:
+    (tmp_path / "my_research.py").write_text(
+        "from torch import nn\n"
+        "from stabilize.models import ImageClassifier\n\n"
+        "class TinyNet(ImageClassifier):\n"
+        "    def __init__(self, hidden: int = 8, **kwargs):\n"
+        "        super().__init__(**kwargs)\n\n"
+        "    def build_network(self):\n"
+        "        h = self.hparams.hidden\n"
+        "        return nn.Sequential(nn.Conv2d(3, h, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                             nn.Linear(h, self.hparams.num_classes))\n"
+    )
+    result = stabilize_command(
+        "fit",
+        "--model",
+        "my_research.TinyNet",
+        "--model.hidden=4",
+        "--model.lr=0.01",
+        *tiny_data_args(tiny_cifar),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.enable_progress_bar=false",
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = list((tmp_path / "lightning_logs").glob("version_0/checkpoints/*.ckpt"))
+    assert len(checkpoints) == 1
+    hparams = torch.load(checkpoints[0], weights_only=False)["hyper_parameters"]
+    assert hparams["hidden"] == 4 and hparams["lr"] == 0.01
+
+
+def test_config_file_run_then_validate_and_test_from_its_checkpoint(tiny_cifar: Path, tmp_path: Path) -> None:
+    """``stabilize fit --config`` logs to TensorBoard by default; validate/test reload the checkpoint."""
+    os.chdir(tmp_path)
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "resnet20.yaml"),
+            "--model.depth=8",
+            *tiny_data_args(tiny_cifar),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    version = tmp_path / "lightning_logs" / "version_0"
+    assert list(version.glob("events.out.tfevents.*")), "TensorBoard is the default logger"
+    assert (version / "config.yaml").is_file()
+    checkpoint = next(version.glob("checkpoints/*.ckpt"))
+    for subcommand in ("validate", "test"):
+        main(
+            [
+                subcommand,
+                "--model",
+                "ResNet",
+                "--model.depth=8",
+                *tiny_data_args(tiny_cifar),
+                f"--ckpt_path={checkpoint}",
+                "--trainer.enable_progress_bar=false",
+            ]
+        )
+    # Each run logs (and saves its config) into a version of its own.
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1", "version_2"]
+
+
+def test_default_logger_is_tensorboard_and_everything_is_seeded(tiny_cifar: Path, tmp_path: Path) -> None:
+    os.chdir(tmp_path)
+    cli = StabilizeCLI(args=["--model", "ResNet", "--model.depth=8", *tiny_data_args(tiny_cifar)], run=False)
+    assert isinstance(cli.trainer.logger, TensorBoardLogger)
+    assert cli.config.seed_everything == DEFAULT_SEED
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_parses_and_builds(config: Path, tmp_path: Path) -> None:
+    os.chdir(tmp_path)
+    cli = StabilizeCLI(args=["--config", str(config), "--data.data_dir", str(tmp_path)], run=False)
+    assert cli.model.__class__.__module__.startswith("stabilize.models")
+    assert cli.trainer.max_epochs >= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "NoSuchModel"], "NoSuchModel"),
+        (["--model", "ResNet", "--model.depth", "abc"], "Expected a <class 'int'>. Got value: abc"),
+        (["--model", "ResNet", "--model.depth", "22"], r"depth 6n+2 (20, 32, 44, 56, 110, ...); got 22"),
+        (["--model", "ResNet", "--model.activation", "swish"], "Got value: swish"),
+        (["--model", "ResNet", "--data", "CIFAR10DataModule", "--data.val_size", "-5"], "val_size must be"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message_not_a_traceback(
+    args: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Traceback" not in error
+
+
+def test_print_config_and_module_entry_point(tmp_path: Path) -> None:
+    result = stabilize_command(
+        "fit", "--model", "ResNet", "--model.depth=56", "--data", "CIFAR10DataModule", "--print_config", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "class_path: stabilize.models.ResNet" in result.stdout
+    assert "depth: 56" in result.stdout
+    assert "seed_everything: 42" in result.stdout
