@@ -24,6 +24,17 @@ _RELU_LIKE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.PReL
 _SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid)
 _NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _HISTOGRAM_BINS = 64
+# Device accumulators between logging steps (read together with the layer statistics, in this order).
+_COUNTERS = (
+    "exploding",
+    "exploding_first",
+    "exploding_last",
+    "exploding_max",
+    "nonfinite_tensors",
+    "nonfinite_first",
+    "nonfinite_last",
+    "amp_skipped",
+)
 
 
 @dataclass
@@ -251,7 +262,9 @@ class GradientHealthCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.track_activations and self._is_logging_step(trainer.global_step) and not self._activation_hooks:
+        first = self._monitors.get(0)
+        upcoming = first.steps if first is not None else 0
+        if self.track_activations and self._is_logging_step(upcoming) and not self._activation_hooks:
             for name, module in pl_module.named_modules():
                 if isinstance(module, _RELU_LIKE + _SATURATING):
                     self._activation_hooks.append(module.register_forward_hook(self._activation_hook(name)))
@@ -289,8 +302,9 @@ class GradientHealthCallback(Callback):
         return record
 
     # ----------------------------------------------------------------------------------------------- every step
-    def _is_logging_step(self, step: int) -> bool:
-        return step % self._every == 0
+    def _is_logging_step(self, optimizer_step: int) -> bool:
+        """Whether an optimizer's ``optimizer_step``-th step (0-based, its own count) gets a detailed record."""
+        return optimizer_step % self._every == 0
 
     @override
     def on_before_optimizer_step(
@@ -347,7 +361,7 @@ class GradientHealthCallback(Callback):
         if self.on_nonfinite != "warn" and scaler is None and bool(step_nonfinite):  # the one sync of these policies
             self._handle_nonfinite_now(trainer, monitor, positions, tensor_nonfinite, step)
             return
-        if self._is_logging_step(step):
+        if self._is_logging_step(monitor.steps - 1):  # each optimizer counts its own steps
             self._record(trainer, monitor, positions, norms, total, median, step)
 
     def _handle_nonfinite_now(
@@ -399,40 +413,21 @@ class GradientHealthCallback(Callback):
         state = monitor.device_state
         activation_names = sorted(self._activation_stats)
         activation_values = [self._activation_stats[name][1].float().to(device) for name in activation_names]
-        scalars = torch.stack(
-            [
-                total,
-                median,
-                state["exploding"].float(),
-                state["exploding_first"].float(),
-                state["exploding_last"].float(),
-                state["exploding_max"],
-                state["nonfinite_tensors"].float(),
-                state["nonfinite_first"].float(),
-                state["nonfinite_last"].float(),
-                state["amp_skipped"].float(),
-            ]
-        )
         packed = torch.cat(
-            [layer_grad, layer_weight, state["layer_nonfinite"], scalars, *[v.view(1) for v in activation_values]]
+            [
+                layer_grad,
+                layer_weight,
+                torch.stack([total, median]),
+                self._counters(state),
+                *[v.view(1) for v in activation_values],
+            ]
         ).tolist()  # the one host transfer of a logging step
         grad_values = packed[:num_layers]
         weight_values = packed[num_layers : 2 * num_layers]
-        nonfinite_layers = [layers.names[i] for i, v in enumerate(packed[2 * num_layers : 3 * num_layers]) if v > 0]
-        (
-            total_value,
-            median_value,
-            exploding,
-            exploding_first,
-            exploding_last,
-            exploding_max,
-            nonfinite_tensors,
-            nonfinite_first,
-            nonfinite_last,
-            amp_skipped,
-        ) = packed[3 * num_layers : 3 * num_layers + 10]
-        activation_results = dict(zip(activation_names, packed[3 * num_layers + 10 :]))
-        self._reset_counters(state)
+        total_value, median_value = packed[2 * num_layers : 2 * num_layers + 2]
+        counters_end = 2 * num_layers + 2 + len(_COUNTERS) + num_layers
+        counts = self._apply_counters(trainer, monitor, packed[2 * num_layers + 2 : counters_end])
+        activation_results = dict(zip(activation_names, packed[counters_end:]))
 
         present = sorted({layers.layer_of_param[p] for p in positions})
         finite_norms = [grad_values[i] for i in present if math.isfinite(grad_values[i])]
@@ -450,30 +445,7 @@ class GradientHealthCallback(Callback):
             monitor.worst_depth_ratio is None or depth_ratio < monitor.worst_depth_ratio[0]
         ):
             monitor.worst_depth_ratio = (depth_ratio, step)
-        if exploding:
-            monitor.explosions.append(
-                {
-                    "first_step": int(exploding_first),
-                    "last_step": int(exploding_last),
-                    "steps": int(exploding),
-                    "max_norm": exploding_max,
-                }
-            )
-        if nonfinite_tensors:
-            event = {
-                "first_step": int(nonfinite_first),
-                "last_step": int(nonfinite_last),
-                "tensors": int(nonfinite_tensors),
-                "layers": nonfinite_layers,
-            }
-            monitor.nonfinite.append(event)
-            if trainer.is_global_zero:
-                rank_zero_warn(
-                    f"GradientHealthCallback: {int(nonfinite_tensors)} non-finite gradient tensor(s) between optimizer"
-                    f" steps {int(nonfinite_first)} and {int(nonfinite_last)}, in {', '.join(nonfinite_layers[:10])}."
-                    " Use on_nonfinite='skip' to drop such steps or 'raise' to stop at the first one."
-                )
-        monitor.amp_skipped += int(amp_skipped)
+        exploding, nonfinite_tensors, amp_skipped = counts
         record = {
             "step": step,
             "global_norm": total_value,
@@ -495,6 +467,53 @@ class GradientHealthCallback(Callback):
             _log(trainer, metrics, step)
             self._log_tensorboard(trainer, monitor, positions, present, grad_values, step)
         self._activation_stats.clear()
+
+    @staticmethod
+    def _counters(state: dict[str, Tensor]) -> Tensor:
+        """The device accumulators as one float vector: the scalars of ``_COUNTERS``, then per-layer flags."""
+        return torch.cat([torch.stack([state[name].float() for name in _COUNTERS]), state["layer_nonfinite"]])
+
+    def _apply_counters(self, trainer: Trainer, monitor: _Monitor, values: list[float]) -> tuple[int, int, int]:
+        """Turn the accumulators read from the device into events, warn, reset them on the device.
+
+        Returns the numbers of exploding steps, non-finite gradient tensors and AMP-skipped steps they held.
+        """
+        counters = dict(zip(_COUNTERS, values))
+        layers = monitor.layers
+        assert layers is not None
+        nonfinite_layers = [layers.names[i] for i, v in enumerate(values[len(_COUNTERS) :]) if v > 0]
+        exploding, nonfinite = int(counters["exploding"]), int(counters["nonfinite_tensors"])
+        if exploding:
+            monitor.explosions.append(
+                {
+                    "first_step": int(counters["exploding_first"]),
+                    "last_step": int(counters["exploding_last"]),
+                    "steps": exploding,
+                    "max_norm": counters["exploding_max"],
+                }
+            )
+        if nonfinite:
+            first, last = int(counters["nonfinite_first"]), int(counters["nonfinite_last"])
+            monitor.nonfinite.append(
+                {"first_step": first, "last_step": last, "tensors": nonfinite, "layers": nonfinite_layers}
+            )
+            if trainer.is_global_zero:
+                rank_zero_warn(
+                    f"GradientHealthCallback: {nonfinite} non-finite gradient tensor(s) between optimizer steps"
+                    f" {first} and {last}, in {', '.join(nonfinite_layers[:10])}. Use on_nonfinite='skip' to drop"
+                    " such steps or 'raise' to stop at the first one."
+                )
+        amp_skipped = int(counters["amp_skipped"])
+        monitor.amp_skipped += amp_skipped
+        self._reset_counters(monitor.device_state)
+        return exploding, nonfinite, amp_skipped
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Events counted on the device after the last logging step would otherwise never be reported.
+        for monitor in self._monitors.values():
+            if monitor.device_state and monitor.layers is not None:
+                self._apply_counters(trainer, monitor, self._counters(monitor.device_state).tolist())
 
     def _metrics(
         self,

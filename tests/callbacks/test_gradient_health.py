@@ -1,0 +1,510 @@
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from stabilize.callbacks import GradientHealthCallback
+from stabilize.models import BatchNormCNN, DeepPlainCNN, ResNet
+from tests.callbacks.helpers import GradientProbe, TinyMLP
+from tests.helpers.data import SyntheticImages
+
+LAYERS = ["body.0", "body.1", "body.3", "head"]
+
+
+def trainer(tmp_path: Path, callbacks: list, steps: int = 4, **kwargs) -> Trainer:
+    defaults = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        "accelerator": "cpu",
+    }
+    return Trainer(max_steps=steps, callbacks=callbacks, **{**defaults, **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------- the numbers
+def test_norms_and_ratios_equal_a_hand_computation(tmp_path: Path) -> None:
+    seed_everything(0)
+    health, probe = GradientHealthCallback(log_every_n_steps=2, verbose=False), GradientProbe()
+    model = TinyMLP(lr=0.1)
+    trainer(tmp_path, [health, probe], steps=5).fit(model)
+    assert [r["step"] for r in health.history] == [0, 2, 4]
+    for record in health.history:
+        step = record["step"]
+        assert list(record["layers"]) == LAYERS  # forward order, qualified module names
+        for layer in LAYERS:
+            stats = record["layers"][layer]
+            grad, weight = probe.layer_norm(step, layer), probe.layer_norm(step, layer, "weights")
+            assert stats["grad_norm"] == pytest.approx(grad, rel=1e-6)
+            assert stats["weight_norm"] == pytest.approx(weight, rel=1e-6)
+            # Plain SGD: w_after - w_before = -lr * grad, exactly.
+            assert stats["update_to_weight"] == pytest.approx(0.1 * grad / weight, rel=1e-5)
+        total = math.sqrt(sum(probe.layer_norm(step, layer) ** 2 for layer in LAYERS))
+        assert record["global_norm"] == pytest.approx(total, rel=1e-6)
+        norms = [probe.layer_norm(step, layer) for layer in LAYERS]
+        assert record["depth_ratio"] == pytest.approx(norms[0] / norms[-1], rel=1e-6)
+        assert record["min_layer_norm"] == pytest.approx(min(norms), rel=1e-6)
+        assert record["max_layer_norm"] == pytest.approx(max(norms), rel=1e-6)
+
+
+def test_bf16_mixed_norms_match_within_bf16_tolerance(tmp_path: Path) -> None:
+    seed_everything(0)
+    health, probe = GradientHealthCallback(log_every_n_steps=1, verbose=False), GradientProbe()
+    trainer(tmp_path, [health, probe], steps=3, precision="bf16-mixed").fit(TinyMLP())
+    for record in health.history:
+        for layer in LAYERS:
+            assert record["layers"][layer]["grad_norm"] == pytest.approx(
+                probe.layer_norm(record["step"], layer), rel=1e-2
+            )
+
+
+def test_fp16_amp_logs_unscaled_norms_and_counts_overflow_as_amp_skipped(tmp_path: Path) -> None:
+    """The real GradScaler (CPU) path: norms equal the fp32 run's, not 65536x larger; overflow is no explosion."""
+    seed_everything(0)
+    reference = GradientHealthCallback(log_every_n_steps=1, verbose=False)
+    trainer(tmp_path, [reference], steps=1).fit(TinyMLP())
+    seed_everything(0)
+    health = GradientHealthCallback(log_every_n_steps=1, verbose=False)
+    # Lightning turns precision="16-mixed" into bf16 on CPU; the plugin with a CPU GradScaler keeps real fp16 AMP.
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    amp_trainer = trainer(tmp_path, [health], steps=4, plugins=[plugin])
+    model = TinyMLP(loss_scale_at={2: float("inf")})
+    amp_trainer.fit(model)
+    assert amp_trainer.precision_plugin.scaler is not None
+    assert health.history[0]["global_norm"] == pytest.approx(reference.history[0]["global_norm"], rel=2e-2)
+    assert sum(r["amp_skipped"] for r in health.history) == 1
+    assert sum(r["exploding_steps"] for r in health.history) == 0
+    assert sum(r["nonfinite_tensors"] for r in health.history) == 0
+    summary = health.summary()["optimizer_0"]
+    assert summary["amp_skipped_steps"] == 1 and summary["explosions"] == []
+
+
+# -------------------------------------------------------------------------------------------- classification
+def fit_20_layers(model, tmp_path: Path) -> GradientHealthCallback:
+    health = GradientHealthCallback(log_every_n_steps=5, verbose=False)
+    trainer(tmp_path, [health], steps=20, limit_val_batches=0).fit(model, SyntheticImages(num=640, batch_size=32))
+    return health
+
+
+def test_deep_sigmoid_small_init_is_flagged_vanishing_within_20_steps(tmp_path: Path) -> None:
+    seed_everything(0)
+    model = DeepPlainCNN(depth=20, activation="sigmoid", init="small_normal", scheduler="constant", lr=0.05)
+    health = fit_20_layers(model, tmp_path)
+    vanishing = health.history[-1]["vanishing_layers"]
+    assert len(vanishing) >= 10
+    assert "network.0.0" in vanishing  # the first conv, furthest from the loss
+    assert health.summary()["optimizer_0"]["vanishing_layers_now"]["network.0.0"] == 0  # since the first step
+    report = health.diagnosis(model)
+    assert "VANISHING" in report and "network.0.0" in report
+    assert "add normalization" in report and "residual connections" in report and "sigmoid" in report
+
+
+@pytest.mark.parametrize(
+    "model_factory",
+    [
+        pytest.param(
+            lambda: BatchNormCNN(depth=20, activation="sigmoid", init="small_normal", scheduler="constant", lr=0.05),
+            id="batchnorm",
+        ),
+        pytest.param(
+            lambda: ResNet(depth=20, activation="sigmoid", init="small_normal", scheduler="constant", lr=0.05),
+            id="residual",
+        ),
+    ],
+)
+def test_same_depth_with_batchnorm_or_residuals_is_not_flagged(model_factory, tmp_path: Path) -> None:
+    seed_everything(0)
+    health = fit_20_layers(model_factory(), tmp_path)
+    assert all(record["vanishing_layers"] == [] for record in health.history)
+    assert "Healthy" in health.diagnosis()
+
+
+def test_planted_huge_gradient_is_flagged_exploding(tmp_path: Path) -> None:
+    seed_everything(0)
+    health = GradientHealthCallback(log_every_n_steps=4, verbose=False)
+    trainer(tmp_path, [health], steps=8).fit(TinyMLP(lr=1e-9, loss_scale_at={5: 1e6}))
+    # Step 5 lies after the last logging step (4): the device counters are flushed when training ends.
+    assert [r["exploding_steps"] for r in health.history] == [0, 0]
+    explosions = health.summary()["optimizer_0"]["explosions"]
+    assert len(explosions) == 1
+    assert (explosions[0]["first_step"], explosions[0]["last_step"], explosions[0]["steps"]) == (5, 5, 1)
+    assert explosions[0]["max_norm"] > 1e4
+    assert "EXPLODING" in health.diagnosis() and "gradient_clip_val" in health.diagnosis()
+
+
+def test_relative_jump_over_the_running_median_is_exploding(tmp_path: Path) -> None:
+    seed_everything(0)
+    health = GradientHealthCallback(log_every_n_steps=1, exploding_threshold=1e9, median_window=4, verbose=False)
+    trainer(tmp_path, [health], steps=7).fit(TinyMLP(lr=1e-9, loss_scale_at={6: 50.0}))
+    assert [r["exploding_steps"] for r in health.history] == [0, 0, 0, 0, 0, 0, 1]
+
+
+# ---------------------------------------------------------------------------------------- non-finite policies
+NAN_AT = {3: float("nan")}
+
+
+def test_nonfinite_warn_records_and_warns(tmp_path: Path) -> None:
+    health = GradientHealthCallback(log_every_n_steps=2, verbose=False)
+    # "warn" lets the NaN step through, so the weights and every later gradient are NaN too.
+    with pytest.warns(UserWarning, match=r"16 non-finite gradient tensor\(s\) between optimizer steps 3 and 4"):
+        trainer(tmp_path, [health], steps=5).fit(TinyMLP(loss_scale_at=NAN_AT))
+    event = health.summary()["optimizer_0"]["nonfinite"][0]
+    assert (event["first_step"], event["last_step"], event["tensors"]) == (3, 4, 16)
+    assert event["layers"] == LAYERS
+    assert "NON-FINITE gradients from step 3" in health.diagnosis()
+
+
+def test_nonfinite_skip_leaves_weights_and_optimizer_state_untouched(tmp_path: Path) -> None:
+    seed_everything(0)
+    health, probe = GradientHealthCallback(on_nonfinite="skip", verbose=False), GradientProbe()
+    model = TinyMLP(momentum=0.9, loss_scale_at=NAN_AT)
+    snapshots = {}
+
+    class Snapshot(GradientProbe):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            optimizer = trainer.optimizers[0]
+            snapshots[trainer.global_step] = (
+                {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+                {
+                    id(p): optimizer.state[p]["momentum_buffer"].clone()
+                    for p in pl_module.parameters()
+                    if "momentum_buffer" in optimizer.state[p]
+                },
+            )
+
+    with pytest.warns(UserWarning, match="skipped optimizer step 3"):
+        trainer(tmp_path, [health, probe, Snapshot()], steps=6).fit(model)
+    weights_before, momentum_before = snapshots[3]
+    weights_after, momentum_after = snapshots[4]
+    for name, value in weights_before.items():
+        torch.testing.assert_close(weights_after[name], value, rtol=0, atol=0)
+    assert momentum_before.keys() == momentum_after.keys() and momentum_before
+    for key, value in momentum_before.items():
+        torch.testing.assert_close(momentum_after[key], value, rtol=0, atol=0)
+    assert health.summary()["optimizer_0"]["skipped_steps"] == [3]
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # training went on, healthy
+    assert not torch.equal(snapshots[5][0]["head.weight"], snapshots[4][0]["head.weight"])
+
+
+def test_nonfinite_raise_names_the_step_and_layers(tmp_path: Path) -> None:
+    health = GradientHealthCallback(on_nonfinite="raise", verbose=False)
+    with pytest.raises(FloatingPointError, match=r"optimizer step 3 in 4 layer\(s\): body\.0, body\.1, body\.3, head"):
+        trainer(tmp_path, [health], steps=6).fit(TinyMLP(loss_scale_at=NAN_AT))
+
+
+# ----------------------------------------------------------------------------------------------- cost contract
+@contextlib.contextmanager
+def host_syncs_forbidden():
+    """Make every tensor-to-host conversion raise while active."""
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("host sync on a non-logging step")
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, forbidden)
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_no_host_transfer_on_non_logging_steps_with_the_default_policy(tmp_path: Path) -> None:
+    class Guarded(GradientHealthCallback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            logging_step = trainer.global_step % self._every == 0
+            with contextlib.nullcontext() if logging_step else host_syncs_forbidden():
+                super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    health = Guarded(log_every_n_steps=5, verbose=False)
+    trainer(tmp_path, [health], steps=11).fit(TinyMLP(loss_scale_at={7: 1e6}))
+    assert health._monitors[0].steps == 11
+    assert [r["step"] for r in health.history] == [0, 5, 10]
+    assert health.history[-1]["exploding_steps"] == 1  # the explosion at step 7 was still counted on the device
+
+
+# ------------------------------------------------------------------------------------------------ where it hooks
+def test_gradient_accumulation_records_the_step_that_steps(tmp_path: Path) -> None:
+    health = GradientHealthCallback(log_every_n_steps=1, verbose=False)
+    trainer(tmp_path, [health], steps=3, accumulate_grad_batches=2).fit(TinyMLP())
+    assert health._monitors[0].steps == 3
+    assert [r["step"] for r in health.history] == [0, 1, 2]
+
+
+class TwoOptimizers(TinyMLP):
+    """Manual optimization with one optimizer for the body and one for the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        body_opt, head_opt = self.optimizers()
+        loss = torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+        self.manual_backward(loss)
+        body_opt.step()
+        head_opt.step()
+        body_opt.zero_grad()
+        head_opt.zero_grad()
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.body.parameters(), lr=0.1), torch.optim.Adam(self.head.parameters(), lr=0.01))
+
+
+def test_manual_optimization_with_two_optimizers_prefixes_keys(tmp_path: Path) -> None:
+    health = GradientHealthCallback(log_every_n_steps=2, verbose=False)
+    logger = CSVLogger(tmp_path)
+    trainer(tmp_path, [health], steps=6, logger=logger).fit(TwoOptimizers())
+    assert list(health.history_of(0)[0]["layers"]) == ["body.0", "body.1", "body.3"]
+    assert list(health.history_of(1)[0]["layers"]) == ["head"]
+    header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "grad_health/optimizer_0/global_norm" in header and "grad_norm/optimizer_1/head" in header
+    assert "optimizer 1" in health.diagnosis()
+
+
+def test_works_with_lightnings_boring_model_and_logs_documented_keys(tmp_path: Path) -> None:
+    health = GradientHealthCallback(log_every_n_steps=2, track_activations=True, verbose=False)
+    logger = CSVLogger(tmp_path)
+    trainer(tmp_path, [health], steps=4, logger=logger).fit(BoringModel())
+    header = set((Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(","))
+    expected = {
+        f"grad_health/{k}"
+        for k in (
+            "global_norm",
+            "depth_ratio",
+            "vanishing_layers",
+            "exploding",
+            "nonfinite",
+            "amp_skipped",
+            "min_layer_norm",
+            "max_layer_norm",
+        )
+    }
+    expected |= {"grad_norm/layer", "grad_to_weight/layer", "update_to_weight/layer"}
+    assert expected <= header
+
+
+def test_activation_statistics_on_logging_steps(tmp_path: Path) -> None:
+    seed_everything(0)
+    model = TinyMLP()
+    with torch.no_grad():
+        model.body[3].weight.mul_(100.0)  # tanh saturates
+    health = GradientHealthCallback(log_every_n_steps=2, track_activations=True, verbose=False)
+    logger = CSVLogger(tmp_path)
+    trainer(tmp_path, [health], steps=3, logger=logger).fit(model)
+    rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    first = dict(zip(header, rows[1].split(",")))
+    assert float(first["activation_saturated/body.4"]) > 0.9
+    assert 0.0 <= float(first["activation_dead/body.2"]) < 0.5  # ReLU after BatchNorm: few dead channels
+    assert not health._activation_hooks  # hooks exist only during logging steps
+
+
+def test_dead_relu_channels_are_counted(tmp_path: Path) -> None:
+    model = TinyMLP()
+    with torch.no_grad():
+        model.body[1].bias.fill_(-100.0)  # every ReLU input negative: all channels dead
+    health = GradientHealthCallback(track_activations=True, log_every_n_steps=1, verbose=False)
+    logger = CSVLogger(tmp_path)
+    trainer(tmp_path, [health], steps=1, logger=logger).fit(model)
+    rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+    assert float(dict(zip(rows[0].split(","), rows[1].split(",")))["activation_dead/body.2"]) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+def test_tensorboard_has_scalars_histograms_and_the_flow_figure(tmp_path: Path) -> None:
+    seed_everything(0)
+    health = GradientHealthCallback(
+        log_every_n_steps=2, histogram_every_n_steps=2, figure_every_n_steps=4, verbose=False
+    )
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    model = DeepPlainCNN(depth=8, activation="sigmoid", init="small_normal", scheduler="constant")
+    trainer(tmp_path, [health], steps=5, logger=logger, limit_val_batches=0).fit(model, SyntheticImages(64, 16))
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in (
+        "grad_health/global_norm",
+        "grad_health/depth_ratio",
+        "grad_health/vanishing_layers",
+        "grad_health/exploding",
+        "grad_health/nonfinite",
+        "grad_health/amp_skipped",
+        "grad_norm/network.0.0",
+        "grad_to_weight/network.0.0",
+        "update_to_weight/network.0.0",
+    ):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("grad_health/global_norm")] == [0, 2, 4]
+    assert "grad_hist/network.0.0" in tags["histograms"]
+    assert list(health.history[0]["layers"])[-1] == "network.7.2"  # the head's linear layer
+    histogram = events.Histograms("grad_hist/network.7.2")[0].histogram_value
+    assert histogram.num == 650 and len(histogram.bucket) == 64 and sum(histogram.bucket) == 650  # 64*10 + 10
+    assert "grad_health/flow" in tags["images"]
+    assert [e.step for e in events.Images("grad_health/flow")] == [0, 4]
+
+
+def test_diagnosis_summary_json_and_checkpoint_resume(tmp_path: Path) -> None:
+    seed_everything(0)
+    model = DeepPlainCNN(depth=12, activation="sigmoid", init="small_normal", scheduler="constant")
+    health = GradientHealthCallback(log_every_n_steps=2, verbose=False)
+    first = Trainer(
+        max_steps=4,
+        callbacks=[health],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    first.fit(model, SyntheticImages(64, 16))
+    checkpoint = tmp_path / "resume.ckpt"
+    first.save_checkpoint(checkpoint)
+    health.save_json(tmp_path / "health.json")
+    saved = json.loads((tmp_path / "health.json").read_text())
+    assert saved["summary"]["optimizer_0"]["vanishing_layers_now"]["network.0.0"] == 0
+    assert [r["step"] for r in saved["history"]["optimizer_0"]] == [0, 2]
+
+    resumed = GradientHealthCallback(log_every_n_steps=2, verbose=False)
+    second = Trainer(
+        max_steps=8,
+        callbacks=[resumed],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    second.fit(
+        DeepPlainCNN(depth=12, activation="sigmoid", init="small_normal", scheduler="constant"),
+        SyntheticImages(64, 16),
+        ckpt_path=checkpoint,
+    )
+    assert [r["step"] for r in resumed.history] == [0, 2, 4, 6]
+    summary = resumed.summary()["optimizer_0"]
+    assert summary["steps"] == 8
+    assert summary["vanishing_layers_now"]["network.0.0"] == 0  # the streak survived the resume
+
+
+def test_diagnosis_is_printed_at_the_end_of_fit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, [GradientHealthCallback(log_every_n_steps=1)], steps=2).fit(TinyMLP())
+    assert "Gradient health after 2 optimizer steps" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"vanishing_threshold": -1.0}, "vanishing_threshold must be a positive finite"),
+        ({"exploding_threshold": float("nan")}, "exploding_threshold must be a positive finite"),
+        ({"vanishing_threshold": 10.0, "exploding_threshold": 1.0}, "must be below exploding_threshold"),
+        ({"vanishing_ratio": 1.5}, "vanishing_ratio must be in"),
+        ({"exploding_factor": 0.5}, "exploding_factor must be above 1"),
+        ({"median_window": 1}, "median_window must be at least 3"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite must be"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps must be positive"),
+        ({"histogram_every_n_steps": -1}, "histogram_every_n_steps must be non-negative"),
+        ({"saturation_threshold": 0.2}, "saturation_threshold"),
+    ],
+)
+def test_invalid_arguments_raise_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GradientHealthCallback(**kwargs)
+
+
+def test_sharded_strategies_are_refused_at_setup() -> None:
+    fake_trainer = types.SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), log_every_n_steps=50)
+    with pytest.raises(ValueError, match=r"does not support FSDPStrategy.*shard"):
+        GradientHealthCallback().setup(fake_trainer, BoringModel(), "fit")
+
+
+# --------------------------------------------------------------------------------------------------- DDP and CLI
+DDP_SCRIPT = """
+import json, sys, torch
+from lightning.pytorch import Trainer, seed_everything
+from torch.utils.data import DataLoader, Subset
+from stabilize.callbacks import GradientHealthCallback
+from tests.callbacks.helpers import TinyMLP, fixed_data
+
+
+class Sharded(TinyMLP):
+    \"\"\"Global batch 16: rank r of w takes samples r, r+w, ... so every step sees the same 16 samples.\"\"\"
+
+    def train_dataloader(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        data = fixed_data()
+        return DataLoader(Subset(data, range(rank, len(data), world)), batch_size=16 // world)
+
+
+devices, out = int(sys.argv[1]), sys.argv[2]
+seed_everything(0)
+health = GradientHealthCallback(log_every_n_steps=1, verbose=False)
+model = Sharded()
+model.body[1] = torch.nn.Identity()  # BatchNorm statistics are per process: keep the comparison exact
+trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=3,
+                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  use_distributed_sampler=False, callbacks=[health])
+trainer.fit(model)
+if trainer.is_global_zero:
+    json.dump([r["global_norm"] for r in health.history], open(out, "w"))
+"""
+
+
+def test_ddp_global_norm_equals_the_single_process_run(tmp_path: Path) -> None:
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore"}
+    norms = {}
+    for devices in (1, 2):
+        out = tmp_path / f"norms_{devices}.json"
+        result = subprocess.run(
+            [sys.executable, str(script), str(devices), str(out)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        norms[devices] = json.loads(out.read_text())
+    assert len(norms[2]) == 3
+    assert norms[2] == pytest.approx(norms[1], rel=1e-5)
+
+
+def test_appends_from_the_cli_by_short_name(tiny_cifar: Path, tmp_path: Path) -> None:
+    from stabilize.cli import StabilizeCLI
+
+    os.chdir(tmp_path)
+    cli = StabilizeCLI(
+        args=[
+            "--model",
+            "ResNet",
+            "--model.depth=8",
+            "--data",
+            "CIFAR10DataModule",
+            f"--data.data_dir={tiny_cifar}",
+            "--data.val_size=40",
+            "--trainer.callbacks+=GradientHealthCallback",
+            "--trainer.callbacks.on_nonfinite=skip",
+        ],
+        run=False,
+    )
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, GradientHealthCallback)]
+    assert len(callbacks) == 1 and callbacks[0].on_nonfinite == "skip"
