@@ -32,6 +32,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
 from stabilize.datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule
+from stabilize.datamodules.cifar10 import random_cifar10_folder
 
 
 class OfflineCIFAR10(CIFAR10):
@@ -87,28 +88,6 @@ def time_baseline(loader: DataLoader, device: torch.device, max_batches: int) ->
         images += len(y)
     synchronize(device)
     return images / (time.perf_counter() - start)
-
-
-def make_fake_cifar(root: Path, per_batch: int) -> Path:
-    """A CIFAR-format folder of random images, for --smoke."""
-    import pickle
-
-    import numpy as np
-
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        # str keys, as the original (Python 2) pickles load under torchvision's encoding="latin1"
-        entry = {
-            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-            "labels": [int(v) for v in rng.integers(0, 10, per_batch)],
-        }
-        with open(folder / name, "wb") as file:
-            pickle.dump(entry, file, protocol=2)
-    with open(folder / "batches.meta", "wb") as file:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, file, protocol=2)
-    return root
 
 
 def run(args: argparse.Namespace, num_workers: int) -> dict[str, float | int | str]:
@@ -172,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            args.data_dir = str(make_fake_cifar(Path(tmp), per_batch=64))
+            args.data_dir = str(random_cifar10_folder(Path(tmp), num_train=320, num_test=64))
             args.val_size, args.rounds, args.baseline_batches, args.num_workers = 64, 1, 2, [0]
         elif not args.data_dir:
             parser.error("no CIFAR-10: pass --data-dir or set STABILIZE_CIFAR10_DIR (or use --smoke)")

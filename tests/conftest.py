@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from stabilize.datamodules.cifar10 import random_cifar10_folder, write_batch_file
 
 # Under pytest-xdist each worker gets one core; more threads would only fight over the two cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -17,31 +18,13 @@ TINY_TEST = 50
 
 
 def write_cifar_pickle(path: Path, images: np.ndarray, labels: list[int]) -> None:
-    """Write one batch file in the standard layout: uint8 (N, 3072) data, list-of-int labels, bytes keys."""
-    entry = {
-        b"batch_label": b"tiny",
-        b"data": images.reshape(len(images), -1),
-        b"labels": labels,
-        b"filenames": [f"{i}.png".encode() for i in range(len(images))],
-    }
-    with open(path, "wb") as file:
-        pickle.dump(entry, file, protocol=2)
+    """Write one batch file with bytes keys, as the original Python 2 pickles load with encoding="bytes"."""
+    write_batch_file(path, images, labels, byte_keys=True)
 
 
 def make_tiny_cifar(root: Path, seed: int = 0) -> Path:
     """A CIFAR-format folder with 200 train and 50 test random images; returns ``root``."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for index in range(1, 6):
-        images = rng.integers(0, 256, (TINY_TRAIN_PER_BATCH, 3, 32, 32), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 10, TINY_TRAIN_PER_BATCH)]
-        write_cifar_pickle(folder / f"data_batch_{index}", images, labels)
-    images = rng.integers(0, 256, (TINY_TEST, 3, 32, 32), dtype=np.uint8)
-    write_cifar_pickle(folder / "test_batch", images, [i % 10 for i in range(TINY_TEST)])
-    with open(folder / "batches.meta", "wb") as file:
-        pickle.dump({b"label_names": [b"c%d" % i for i in range(10)]}, file, protocol=2)
-    return root
+    return random_cifar10_folder(root, 5 * TINY_TRAIN_PER_BATCH, TINY_TEST, seed=seed, byte_keys=True)
 
 
 @pytest.fixture(scope="session")

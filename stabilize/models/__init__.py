@@ -1,7 +1,8 @@
 """One LightningModule per architecture variant, from the deliberately fragile to the stabilized."""
 
 from stabilize.models.base import ImageClassifier
+from stabilize.models.fast import FastCNN
 from stabilize.models.plain import BatchNormCNN, DeepPlainCNN, PlainCNN
 from stabilize.models.resnet import FixupResNet, ResNet
 
-__all__ = ["BatchNormCNN", "DeepPlainCNN", "FixupResNet", "ImageClassifier", "PlainCNN", "ResNet"]
+__all__ = ["BatchNormCNN", "DeepPlainCNN", "FastCNN", "FixupResNet", "ImageClassifier", "PlainCNN", "ResNet"]

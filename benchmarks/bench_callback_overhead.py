@@ -1,0 +1,152 @@
+"""Cost of GradientHealthCallback: training-step time of ResNet-20 with and without it, in one process.
+
+Three configurations train the same ResNet-20 (same initial weights, same in-memory random batches of 128
+CIFAR-sized images, SGD) under Lightning's Trainer:
+
+- ``baseline``: no gradient monitoring;
+- ``gradient_health``: ``GradientHealthCallback()`` at its defaults (detailed record every ``log_every_n_steps``,
+  the device-side cheap check on the other steps);
+- ``lightning_grad_norm`` (the anchor): Lightning's ``grad_norm`` utility plus ``log_dict`` on every step, the
+  usual way to watch gradient norms in Lightning.
+
+Each round runs every configuration once (``--steps`` optimizer steps each), interleaved, so drifts of this
+machine's speed hit all of them alike. A step's time is measured from ``on_train_batch_start`` to
+``on_train_batch_end`` (forward, backward, hooks, optimizer step). Reported: the median step time per configuration
+and its ratio to the baseline, plus the mean over all steps, which includes the detailed logging steps.
+
+    python benchmarks/bench_callback_overhead.py                 # CPU, ~10 minutes on 2 cores
+    python benchmarks/bench_callback_overhead.py --smoke         # seconds: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import grad_norm
+
+from stabilize.callbacks import GradientHealthCallback
+from stabilize.models import ResNet
+
+
+class StepTimer(Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def _sync(self, module: LightningModule) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._sync(pl_module)
+        self.times.append(time.perf_counter() - self._start)
+
+
+class LightningGradNorm(Callback):
+    """The anchor: Lightning's documented recipe, ``grad_norm`` + ``log_dict`` in ``on_before_optimizer_step``."""
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        pl_module.log_dict(grad_norm(pl_module, norm_type=2))
+
+
+class RandomBatches(torch.utils.data.IterableDataset):
+    def __init__(self, batch_size: int, count: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.batches = [
+            (
+                torch.randn(batch_size, 3, 32, 32, generator=generator),
+                torch.randint(0, 10, (batch_size,), generator=generator),
+            )
+            for _ in range(count)
+        ]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+CONFIGS = {
+    "baseline": list,
+    "gradient_health": lambda: [GradientHealthCallback(verbose=False)],
+    "lightning_grad_norm": lambda: [LightningGradNorm()],
+}
+
+
+def run_once(name: str, args: argparse.Namespace, batches: RandomBatches, log_dir: str) -> list[float]:
+    seed_everything(0, verbose=False)
+    model = ResNet(depth=args.depth, scheduler="constant", lr=0.05)
+    timer = StepTimer()
+    trainer = Trainer(
+        max_steps=args.steps,
+        accelerator=args.accelerator,
+        devices=1,
+        logger=TensorBoardLogger(log_dir, name=name),
+        callbacks=[timer, *CONFIGS[name]()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=args.log_every_n_steps,
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(model, loader)
+    return timer.times[args.warmup :]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=51, help="steps per run (51: logging steps 0 and 50)")
+    parser.add_argument("--warmup", type=int, default=1, help="first steps of each run left out")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--log-every-n-steps", type=int, default=50, help="the Trainer's default")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.steps, args.batch_size, args.depth, args.log_every_n_steps = 1, 4, 8, 8, 2
+    warnings.filterwarnings("ignore")
+    batches = RandomBatches(args.batch_size, args.steps)
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    with tempfile.TemporaryDirectory() as log_dir:
+        for _ in range(args.rounds):
+            for name in CONFIGS:
+                times[name] += run_once(name, args, batches, log_dir)
+    base_median, base_mean = statistics.median(times["baseline"]), statistics.mean(times["baseline"])
+    print(
+        f"ResNet-{args.depth}, batch {args.batch_size}, {args.accelerator}, {torch.get_num_threads()} threads,"
+        f" {args.rounds} rounds x {args.steps} steps, log_every_n_steps={args.log_every_n_steps}"
+    )
+    print(f"{'configuration':>20} {'median step ms':>15} {'ratio':>7} {'mean step ms':>13} {'ratio':>7}")
+    results = {}
+    for name, values in times.items():
+        median, mean = statistics.median(values), statistics.mean(values)
+        results[name] = {
+            "median_ms": round(median * 1e3, 2),
+            "median_ratio": round(median / base_median, 4),
+            "mean_ms": round(mean * 1e3, 2),
+            "mean_ratio": round(mean / base_mean, 4),
+            "steps": len(values),
+        }
+        print(
+            f"{name:>20} {median * 1e3:>15.1f} {median / base_median:>6.3f}x {mean * 1e3:>13.1f}"
+            f" {mean / base_mean:>6.3f}x"
+        )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer, seed_everything
+from torch import nn
+
+from stabilize.datamodules import CIFAR10DataModule
+from stabilize.models import FastCNN
+from stabilize.models.base import triangular
+from tests.helpers.data import SyntheticImages, prototype_images
+
+SMALL = {"widths": (8, 16, 16)}
+
+
+def quiet(tmp_path: Path, **kwargs) -> Trainer:
+    return Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        **kwargs,
+    )
+
+
+def test_network_shape_frozen_parts_and_scaled_logits() -> None:
+    model = FastCNN()
+    convs = [m for m in model.network.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [24, 64, 64, 256, 256, 256, 256]
+    assert not convs[0].weight.requires_grad and convs[0].bias.requires_grad  # whitening: only its bias trains
+    assert all(not m.weight.requires_grad for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    head = [m for m in model.network.modules() if isinstance(m, nn.Linear)]
+    assert head[0].bias is None and model.network[-1].factor == pytest.approx(1 / 9)
+    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_whitening_is_initialised_from_the_first_training_batch(tmp_path: Path) -> None:
+    seed_everything(0)
+    model = FastCNN(**SMALL, scheduler="constant", lr=0.01)
+    assert not bool(model.whitening_ready)
+    data = SyntheticImages(num=64, batch_size=64)
+    quiet(tmp_path, max_steps=1, limit_val_batches=0).fit(model, data)
+    assert bool(model.whitening_ready)
+    layer = model.network[0]
+    # The first 12 filters whiten 2x2 patches: their outputs on training patches are decorrelated with unit variance.
+    patches = F.unfold(data.images, kernel_size=2).transpose(1, 2).reshape(-1, 12)
+    outputs = (patches - patches.mean(0)) @ layer.weight[:12].reshape(12, -1).T
+    covariance = outputs.T @ outputs / len(outputs)
+    torch.testing.assert_close(covariance, torch.eye(12), atol=2e-2, rtol=0)
+    torch.testing.assert_close(layer.weight[12:], -layer.weight[:12])
+
+
+def test_bias_learning_rate_multiplier_and_decoupled_weight_decay() -> None:
+    model = FastCNN(**SMALL, lr=0.2, weight_decay=1e-3, bias_lr_multiplier=64.0, scheduler="constant")
+    optimizer = model.configure_optimizers()
+    weights, biases, _ = optimizer.param_groups
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert {id(p) for p in biases["params"]} == norm_biases
+    assert biases["lr"] == pytest.approx(0.2 * 64) and weights["lr"] == pytest.approx(0.2)
+    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)  # none coupled into the gradient
+    assert weights["decoupled_weight_decay"] == 1e-3 and biases["decoupled_weight_decay"] == pytest.approx(1e-3 / 64)
+    weight = weights["params"][0]
+    weight.grad = torch.zeros_like(weight)
+    before = weight.detach().clone()
+    model.on_before_optimizer_step(optimizer)
+    torch.testing.assert_close(weight.detach(), before * (1 - 0.2 * 1e-3))
+
+
+def test_lookahead_pulls_weights_to_the_slow_copy_and_ends_on_it(tmp_path: Path) -> None:
+    seed_everything(0)
+    model = FastCNN(**SMALL, lookahead_every=2, lookahead_decay=0.5, scheduler="constant", lr=0.05)
+    slow_history = []
+
+    original = model.on_train_batch_end
+
+    def spy(outputs, batch, batch_idx):
+        original(outputs, batch, batch_idx)
+        if model.trainer.global_step % 2 == 0:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            slow_history.append(all(torch.equal(a, b) for a, b in zip(trainable, model._slow_weights)))
+
+    model.on_train_batch_end = spy
+    quiet(tmp_path, max_steps=4, limit_val_batches=0).fit(model, SyntheticImages(num=64, batch_size=16))
+    assert slow_history == [True, True]  # right after each lookahead update the fast weights equal the slow ones
+    assert model._slow_weights is None  # handed over at the end of training
+
+
+@pytest.mark.parametrize("tta", ["flip", "flip_shift"])
+def test_test_time_augmentation_is_mirror_invariant(tta: str) -> None:
+    model = FastCNN(**SMALL, tta=tta).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.evaluation_logits(images), model.evaluation_logits(images.flip(-1)))
+        assert not torch.allclose(model(images), model(images.flip(-1)))
+
+
+def test_triangular_schedule() -> None:
+    multiplier = triangular(total_steps=100, peak_step=20)
+    assert multiplier(0) == pytest.approx(0.2)
+    assert multiplier(20) == pytest.approx(1.0)
+    assert multiplier(100) == pytest.approx(0.07)
+    assert multiplier(60) == pytest.approx(1 + (0.07 - 1) * 0.5)
+
+
+def test_trains_on_synthetic_data_with_every_trick_on(tmp_path: Path) -> None:
+    seed_everything(0)
+    # Speed-run networks want a high learning rate: with lr=0.05 this run stays below 30%.
+    model = FastCNN(
+        widths=(16, 32, 32),
+        label_smoothing=0.2,
+        scheduler="triangular",
+        warmup_fraction=0.2,
+        lr=1.0,
+        optimizer="sgd",
+        weight_decay=5e-4,
+        channels_last=True,
+    )
+    quiet(tmp_path, max_epochs=6, limit_val_batches=0).fit(model, SyntheticImages())
+    images, labels = prototype_images()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model.evaluation_logits(images).argmax(1) == labels).float().mean().item()
+    assert accuracy > 0.8
+
+
+def test_fast94_fast_dev_run_on_cpu_with_the_gpu_data_option(tiny_cifar: Path, tmp_path: Path) -> None:
+    """configs/fast94.yaml asks for GPU-resident data; without a GPU it falls back with a warning and runs."""
+    from stabilize.cli import StabilizeCLI
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "fast94.yaml"
+    with pytest.warns(UserWarning, match="no GPU is available"):
+        StabilizeCLI(
+            args=[
+                "fit",
+                "--config",
+                str(config),
+                "--model.widths=[8, 16, 16]",
+                "--model.compile=false",
+                f"--data.data_dir={tiny_cifar}",
+                "--data.batch_size=32",
+                "--trainer.accelerator=cpu",
+                "--trainer.precision=32-true",
+                "--trainer.fast_dev_run=true",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
+
+
+def test_gpu_resident_loader_yields_batches_without_a_dataloader(tiny_cifar: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    datamodule = CIFAR10DataModule(str(tiny_cifar), val_size=0, batch_size=32, device="cuda")
+    datamodule.setup()
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.is_cuda and labels.is_cuda and images.dtype == torch.uint8
