@@ -12,9 +12,11 @@ CIFAR-sized images, SGD) under Lightning's Trainer:
 Each round runs every configuration once (``--steps`` optimizer steps each), interleaved, so drifts of this
 machine's speed hit all of them alike. A step's time is measured from ``on_train_batch_start`` to
 ``on_train_batch_end`` (forward, backward, hooks, optimizer step). Reported: the median step time per configuration
-and its ratio to the baseline, plus the mean over all steps, which includes the detailed logging steps.
+and its ratio to the baseline, the mean over all steps (which includes the detailed logging steps), and the time
+spent inside the monitor's own hooks per step as a fraction of the baseline step: end-to-end ratios on a shared
+2-core machine drift by several percent between runs, the hooks' self-time does not.
 
-    python benchmarks/bench_callback_overhead.py                 # CPU, ~10 minutes on 2 cores
+    python benchmarks/bench_callback_overhead.py                 # CPU, ~9 minutes on 2 cores
     python benchmarks/bench_callback_overhead.py --smoke         # seconds: checks the script runs
 """
 
@@ -38,9 +40,13 @@ from stabilize.models import ResNet
 
 
 class StepTimer(Callback):
-    def __init__(self) -> None:
+    """Times each training step; after the first ``warmup`` steps it zeroes ``spent`` (the monitors' self-time),
+    so that both figures cover the same steps."""
+
+    def __init__(self, warmup: int = 0, spent: list[float] | None = None) -> None:
         self.times: list[float] = []
         self._start = 0.0
+        self.warmup, self.spent = warmup, spent
 
     def _sync(self, module: LightningModule) -> None:
         if module.device.type == "cuda":
@@ -53,6 +59,8 @@ class StepTimer(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._sync(pl_module)
         self.times.append(time.perf_counter() - self._start)
+        if self.spent is not None and len(self.times) == self.warmup:
+            self.spent[0] = 0.0
 
 
 class LightningGradNorm(Callback):
@@ -60,6 +68,31 @@ class LightningGradNorm(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         pl_module.log_dict(grad_norm(pl_module, norm_type=2))
+
+
+SELF_TIMED_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end", "_on_optimizer_stepped")
+
+
+def self_timed(callback: Callback, spent: list[float]) -> Callback:
+    """Wrap the callback's per-step hooks so the time spent inside them adds up in ``spent[0]``.
+
+    This self-time is the monitor's own cost, nearly immune to the drift of the machine that blurs end-to-end step
+    times; it misses work a callback leaves to others (e.g. Lightning logging what ``log_dict`` collected).
+    """
+    for name in SELF_TIMED_HOOKS:
+        hook = getattr(callback, name, None)
+        if hook is None:
+            continue
+
+        def timed(*args: Any, _hook: Any = hook, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _hook(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        setattr(callback, name, timed)
+    return callback
 
 
 class RandomBatches(torch.utils.data.IterableDataset):
@@ -84,16 +117,19 @@ CONFIGS = {
 }
 
 
-def run_once(name: str, args: argparse.Namespace, batches: RandomBatches, log_dir: str) -> list[float]:
+def run_once(name: str, args: argparse.Namespace, batches: RandomBatches, log_dir: str) -> tuple[list[float], float]:
+    """Step times of one run (warm-up steps left out) and the seconds spent inside the monitor's hooks."""
     seed_everything(0, verbose=False)
     model = ResNet(depth=args.depth, scheduler="constant", lr=0.05)
-    timer = StepTimer()
+    spent = [0.0]
+    timer = StepTimer(args.warmup, spent)
+    monitors = [self_timed(callback, spent) for callback in CONFIGS[name]()]
     trainer = Trainer(
         max_steps=args.steps,
         accelerator=args.accelerator,
         devices=1,
         logger=TensorBoardLogger(log_dir, name=name),
-        callbacks=[timer, *CONFIGS[name]()],
+        callbacks=[timer, *monitors],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -102,12 +138,12 @@ def run_once(name: str, args: argparse.Namespace, batches: RandomBatches, log_di
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(model, loader)
-    return timer.times[args.warmup :]
+    return timer.times[args.warmup :], spent[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=51, help="steps per run (51: logging steps 0 and 50)")
     parser.add_argument("--warmup", type=int, default=1, help="first steps of each run left out")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -121,29 +157,39 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     batches = RandomBatches(args.batch_size, args.steps)
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    self_time = dict.fromkeys(CONFIGS, 0.0)
     with tempfile.TemporaryDirectory() as log_dir:
         for _ in range(args.rounds):
             for name in CONFIGS:
-                times[name] += run_once(name, args, batches, log_dir)
+                step_times, spent = run_once(name, args, batches, log_dir)
+                times[name] += step_times
+                self_time[name] += spent
+    total_steps = args.rounds * (args.steps - args.warmup)
     base_median, base_mean = statistics.median(times["baseline"]), statistics.mean(times["baseline"])
     print(
         f"ResNet-{args.depth}, batch {args.batch_size}, {args.accelerator}, {torch.get_num_threads()} threads,"
         f" {args.rounds} rounds x {args.steps} steps, log_every_n_steps={args.log_every_n_steps}"
     )
-    print(f"{'configuration':>20} {'median step ms':>15} {'ratio':>7} {'mean step ms':>13} {'ratio':>7}")
+    print(
+        f"{'configuration':>20} {'median step ms':>15} {'ratio':>7} {'mean step ms':>13} {'ratio':>7}"
+        f" {'hook ms/step':>13} {'of baseline step':>17}"
+    )
     results = {}
     for name, values in times.items():
         median, mean = statistics.median(values), statistics.mean(values)
+        hook_ms = self_time[name] / total_steps * 1e3
         results[name] = {
             "median_ms": round(median * 1e3, 2),
             "median_ratio": round(median / base_median, 4),
             "mean_ms": round(mean * 1e3, 2),
             "mean_ratio": round(mean / base_mean, 4),
+            "hook_ms_per_step": round(hook_ms, 3),
+            "hook_fraction_of_baseline_step": round(hook_ms / (base_median * 1e3), 5),
             "steps": len(values),
         }
         print(
             f"{name:>20} {median * 1e3:>15.1f} {median / base_median:>6.3f}x {mean * 1e3:>13.1f}"
-            f" {mean / base_mean:>6.3f}x"
+            f" {mean / base_mean:>6.3f}x {hook_ms:>13.2f} {100 * hook_ms / (base_median * 1e3):>16.2f}%"
         )
     print(json.dumps(results))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from stabilize.models import BatchNormCNN, DeepPlainCNN, FixupResNet, PlainCNN, ResNet
+from stabilize.models import BatchNormCNN, DeepPlainCNN, FastCNN, FixupResNet, PlainCNN, ResNet
 
 ROWS = [
     ("PlainCNN()", PlainCNN, {}, "the seed ConvNet: 5 convs + max-pools, trains fine because it is shallow"),
@@ -24,6 +24,7 @@ ROWS = [
     ("ResNet(depth=110)", ResNet, {"depth": 110}, "paper: 1.7M"),
     ("ResNet(depth=56, preact=True)", ResNet, {"depth": 56, "preact": True}, "pre-activation blocks (He et al. 2016b)"),
     ("FixupResNet(depth=56)", FixupResNet, {"depth": 56}, "residual net with no normalization (Fixup init)"),
+    ("FastCNN()", FastCNN, {}, "the GPU speed-run network (issue 5)"),
 ]
 
 

@@ -44,11 +44,11 @@ class _Layers:
     names: list[str]
     params: list[Tensor]
     layer_of_param: list[int]
-    index_cache: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
+    index_cache: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
 
     def layer_index(self, positions: tuple[int, ...], device: torch.device) -> Tensor:
         """Layer of each listed parameter, as a device tensor cached per parameter subset (no per-step copy)."""
-        key = positions
+        key = (*positions, str(device))
         if key not in self.index_cache:
             self.index_cache[key] = torch.tensor([self.layer_of_param[p] for p in positions], device=device)
         return self.index_cache[key]
@@ -73,6 +73,7 @@ class _Monitor:
     amp_skipped: int = 0
     worst_depth_ratio: tuple[float, int] | None = None
     steps: int = 0
+    fit_steps: int = 0
     norm_history: list[float] = field(default_factory=list)
 
 
@@ -248,6 +249,14 @@ class GradientHealthCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for monitor in self._monitors.values():
+            # A new fit brings new optimizers (and maybe new parameters): rebuild the layer index and step hooks,
+            # keeping the records and the recent norms for the running median.
+            monitor.norm_history = self._recent_norms(monitor)
+            monitor.device_state.clear()
+            monitor.layers = None
+            monitor.pending_update = None
+            monitor.fit_steps = 0
         if not self._forward_order and not _is_compiled(pl_module):
             # Learn the forward order from the first training forward pass, then remove the hooks. Compiled
             # networks keep registration order (hooks added and removed would force a recompile).
@@ -263,7 +272,7 @@ class GradientHealthCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         first = self._monitors.get(0)
-        upcoming = first.steps if first is not None else 0
+        upcoming = self._step_index(trainer, first) if first is not None else trainer.global_step
         if self.track_activations and self._is_logging_step(upcoming) and not self._activation_hooks:
             for name, module in pl_module.named_modules():
                 if isinstance(module, _RELU_LIKE + _SATURATING):
@@ -303,8 +312,15 @@ class GradientHealthCallback(Callback):
 
     # ----------------------------------------------------------------------------------------------- every step
     def _is_logging_step(self, optimizer_step: int) -> bool:
-        """Whether an optimizer's ``optimizer_step``-th step (0-based, its own count) gets a detailed record."""
+        """Whether an optimizer's ``optimizer_step``-th step (0-based) gets a detailed record."""
         return optimizer_step % self._every == 0
+
+    @staticmethod
+    def _step_index(trainer: Trainer, monitor: _Monitor) -> int:
+        """The upcoming step's index on the logging cadence: Lightning's own ``global_step`` with one optimizer
+        (right across resumes and new fits); with several, which all advance ``global_step``, each optimizer's own
+        count in the current fit."""
+        return trainer.global_step if len(trainer.optimizers) <= 1 else monitor.fit_steps
 
     @override
     def on_before_optimizer_step(
@@ -356,12 +372,14 @@ class GradientHealthCallback(Callback):
         )
         history[monitor.norm_history_position % self.median_window] = torch.where(finite, total, torch.nan)
         monitor.norm_history_position += 1
+        logging_step = self._is_logging_step(self._step_index(trainer, monitor))
         monitor.steps += 1
+        monitor.fit_steps += 1
 
         if self.on_nonfinite != "warn" and scaler is None and bool(step_nonfinite):  # the one sync of these policies
             self._handle_nonfinite_now(trainer, monitor, positions, tensor_nonfinite, step)
             return
-        if self._is_logging_step(monitor.steps - 1):  # each optimizer counts its own steps
+        if logging_step:
             self._record(trainer, monitor, positions, norms, total, median, step)
 
     def _handle_nonfinite_now(
@@ -738,7 +756,8 @@ class GradientHealthCallback(Callback):
                 )
             if len(layers) > 12:
                 lines.append(f"    ... and {len(layers) - 12} more")
-            remedies += self._vanishing_remedies(pl_module)
+            dead = sum(last[name]["grad_norm"] == 0.0 for name in layers)
+            remedies += self._vanishing_remedies(pl_module, dead)
         elif summary["ever_vanished"]:
             names = ", ".join(list(summary["ever_vanished"])[:5])
             lines.append(f"  Vanishing earlier but recovered: {names}.")
@@ -790,20 +809,31 @@ class GradientHealthCallback(Callback):
         return lines
 
     @staticmethod
-    def _vanishing_remedies(pl_module: nn.Module | None) -> list[str]:
+    def _vanishing_remedies(pl_module: nn.Module | None, dead_layers: int = 0) -> list[str]:
+        """Remedies that fit the model: what it lacks (normalization), what saturates, what died."""
         if pl_module is None:
             return [
                 "vanishing gradients: add normalization (BatchNorm) and residual connections, use ReLU with He"
                 " (kaiming) initialisation"
             ]
         modules = list(pl_module.modules())
+        saturating = any(isinstance(m, _SATURATING) for m in modules)
+        relu_like = any(isinstance(m, _RELU_LIKE) for m in modules)
         remedies = []
+        if dead_layers and relu_like and not saturating:
+            remedies.append(
+                f"{dead_layers} layer(s) get exactly zero gradient: the ReLU units died, typically after too large"
+                " a step (look for spikes before). Lower the learning rate or add a warm-up; LeakyReLU/GELU and"
+                " normalization keep units alive; track_activations=True measures the dead fraction"
+            )
         if not any(isinstance(m, _NORMALIZATION) for m in modules):
             remedies.append("add normalization after each conv (e.g. BatchNormCNN instead of DeepPlainCNN)")
         remedies.append("add residual connections (ResNet, or FixupResNet without normalization)")
-        if any(isinstance(m, _SATURATING) for m in modules):
+        if saturating:
             remedies.append("replace sigmoid/tanh by ReLU-like activations, which do not saturate")
-        remedies.append("initialise with He (kaiming) or Xavier scaling instead of a small fixed std")
+            remedies.append("initialise with He (kaiming) or Xavier scaling instead of a small fixed std")
+        elif not dead_layers:
+            remedies.append("check the initialisation: He (kaiming) scaling for ReLU-like activations")
         return remedies
 
     # -------------------------------------------------------------------------------------------- checkpointing
@@ -811,8 +841,7 @@ class GradientHealthCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         monitors = {}
         for index, monitor in self._monitors.items():
-            history = monitor.device_state.get("norm_history")
-            recent = [v for v in history.tolist() if math.isfinite(v)] if history is not None else monitor.norm_history
+            recent = self._recent_norms(monitor)
             monitors[index] = {
                 "prefix": monitor.prefix,
                 "history": monitor.history,
@@ -907,6 +936,15 @@ class GradientHealthCallback(Callback):
             )
             state["exploding_max"] = torch.zeros((), device=device)
         return state
+
+    def _recent_norms(self, monitor: _Monitor) -> list[float]:
+        """The finite total norms of the running-median window, oldest first (one host read)."""
+        history = monitor.device_state.get("norm_history")
+        if history is None:
+            return list(monitor.norm_history)
+        position = monitor.norm_history_position % self.median_window
+        ordered = torch.cat([history[position:], history[:position]]).tolist()
+        return [value for value in ordered if math.isfinite(value)]
 
     @staticmethod
     def _reset_counters(state: dict[str, Tensor]) -> None:

@@ -82,6 +82,33 @@ def resnet_blocks_per_stage(depth: int) -> int:
     return (depth - 2) // 6
 
 
+def check_resnet_arguments(depth: int, width: float, shortcut: str, activation: str) -> None:
+    """Validate the arguments every CIFAR ResNet variant shares (``ValueError`` with the accepted values)."""
+    resnet_blocks_per_stage(depth)
+    if not width > 0:
+        raise ValueError(f"width must be positive, got {width}.")
+    if shortcut not in ("A", "B"):
+        raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 projection), got {shortcut!r}.")
+    activation_layer(activation)
+
+
+def cifar_resnet(
+    hp: Any, block: type[BasicBlock] | type[FixupBasicBlock], norm: NormLayer | None, preact: bool = False
+) -> CifarResNet:
+    """The :class:`CifarResNet` described by a variant's hyperparameters, with ``block`` and ``norm`` injected."""
+    return CifarResNet(
+        resnet_blocks_per_stage(hp.depth),
+        block,
+        hp.width,
+        hp.in_channels,
+        hp.num_classes,
+        norm,
+        activation_layer(hp.activation),
+        hp.shortcut,
+        preact,
+    )
+
+
 class ResNet(ImageClassifier):
     """CIFAR ResNet of He et al. (2016): depth 6n+2, three stages of n basic blocks at widths 16/32/64.
 
@@ -116,28 +143,13 @@ class ResNet(ImageClassifier):
         init: InitName = "kaiming",
         **kwargs: Any,
     ) -> None:
-        resnet_blocks_per_stage(depth)
-        if not width > 0:
-            raise ValueError(f"width must be positive, got {width}.")
-        if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 projection), got {shortcut!r}.")
+        check_resnet_arguments(depth, width, shortcut, activation)
         norm_layer(norm)
-        activation_layer(activation)
         super().__init__(**kwargs)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
-        network = CifarResNet(
-            resnet_blocks_per_stage(hp.depth),
-            BasicBlock,
-            hp.width,
-            hp.in_channels,
-            hp.num_classes,
-            norm_layer(hp.norm),
-            activation_layer(hp.activation),
-            hp.shortcut,
-            hp.preact,
-        )
+        network = cifar_resnet(hp, BasicBlock, norm_layer(hp.norm), hp.preact)
         init_weights(network, hp.init, hp.activation)
         if hp.zero_init_residual:
             for block in network.blocks():
@@ -169,24 +181,12 @@ class FixupResNet(ImageClassifier):
         activation: ActivationName = "relu",
         **kwargs: Any,
     ) -> None:
-        resnet_blocks_per_stage(depth)
-        if not width > 0:
-            raise ValueError(f"width must be positive, got {width}.")
-        activation_layer(activation)
+        check_resnet_arguments(depth, width, shortcut, activation)
         super().__init__(**kwargs)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
-        network = CifarResNet(
-            resnet_blocks_per_stage(hp.depth),
-            FixupBasicBlock,
-            hp.width,
-            hp.in_channels,
-            hp.num_classes,
-            None,
-            activation_layer(hp.activation),
-            hp.shortcut,
-        )
+        network = cifar_resnet(hp, FixupBasicBlock, None)
         init_weights(network.stem, "kaiming", hp.activation)
         fixup_init(network.blocks(), network.head.linear)
         return network

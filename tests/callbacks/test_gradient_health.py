@@ -508,3 +508,29 @@ def test_appends_from_the_cli_by_short_name(tiny_cifar: Path, tmp_path: Path) ->
     )
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, GradientHealthCallback)]
     assert len(callbacks) == 1 and callbacks[0].on_nonfinite == "skip"
+
+
+def test_the_same_callback_instance_serves_a_second_fit(tmp_path: Path) -> None:
+    health = GradientHealthCallback(log_every_n_steps=2, verbose=False)
+    first = TinyMLP()
+    trainer(tmp_path, [health], steps=3).fit(first)
+    second = TinyMLP()  # new parameters and a new optimizer
+    trainer(tmp_path, [health], steps=3).fit(second)
+    assert [r["step"] for r in health.history] == [0, 2, 0, 2]
+    assert health.summary()["optimizer_0"]["steps"] == 6
+    assert all("update_to_weight" in r["layers"]["head"] for r in health.history)  # step hook re-registered
+    assert health._monitors[0].layers.params[0] is next(second.parameters())
+
+
+def test_dead_relu_network_gets_the_remedy_that_fits(tmp_path: Path) -> None:
+    model = TinyMLP()
+    model.body[3] = torch.nn.Linear(16, 16)
+    model.body[4] = torch.nn.ReLU()
+    with torch.no_grad():
+        model.body[3].bias.fill_(-100.0)  # the second ReLU is dead for every input
+    health = GradientHealthCallback(log_every_n_steps=1, verbose=False)
+    trainer(tmp_path, [health], steps=2).fit(model)
+    report = health.diagnosis(model)
+    assert "get exactly zero gradient: the ReLU units died" in report
+    assert "sigmoid" not in report and "small fixed std" not in report
+    assert set(health.history[-1]["vanishing_layers"]) == {"body.0", "body.1", "body.3"}

@@ -120,12 +120,13 @@ def test_trains_on_synthetic_data_with_every_trick_on(tmp_path: Path) -> None:
         weight_decay=5e-4,
         channels_last=True,
     )
-    quiet(tmp_path, max_epochs=6, limit_val_batches=0).fit(model, SyntheticImages())
+    # 8 epochs: 96-97% with one or two CPU threads (6 epochs varies from 79% to 91% with the thread count).
+    quiet(tmp_path, max_epochs=8, limit_val_batches=0).fit(model, SyntheticImages())
     images, labels = prototype_images()
     model.eval()
     with torch.no_grad():
         accuracy = (model.evaluation_logits(images).argmax(1) == labels).float().mean().item()
-    assert accuracy > 0.8
+    assert accuracy > 0.9
 
 
 def test_fast94_fast_dev_run_on_cpu_with_the_gpu_data_option(tiny_cifar: Path, tmp_path: Path) -> None:
