@@ -673,7 +673,15 @@ class GradientHealthCallback(Callback):
             self.exploding_threshold, self.exploding_threshold * 100, color="#ff7f0e", alpha=0.12, label="exploding"
         )
         axis.set_yscale("log")
-        axis.set_ylim(low, max(largest * 10, self.exploding_threshold * 10))
+        high = max(largest * 10, self.exploding_threshold * 10)
+        axis.set_ylim(low, high)
+        # A log axis cannot show 0 or NaN/Inf: mark those layers on its edges instead of dropping them.
+        for where, label, marker, y in (
+            ([i for i, n in enumerate(norms) if n == 0], "exactly zero", "x", low * 1.5),
+            ([i for i, n in enumerate(norms) if not math.isfinite(n)], "non-finite", "^", high / 1.5),
+        ):
+            if where:
+                axis.scatter(where, [y] * len(where), marker=marker, color="#d62728", s=24, zorder=3, label=label)
         axis.set_xlabel("layer (forward order)")
         axis.set_ylabel("gradient L2 norm")
         step = max(1, len(names) // 24)

@@ -534,3 +534,14 @@ def test_dead_relu_network_gets_the_remedy_that_fits(tmp_path: Path) -> None:
     assert "get exactly zero gradient: the ReLU units died" in report
     assert "sigmoid" not in report and "small fixed std" not in report
     assert set(health.history[-1]["vanishing_layers"]) == {"body.0", "body.1", "body.3"}
+
+
+def test_flow_figure_marks_zero_and_nonfinite_layers_instead_of_dropping_them() -> None:
+    import matplotlib.pyplot as plt
+
+    figure = GradientHealthCallback().flow_figure(["a", "b", "c", "d"], [0.0, 1e-3, 0.5, float("nan")])
+    axis = figure.axes[0]
+    marked = {c.get_label(): [int(x) for x, _ in c.get_offsets()] for c in axis.collections if c.get_offsets().size}
+    assert marked == {"exactly zero": [0], "non-finite": [3]}
+    assert axis.get_yscale() == "log"
+    plt.close(figure)
