@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
 SchedulerName = Literal["cosine", "onecycle", "triangular", "constant"]
@@ -136,6 +137,7 @@ class ImageClassifier(LightningModule):
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             raise ValueError(f"{name} expects {size}x{size} images; got shape {tuple(x.shape)}.")
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         if self.hparams.channels_last:
@@ -143,6 +145,7 @@ class ImageClassifier(LightningModule):
         network = self._compiled_network if self._compiled_network is not None else self.network
         return network(x)
 
+    @override
     def configure_model(self) -> None:
         # Compile once per process, outside the registered modules, so checkpoints keep their plain keys.
         if self.hparams.compile and self._compiled_network is None:
@@ -164,15 +167,19 @@ class ImageClassifier(LightningModule):
         self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=True, prog_bar=stage != "train")
         return loss
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
 
+    @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "val")
 
+    @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test")
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Return the logits of the images in ``batch`` (an ``(x, y)`` pair or a bare image tensor)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -183,16 +190,20 @@ class ImageClassifier(LightningModule):
         return self(x)
 
     # ------------------------------------------------------------------------------------- non-finite input check
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._trainer is not None and (batch_idx + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
             self._raise_on_nonfinite_inputs()
 
+    @override
     def on_train_epoch_end(self) -> None:
         self._raise_on_nonfinite_inputs()
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._raise_on_nonfinite_inputs()
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._raise_on_nonfinite_inputs()
 
@@ -222,6 +233,7 @@ class ImageClassifier(LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
+    @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
         optimizer = self._build_optimizer(self.parameter_groups())
         scheduler = self._build_scheduler(optimizer)

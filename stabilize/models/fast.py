@@ -7,6 +7,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import ACTIVATIONS, ConvNormAct, conv3x3
@@ -100,6 +101,7 @@ class FastCNN(ImageClassifier):
         self._whitening_checked = not whiten
         self._slow_weights: list[Tensor] | None = None
 
+    @override
     def build_network(self) -> nn.Module:
         hp = self.hparams
         layers: list[nn.Module] = []
@@ -139,6 +141,7 @@ class FastCNN(ImageClassifier):
         self.whitening_ready.fill_(True)
         self._whitening_checked = True
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         if not self._whitening_checked:
             # One host read, on the first step only (a resumed checkpoint already holds the filters).
@@ -148,6 +151,7 @@ class FastCNN(ImageClassifier):
         return super().training_step(batch, batch_idx)
 
     # ---------------------------------------------------------------------------------- optimizer and lookahead
+    @override
     def parameter_groups(self) -> list[dict[str, Any]]:
         hp = self.hparams
         norm_biases = {id(m.bias) for m in self.modules() if isinstance(m, nn.BatchNorm2d)}
@@ -166,6 +170,7 @@ class FastCNN(ImageClassifier):
                 group["decoupled_weight_decay"], group["weight_decay"] = group["weight_decay"], 0.0
         return [group for group in groups if group["params"]]
 
+    @override
     @torch.no_grad()
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         for group in optimizer.param_groups:
@@ -177,10 +182,12 @@ class FastCNN(ImageClassifier):
     def _trainable(self) -> list[Tensor]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    @override
     def on_train_start(self) -> None:
         if self.hparams.lookahead_every:
             self._slow_weights = [p.detach().clone() for p in self._trainable()]
 
+    @override
     @torch.no_grad()
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
@@ -190,6 +197,7 @@ class FastCNN(ImageClassifier):
             torch._foreach_lerp_(self._slow_weights, fast, 1.0 - self.hparams.lookahead_decay)
             torch._foreach_copy_(fast, self._slow_weights)
 
+    @override
     @torch.no_grad()
     def on_train_end(self) -> None:
         if self._slow_weights is not None:
@@ -197,6 +205,7 @@ class FastCNN(ImageClassifier):
             self._slow_weights = None
 
     # ------------------------------------------------------------------------------------ test-time augmentation
+    @override
     def evaluation_logits(self, x: Tensor) -> Tensor:
         tta = self.hparams.tta
         if tta == "none":

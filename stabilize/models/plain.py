@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from typing_extensions import override
 
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import (
@@ -40,6 +41,7 @@ class PlainCNN(ImageClassifier):
         activation_layer(activation)
         super().__init__(**kwargs)
 
+    @override
     def build_network(self) -> nn.Module:
         act = activation_layer(self.hparams.activation)
         layers: list[nn.Module] = []
@@ -121,6 +123,7 @@ class DeepPlainCNN(ImageClassifier):
         """Normalization after every conv; the plain baseline has none."""
         return None
 
+    @override
     def build_network(self) -> nn.Module:
         hp = self.hparams
         network = plain_network(hp.depth, hp.in_channels, hp.num_classes, hp.activation, self.normalization(), hp.width)

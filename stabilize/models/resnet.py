@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from torch import Tensor, nn
+from typing_extensions import override
 
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import (
@@ -147,6 +148,7 @@ class ResNet(ImageClassifier):
         norm_layer(norm)
         super().__init__(**kwargs)
 
+    @override
     def build_network(self) -> nn.Module:
         hp = self.hparams
         network = cifar_resnet(hp, BasicBlock, norm_layer(hp.norm), hp.preact)
@@ -184,6 +186,7 @@ class FixupResNet(ImageClassifier):
         check_resnet_arguments(depth, width, shortcut, activation)
         super().__init__(**kwargs)
 
+    @override
     def build_network(self) -> nn.Module:
         hp = self.hparams
         network = cifar_resnet(hp, FixupBasicBlock, None)

@@ -488,12 +488,13 @@ def test_ddp_global_norm_equals_the_single_process_run(tmp_path: Path) -> None:
     assert norms[2] == pytest.approx(norms[1], rel=1e-5)
 
 
-def test_appends_from_the_cli_by_short_name(tiny_cifar: Path, tmp_path: Path) -> None:
+def test_trains_from_the_cli_with_the_callback_appended_by_short_name(tiny_cifar: Path, tmp_path: Path) -> None:
     from stabilize.cli import StabilizeCLI
 
     os.chdir(tmp_path)
     cli = StabilizeCLI(
         args=[
+            "fit",
             "--model",
             "ResNet",
             "--model.depth=8",
@@ -501,13 +502,20 @@ def test_appends_from_the_cli_by_short_name(tiny_cifar: Path, tmp_path: Path) ->
             "CIFAR10DataModule",
             f"--data.data_dir={tiny_cifar}",
             "--data.val_size=40",
+            "--data.batch_size=32",
             "--trainer.callbacks+=GradientHealthCallback",
             "--trainer.callbacks.on_nonfinite=skip",
-        ],
-        run=False,
+            "--trainer.callbacks.log_every_n_steps=2",
+            "--trainer.max_steps=3",
+            "--trainer.enable_progress_bar=false",
+        ]
     )
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, GradientHealthCallback)]
     assert len(callbacks) == 1 and callbacks[0].on_nonfinite == "skip"
+    assert [r["step"] for r in callbacks[0].history] == [0, 2]
+    events = EventAccumulator(cli.trainer.logger.log_dir)
+    events.Reload()
+    assert "grad_health/global_norm" in events.Tags()["scalars"]
 
 
 def test_the_same_callback_instance_serves_a_second_fit(tmp_path: Path) -> None:
