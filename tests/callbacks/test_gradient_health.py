@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import os
@@ -24,6 +25,12 @@ from tests.callbacks.helpers import GradientProbe, TinyMLP
 from tests.helpers.data import SyntheticImages
 
 LAYERS = ["body.0", "body.1", "body.3", "head"]
+
+
+def csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
+    """The rows the CSVLogger wrote, as dicts keyed by metric name ("" where a row has no value)."""
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as file:
+        return list(csv.DictReader(file))
 
 
 def trainer(tmp_path: Path, callbacks: list, steps: int = 4, **kwargs) -> Trainer:
@@ -275,7 +282,7 @@ def test_manual_optimization_with_two_optimizers_prefixes_keys(tmp_path: Path) -
     trainer(tmp_path, [health], steps=6, logger=logger).fit(TwoOptimizers())
     assert list(health.history_of(0)[0]["layers"]) == ["body.0", "body.1", "body.3"]
     assert list(health.history_of(1)[0]["layers"]) == ["head"]
-    header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    header = csv_rows(logger)[0].keys()
     assert "grad_health/optimizer_0/global_norm" in header and "grad_norm/optimizer_1/head" in header
     assert "optimizer 1" in health.diagnosis()
 
@@ -284,7 +291,7 @@ def test_works_with_lightnings_boring_model_and_logs_documented_keys(tmp_path: P
     health = GradientHealthCallback(log_every_n_steps=2, track_activations=True, verbose=False)
     logger = CSVLogger(tmp_path)
     trainer(tmp_path, [health], steps=4, logger=logger).fit(BoringModel())
-    header = set((Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(","))
+    header = set(csv_rows(logger)[0])
     expected = {
         f"grad_health/{k}"
         for k in (
@@ -310,9 +317,7 @@ def test_activation_statistics_on_logging_steps(tmp_path: Path) -> None:
     health = GradientHealthCallback(log_every_n_steps=2, track_activations=True, verbose=False)
     logger = CSVLogger(tmp_path)
     trainer(tmp_path, [health], steps=3, logger=logger).fit(model)
-    rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    first = dict(zip(header, rows[1].split(",")))
+    first = csv_rows(logger)[0]
     assert float(first["activation_saturated/body.4"]) > 0.9
     assert 0.0 <= float(first["activation_dead/body.2"]) < 0.5  # ReLU after BatchNorm: few dead channels
     assert not health._activation_hooks  # hooks exist only during logging steps
@@ -325,8 +330,7 @@ def test_dead_relu_channels_are_counted(tmp_path: Path) -> None:
     health = GradientHealthCallback(track_activations=True, log_every_n_steps=1, verbose=False)
     logger = CSVLogger(tmp_path)
     trainer(tmp_path, [health], steps=1, logger=logger).fit(model)
-    rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
-    assert float(dict(zip(rows[0].split(","), rows[1].split(",")))["activation_dead/body.2"]) == 1.0
+    assert float(csv_rows(logger)[0]["activation_dead/body.2"]) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
