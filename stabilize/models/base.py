@@ -149,7 +149,9 @@ class ImageClassifier(LightningModule):
     def configure_model(self) -> None:
         # Compile once per process, outside the registered modules, so checkpoints keep their plain keys.
         if self.hparams.compile and self._compiled_network is None:
-            self._compiled_network = torch.compile(self.network)
+            # object.__setattr__: an nn.Module attribute would be registered, duplicating every weight in the
+            # state dict under "_compiled_network._orig_mod."; the compiled wrapper shares the same parameters.
+            object.__setattr__(self, "_compiled_network", torch.compile(self.network))
 
     # ------------------------------------------------------------------------------------------------------ steps
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: Stage) -> Tensor:

@@ -201,3 +201,25 @@ def test_channels_last_gives_the_same_logits() -> None:
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fast(images), reference(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_builds_one_graph_without_recompiles_and_keeps_checkpoint_keys(tmp_path: Path) -> None:
+    """torch.compile on CPU (inductor, about a minute): compiled once, no recompiles while training."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = ResNet(depth=8, compile=True, scheduler="constant")
+    run(model, 6, tmp_path)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"]
+    assert all(not key.startswith("_compiled") and "_orig_mod" not in key for key in model.state_dict())
+    eager = ResNet(depth=8).eval()
+    eager.load_state_dict(model.state_dict())
+    images = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), eager(images), rtol=1e-3, atol=1e-4)
