@@ -53,6 +53,15 @@ class _Layers:
             self.index_cache[key] = torch.tensor([self.layer_of_param[p] for p in positions], device=device)
         return self.index_cache[key]
 
+    def per_layer_norms(self, positions: tuple[int, ...], norms: Tensor) -> Tensor:
+        """Combine the L2 norms of the listed parameters into one L2 norm per layer (0 for absent layers)."""
+        index = self.layer_index(positions, norms.device)
+        return torch.zeros(len(self.names), device=norms.device).index_add_(0, index, norms.square()).sqrt()
+
+    def present(self, positions: tuple[int, ...]) -> list[int]:
+        """The layers the listed parameters belong to, in forward order."""
+        return sorted({self.layer_of_param[p] for p in positions})
+
 
 @dataclass
 class _Monitor:
@@ -421,11 +430,10 @@ class GradientHealthCallback(Callback):
         assert layers is not None
         device = norms.device
         num_layers = len(layers.names)
-        layer_index = layers.layer_index(positions, device)
         params = [layers.params[i] for i in positions]
         weight_norms = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32))  # type: ignore[call-arg]
-        layer_grad = torch.zeros(num_layers, device=device).index_add_(0, layer_index, norms.square()).sqrt()
-        layer_weight = torch.zeros(num_layers, device=device).index_add_(0, layer_index, weight_norms.square()).sqrt()
+        layer_grad = layers.per_layer_norms(positions, norms)
+        layer_weight = layers.per_layer_norms(positions, weight_norms)
         if self.track_update_ratio:
             monitor.pending_update = (step, positions, [p.detach().clone() for p in params], layer_weight)
         state = monitor.device_state
@@ -447,7 +455,7 @@ class GradientHealthCallback(Callback):
         counts = self._apply_counters(trainer, monitor, packed[2 * num_layers + 2 : counters_end])
         activation_results = dict(zip(activation_names, packed[counters_end:]))
 
-        present = sorted({layers.layer_of_param[p] for p in positions})
+        present = layers.present(positions)
         finite_norms = [grad_values[i] for i in present if math.isfinite(grad_values[i])]
         largest = max(finite_norms, default=0.0)
         vanishing = [
@@ -577,11 +585,8 @@ class GradientHealthCallback(Callback):
         with torch.no_grad():
             deltas = torch._foreach_sub([layers.params[i].detach() for i in positions], before)
             delta_norms = torch.stack(torch._foreach_norm(deltas, 2, dtype=torch.float32))  # type: ignore[call-arg]
-        layer_index = layers.layer_index(positions, delta_norms.device)
-        layer_delta = torch.zeros_like(layer_weight).index_add_(0, layer_index, delta_norms.square()).sqrt()
-        ratios = (layer_delta / layer_weight).tolist()
-        present = sorted({layers.layer_of_param[p] for p in positions})
-        updates = {layers.names[i]: ratios[i] for i in present if math.isfinite(ratios[i])}
+        ratios = (layers.per_layer_norms(positions, delta_norms) / layer_weight).tolist()
+        updates = {layers.names[i]: ratios[i] for i in layers.present(positions) if math.isfinite(ratios[i])}
         if monitor.history and monitor.history[-1]["step"] == step:
             for name, ratio in updates.items():
                 monitor.history[-1]["layers"][name]["update_to_weight"] = ratio

@@ -113,16 +113,15 @@ class BatchAugment:
         """uint8 images to normalized float32, without augmentation (validation, test, predict)."""
         return to_float(images, self.mean, self.std)
 
-    def __call__(self, images: Tensor, generator: torch.Generator, flip: Tensor | None = None) -> Tensor:
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """Augment a uint8 batch ``(N, C, H, W)`` and return it normalized, as float32 on the same device.
 
-        ``generator`` must live on ``images.device``; ``flip`` optionally overrides the random flips with a given
-        boolean ``(N,)`` tensor (e.g. alternating flips across epochs).
+        ``generator`` must live on ``images.device``.
         """
         n, _, height, width = images.shape
         x = images.float().div_(255.0)
         device = x.device
-        if self.scale is not None or self.translate or self.flip or flip is not None:
+        if self.scale is not None or self.translate or self.flip:
             if self.scale is not None:
                 low, high = self.scale
                 scale = torch.rand(n, generator=generator, device=device).mul_(high - low).add_(low)
@@ -130,8 +129,7 @@ class BatchAugment:
                 scale = torch.ones(n, device=device)
             shift = torch.randint(-self.translate, self.translate + 1, (2, n), generator=generator, device=device)
             shift = shift.to(x.dtype)
-            if flip is None and self.flip:
-                flip = torch.rand(n, generator=generator, device=device) < 0.5
+            flip = torch.rand(n, generator=generator, device=device) < 0.5 if self.flip else None
             rows = resampling_matrices(height, scale, shift[0])
             cols = resampling_matrices(width, scale, shift[1], flip)
             channels = x.shape[1]

@@ -43,8 +43,8 @@ class ImageClassifier(LightningModule):
             (:class:`~torch.optim.lr_scheduler.OneCycleLR`), ``"triangular"`` (linear from 0.2x up to the peak at
             the end of the warm-up, then linearly down to 0.07x, as in the CIFAR-10 speed runs) or ``"constant"``.
             All step once per optimizer step.
-        warmup_fraction: Fraction of the total optimizer steps spent warming up (cosine and one-cycle; one-cycle
-            uses 0.3 when this is 0).
+        warmup_fraction: Fraction of the total optimizer steps spent warming up (cosine, one-cycle and
+            triangular, whose peak it places; one-cycle uses 0.3 when this is 0).
         label_smoothing: Label smoothing of the training loss. Validation and test losses are plain
             cross-entropy so that they stay comparable across runs.
         channels_last: Run the network in ``torch.channels_last`` memory format (faster convolutions on GPUs).
@@ -147,7 +147,7 @@ class ImageClassifier(LightningModule):
 
     @override
     def configure_model(self) -> None:
-        # Compile once per process, outside the registered modules, so checkpoints keep their plain keys.
+        # Compile once per module instance, outside the registered modules, so checkpoints keep plain keys.
         if self.hparams.compile and self._compiled_network is None:
             # object.__setattr__: an nn.Module attribute would be registered, duplicating every weight in the
             # state dict under "_compiled_network._orig_mod."; the compiled wrapper shares the same parameters.
