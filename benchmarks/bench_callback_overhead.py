@@ -1,11 +1,13 @@
 """Cost of GradientHealthCallback: training-step time of ResNet-20 with and without it, in one process.
 
-Three configurations train the same ResNet-20 (same initial weights, same in-memory random batches of 128
+Four configurations train the same ResNet-20 (same initial weights, same in-memory random batches of 128
 CIFAR-sized images, SGD) under Lightning's Trainer:
 
 - ``baseline``: no gradient monitoring;
 - ``gradient_health``: ``GradientHealthCallback()`` at its defaults (detailed record every ``log_every_n_steps``,
   the device-side cheap check on the other steps);
+- ``gradient_health_every_step``: the same with ``log_every_n_steps=1`` (so histograms every 10 steps and the
+  flow figure every 20, their default multiples of the logging interval);
 - ``lightning_grad_norm`` (the anchor): Lightning's ``grad_norm`` utility plus ``log_dict`` on every step, the
   usual way to watch gradient norms in Lightning.
 
@@ -14,7 +16,9 @@ machine's speed hit all of them alike. A step's time is measured from ``on_train
 ``on_train_batch_end`` (forward, backward, hooks, optimizer step). Reported: the median step time per configuration
 and its ratio to the baseline, the mean over all steps (which includes the detailed logging steps), and the time
 spent inside the monitor's own hooks per step as a fraction of the baseline step: end-to-end ratios on a shared
-2-core machine drift by several percent between runs, the hooks' self-time does not.
+2-core machine drift by several percent between runs, the hooks' self-time does not. The self-time is also split
+by kind of step: a plain step (the device-side check only), a logging step, a logging step that writes the
+histograms, and one that also draws the flow figure (medians over the steps of each kind).
 
     python benchmarks/bench_callback_overhead.py                 # CPU, ~9 minutes on 2 cores
     python benchmarks/bench_callback_overhead.py --smoke         # seconds: checks the script runs
@@ -40,13 +44,12 @@ from stabilize.models import ResNet
 
 
 class StepTimer(Callback):
-    """Times each training step; after the first ``warmup`` steps it zeroes ``spent`` (the monitors' self-time),
-    so that both figures cover the same steps."""
+    """Times each training step; ``spent`` collects the monitors' self-time per step index."""
 
-    def __init__(self, warmup: int = 0, spent: list[float] | None = None) -> None:
+    def __init__(self, spent: dict[int, float] | None = None) -> None:
         self.times: list[float] = []
         self._start = 0.0
-        self.warmup, self.spent = warmup, spent
+        self.spent = spent if spent is not None else {}
 
     def _sync(self, module: LightningModule) -> None:
         if module.device.type == "cuda":
@@ -59,8 +62,6 @@ class StepTimer(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._sync(pl_module)
         self.times.append(time.perf_counter() - self._start)
-        if self.spent is not None and len(self.times) == self.warmup:
-            self.spent[0] = 0.0
 
 
 class LightningGradNorm(Callback):
@@ -73,8 +74,8 @@ class LightningGradNorm(Callback):
 SELF_TIMED_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end", "_on_optimizer_stepped")
 
 
-def self_timed(callback: Callback, spent: list[float]) -> Callback:
-    """Wrap the callback's per-step hooks so the time spent inside them adds up in ``spent[0]``.
+def self_timed(callback: Callback, timer: StepTimer) -> Callback:
+    """Wrap the callback's per-step hooks so the time spent inside them adds up in ``timer.spent[step]``.
 
     This self-time is the monitor's own cost, nearly immune to the drift of the machine that blurs end-to-end step
     times; it misses work a callback leaves to others (e.g. Lightning logging what ``log_dict`` collected).
@@ -89,7 +90,8 @@ def self_timed(callback: Callback, spent: list[float]) -> Callback:
             try:
                 return _hook(*args, **kwargs)
             finally:
-                spent[0] += time.perf_counter() - start
+                step = len(timer.times)
+                timer.spent[step] = timer.spent.get(step, 0.0) + time.perf_counter() - start
 
         setattr(callback, name, timed)
     return callback
@@ -110,20 +112,30 @@ class RandomBatches(torch.utils.data.IterableDataset):
         return iter(self.batches)
 
 
+#: With log_every_n_steps=1 the defaults put histograms on every 10th step and the figure on every 20th.
+STEP_KINDS = ("logging step", "logging + histograms", "logging + histograms + figure")
+
+
+def step_kind(step: int) -> str:
+    return STEP_KINDS[2] if step % 20 == 0 else STEP_KINDS[1] if step % 10 == 0 else STEP_KINDS[0]
+
+
 CONFIGS = {
     "baseline": list,
     "gradient_health": lambda: [GradientHealthCallback(verbose=False)],
+    "gradient_health_every_step": lambda: [GradientHealthCallback(log_every_n_steps=1, verbose=False)],
     "lightning_grad_norm": lambda: [LightningGradNorm()],
 }
 
 
-def run_once(name: str, args: argparse.Namespace, batches: RandomBatches, log_dir: str) -> tuple[list[float], float]:
-    """Step times of one run (warm-up steps left out) and the seconds spent inside the monitor's hooks."""
+def run_once(
+    name: str, args: argparse.Namespace, batches: RandomBatches, log_dir: str
+) -> tuple[list[float], dict[int, float]]:
+    """Step times of one run (warm-up steps left out) and the seconds spent inside the monitor's hooks per step."""
     seed_everything(0, verbose=False)
     model = ResNet(depth=args.depth, scheduler="constant", lr=0.05)
-    spent = [0.0]
-    timer = StepTimer(args.warmup, spent)
-    monitors = [self_timed(callback, spent) for callback in CONFIGS[name]()]
+    timer = StepTimer()
+    monitors = [self_timed(callback, timer) for callback in CONFIGS[name]()]
     trainer = Trainer(
         max_steps=args.steps,
         accelerator=args.accelerator,
@@ -138,7 +150,7 @@ def run_once(name: str, args: argparse.Namespace, batches: RandomBatches, log_di
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(model, loader)
-    return timer.times[args.warmup :], spent[0]
+    return timer.times[args.warmup :], timer.spent
 
 
 def main() -> None:
@@ -158,12 +170,17 @@ def main() -> None:
     batches = RandomBatches(args.batch_size, args.steps)
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     self_time = dict.fromkeys(CONFIGS, 0.0)
+    by_kind: dict[str, list[float]] = {kind: [] for kind in STEP_KINDS}
     with tempfile.TemporaryDirectory() as log_dir:
         for _ in range(args.rounds):
             for name in CONFIGS:
                 step_times, spent = run_once(name, args, batches, log_dir)
                 times[name] += step_times
-                self_time[name] += spent
+                self_time[name] += sum(t for step, t in spent.items() if step >= args.warmup)
+                if name == "gradient_health_every_step":
+                    for step, seconds in spent.items():
+                        if step >= args.warmup:
+                            by_kind[step_kind(step)].append(seconds)
     total_steps = args.rounds * (args.steps - args.warmup)
     base_median, base_mean = statistics.median(times["baseline"]), statistics.mean(times["baseline"])
     print(
@@ -171,7 +188,7 @@ def main() -> None:
         f" {args.rounds} rounds x {args.steps} steps, log_every_n_steps={args.log_every_n_steps}"
     )
     print(
-        f"{'configuration':>20} {'median step ms':>15} {'ratio':>7} {'mean step ms':>13} {'ratio':>7}"
+        f"{'configuration':>26} {'median step ms':>15} {'ratio':>7} {'mean step ms':>13} {'ratio':>7}"
         f" {'hook ms/step':>13} {'of baseline step':>17}"
     )
     results = {}
@@ -188,9 +205,16 @@ def main() -> None:
             "steps": len(values),
         }
         print(
-            f"{name:>20} {median * 1e3:>15.1f} {median / base_median:>6.3f}x {mean * 1e3:>13.1f}"
+            f"{name:>26} {median * 1e3:>15.1f} {median / base_median:>6.3f}x {mean * 1e3:>13.1f}"
             f" {mean / base_mean:>6.3f}x {hook_ms:>13.2f} {100 * hook_ms / (base_median * 1e3):>16.2f}%"
         )
+    print(f"gradient_health_every_step self-time by kind of step ({base_median * 1e3:.1f} ms baseline step):")
+    for kind, values in by_kind.items():
+        if values:
+            median = statistics.median(values) * 1e3
+            results[f"every_step_{kind}"] = {"self_ms": round(median, 2), "steps": len(values)}
+            share = median / (base_median * 1e3)
+            print(f"{kind:>30} {median:>9.2f} ms  {share:>7.2%} of a step  ({len(values)} steps)")
     print(json.dumps(results))
 
 

@@ -108,6 +108,12 @@ class ImageClassifier(LightningModule):
         """
         raise NotImplementedError(f"{type(self).__name__} must override build_network() to return its network.")
 
+    def gradient_health_hints(self) -> dict[str, str]:
+        """Advice specific to this collection that :class:`~stabilize.callbacks.GradientHealthCallback` adds to its
+        generic remedies (keys ``"vanishing"``, ``"exploding"``, ``"nonfinite"``)."""
+        warmup = "with the stabilize command, --model.warmup_fraction 0.05 adds a warm-up"
+        return {"exploding": warmup, "nonfinite": warmup}
+
     # ----------------------------------------------------------------------------------------------------- forward
     def check_input(self, x: Tensor) -> None:
         """Fail at once, with what was expected, on an input of the wrong type, rank, channel count or dtype.

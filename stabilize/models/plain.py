@@ -124,6 +124,16 @@ class DeepPlainCNN(ImageClassifier):
         return None
 
     @override
+    def gradient_health_hints(self) -> dict[str, str]:
+        hints = super().gradient_health_hints()
+        if self.normalization() is None:
+            hints["vanishing"] = (
+                "in this collection, BatchNormCNN (normalization) and ResNet (residual connections) are this network"
+                " with the fix, at the same depth"
+            )
+        return hints
+
+    @override
     def build_network(self) -> nn.Module:
         hp = self.hparams
         network = plain_network(hp.depth, hp.in_channels, hp.num_classes, hp.activation, self.normalization(), hp.width)

@@ -320,7 +320,7 @@ def test_activation_statistics_on_logging_steps(tmp_path: Path) -> None:
     first = csv_rows(logger)[0]
     assert float(first["activation_saturated/body.4"]) > 0.9
     assert 0.0 <= float(first["activation_dead/body.2"]) < 0.5  # ReLU after BatchNorm: few dead channels
-    assert not health._activation_hooks  # hooks exist only during logging steps
+    assert not health._activations.attached  # hooks exist only during logging steps
 
 
 def test_dead_relu_channels_are_counted(tmp_path: Path) -> None:
@@ -421,10 +421,10 @@ def test_diagnosis_is_printed_at_the_end_of_fit(tmp_path: Path, caplog: pytest.L
         ({"vanishing_threshold": 10.0, "exploding_threshold": 1.0}, "must be below exploding_threshold"),
         ({"vanishing_ratio": 1.5}, "vanishing_ratio must be in"),
         ({"exploding_factor": 0.5}, "exploding_factor must be above 1"),
-        ({"median_window": 1}, "median_window must be at least 3"),
+        ({"median_window": 1}, "median_window must be an integer from 3"),
         ({"on_nonfinite": "ignore"}, "on_nonfinite must be"),
         ({"log_every_n_steps": 0}, "log_every_n_steps must be positive"),
-        ({"histogram_every_n_steps": -1}, "histogram_every_n_steps must be non-negative"),
+        ({"histogram_every_n_steps": -1}, "histogram_every_n_steps must be a non-negative integer"),
         ({"saturation_threshold": 0.2}, "saturation_threshold"),
     ],
 )
@@ -557,3 +557,17 @@ def test_flow_figure_marks_zero_and_nonfinite_layers_instead_of_dropping_them() 
     assert marked == {"exactly zero": [0], "non-finite": [3]}
     assert axis.get_yscale() == "log"
     plt.close(figure)
+
+
+def test_events_counted_after_the_last_logging_step_survive_a_mid_run_checkpoint(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    seed_everything(0)
+    health = GradientHealthCallback(log_every_n_steps=10, verbose=False)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=7, save_top_k=-1, filename="{step}")
+    trainer(tmp_path, [health, saver], steps=8, enable_checkpointing=True).fit(TinyMLP(lr=1e-9, loss_scale_at={5: 1e6}))
+    resumed = GradientHealthCallback(log_every_n_steps=10, verbose=False)
+    trainer(tmp_path, [resumed], steps=9).fit(TinyMLP(lr=1e-9), ckpt_path=tmp_path / "step=7.ckpt")
+    explosions = resumed.summary()["optimizer_0"]["explosions"]
+    assert [(e["first_step"], e["steps"]) for e in explosions] == [(5, 1)]
+    assert "EXPLODING" in resumed.diagnosis()

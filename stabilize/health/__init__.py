@@ -1,0 +1,35 @@
+"""Gradient-health maths in plain torch (no Trainer): per-layer statistics, device counters, records, the
+diagnosis and the figures. :class:`~stabilize.callbacks.GradientHealthCallback` is the Lightning plumbing over it."""
+
+from stabilize.health.counters import DeviceCounters
+from stabilize.health.diagnosis import ModelTraits, diagnosis_lines, model_hints, verdict
+from stabilize.health.figures import flow_figure, gradient_histograms
+from stabilize.health.layers import LayerIndex
+from stabilize.health.monitor import GradientMonitor, HealthCriteria
+from stabilize.health.records import (
+    DepthRatio,
+    ExplosionEvent,
+    HealthSummary,
+    LayerStats,
+    NonFiniteEvent,
+    StepRecord,
+)
+
+__all__ = [
+    "DepthRatio",
+    "DeviceCounters",
+    "ExplosionEvent",
+    "GradientMonitor",
+    "HealthCriteria",
+    "HealthSummary",
+    "LayerIndex",
+    "LayerStats",
+    "ModelTraits",
+    "NonFiniteEvent",
+    "StepRecord",
+    "diagnosis_lines",
+    "flow_figure",
+    "gradient_histograms",
+    "model_hints",
+    "verdict",
+]

@@ -1,0 +1,181 @@
+"""The diagnosis: a gradient-health summary in plain words, with remedies that fit the model.
+
+Pure functions of the records, so they work on a saved ``save_json`` file as well as on a live callback.
+
+A model may add its own advice by defining ``gradient_health_hints()``, returning a mapping from
+``"vanishing"``, ``"exploding"`` or ``"nonfinite"`` to one sentence (e.g. the stabilized variant of the same
+architecture in its own library, or the command-line flag of its warm-up). The generic remedies stay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from stabilize.health.records import HealthSummary, StepRecord
+
+RELU_LIKE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.PReLU, nn.Mish)
+SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid)
+NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+#: Keys a model's ``gradient_health_hints()`` may use.
+HINT_KINDS = ("vanishing", "exploding", "nonfinite")
+_LISTED_LAYERS = 12
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What the remedies need to know about a network."""
+
+    normalization: bool = False
+    saturating: bool = False
+    relu_like: bool = False
+
+    @classmethod
+    def of(cls, module: nn.Module) -> ModelTraits:
+        modules = list(module.modules())
+        return cls(
+            normalization=any(isinstance(m, NORMALIZATION) for m in modules),
+            saturating=any(isinstance(m, SATURATING) for m in modules),
+            relu_like=any(isinstance(m, RELU_LIKE) for m in modules),
+        )
+
+
+def model_hints(module: nn.Module | None) -> dict[str, str]:
+    """The model's own ``gradient_health_hints()``, checked; empty when it defines none."""
+    provider = getattr(module, "gradient_health_hints", None)
+    if not callable(provider):
+        return {}
+    hints = dict(provider())
+    unknown = set(hints) - set(HINT_KINDS)
+    if unknown:
+        raise ValueError(f"gradient_health_hints() returned unknown keys {sorted(unknown)}; use {HINT_KINDS}.")
+    return hints
+
+
+def verdict(summary: HealthSummary) -> str:
+    """One line: the worst finding of the run (``"healthy"`` when there is none)."""
+    findings = []
+    if summary["vanishing_layers_now"]:
+        findings.append(f"vanishing ({len(summary['vanishing_layers_now'])}/{summary['num_layers']} layers)")
+    if summary["explosions"]:
+        findings.append(f"exploding ({sum(e['steps'] for e in summary['explosions'])} steps)")
+    if summary["nonfinite"] or summary["skipped_steps"]:
+        findings.append("non-finite gradients")
+    if not findings and summary["ever_vanished"]:
+        findings.append("recovered from vanishing")
+    return ", ".join(findings) if findings else "healthy"
+
+
+def diagnosis_lines(
+    summary: HealthSummary,
+    last: StepRecord | None,
+    traits: ModelTraits | None = None,
+    hints: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The diagnosis of one optimizer: findings, then one ``What to do:`` line (or ``Healthy``)."""
+    hints = hints or {}
+    lines: list[str] = []
+    remedies: list[str] = []
+    vanishing = summary["vanishing_layers_now"]
+    if vanishing and last is not None:
+        names = list(vanishing)
+        lines.append(f"  VANISHING: {len(names)} of {summary['num_layers']} layers get almost no gradient:")
+        width = max(len(name) for name in names[:_LISTED_LAYERS])
+        for name in names[:_LISTED_LAYERS]:
+            lines.append(
+                f"    {name:<{width}}  grad norm {last['layers'][name]['grad_norm']:.2e}"
+                f"  vanishing since step {vanishing[name]}"
+            )
+        if len(names) > _LISTED_LAYERS:
+            lines.append(f"    ... and {len(names) - _LISTED_LAYERS} more")
+        dead = sum(last["layers"][name]["grad_norm"] == 0.0 for name in names)
+        remedies += vanishing_remedies(traits, dead)
+        remedies += [hints["vanishing"]] if "vanishing" in hints else []
+    elif summary["ever_vanished"]:
+        lines.append(f"  Vanishing earlier but recovered: {', '.join(list(summary['ever_vanished'])[:5])}.")
+    else:
+        lines.append("  Vanishing: none.")
+    ratio = summary["worst_depth_ratio"]
+    if ratio is not None:
+        lines.append(
+            f"  Worst depth ratio (first layer / last layer gradient norm): {ratio['ratio']:.2e} at step"
+            f" {ratio['step']} ({_depth_ratio_meaning(ratio['ratio'])})."
+        )
+    if summary["explosions"]:
+        explosions = summary["explosions"]
+        spans = ", ".join(
+            f"{e['first_step']}-{e['last_step']}" if e["first_step"] != e["last_step"] else str(e["first_step"])
+            for e in explosions[:8]
+        )
+        peak = max(e["max_norm"] for e in explosions)
+        steps = sum(e["steps"] for e in explosions)
+        lines.append(f"  EXPLODING: {steps} step(s) with a gradient norm spike (steps {spans}; peak {peak:.3g}).")
+        remedies.append(
+            "clip gradients (Trainer(gradient_clip_val=1.0)), lower the learning rate or add a learning-rate warm-up"
+        )
+        remedies += [hints["exploding"]] if "exploding" in hints else []
+    else:
+        lines.append("  Exploding: none.")
+    if summary["nonfinite"] or summary["skipped_steps"]:
+        events = summary["nonfinite"]
+        layers = list(dict.fromkeys(name for e in events for name in e["layers"]))
+        where = f" in {', '.join(layers[:6])}" if layers else ""
+        first = min([e["first_step"] for e in events] + summary["skipped_steps"])
+        lines.append(
+            f"  NON-FINITE gradients from step {first}{where}; {len(summary['skipped_steps'])} step(s) skipped."
+        )
+        remedies.append(
+            "non-finite gradients: lower the learning rate, clip gradients, check the loss for log(0)"
+            " or division by zero, prefer bf16-mixed over 16-mixed"
+        )
+        remedies += [hints["nonfinite"]] if "nonfinite" in hints else []
+    else:
+        lines.append("  Non-finite gradients: none.")
+    if summary["amp_skipped_steps"]:
+        lines.append(
+            f"  AMP: the GradScaler skipped {summary['amp_skipped_steps']} step(s) with overflowing fp16"
+            " gradients (a few while it calibrates are normal; not counted as explosions)."
+        )
+    if remedies:
+        lines.append("  What to do: " + "; ".join(dict.fromkeys(remedies)) + ".")
+    else:
+        lines.append("  Healthy: no action needed.")
+    return lines
+
+
+def vanishing_remedies(traits: ModelTraits | None, dead_layers: int = 0) -> list[str]:
+    """Generic remedies for vanishing gradients that fit what the model has: normalization, saturation, dead units."""
+    if traits is None:
+        return [
+            "vanishing gradients: add normalization (BatchNorm) and residual connections, use ReLU with He"
+            " (kaiming) initialisation"
+        ]
+    remedies = []
+    if dead_layers and traits.relu_like and not traits.saturating:
+        remedies.append(
+            f"{dead_layers} layer(s) get exactly zero gradient: the ReLU units died, typically after too large"
+            " a step (look for spikes before). Lower the learning rate or add a warm-up; LeakyReLU/GELU and"
+            " normalization keep units alive; track_activations=True measures the dead fraction"
+        )
+    if not traits.normalization:
+        remedies.append("add normalization (e.g. BatchNorm) after each convolution or linear layer")
+    remedies.append("add residual connections (with or without normalization, e.g. Fixup initialisation)")
+    if traits.saturating:
+        remedies.append("replace sigmoid/tanh by ReLU-like activations, which do not saturate")
+        remedies.append("initialise with He (kaiming) or Xavier scaling instead of a small fixed std")
+    elif not dead_layers:
+        remedies.append("check the initialisation: He (kaiming) scaling for ReLU-like activations")
+    return remedies
+
+
+def _depth_ratio_meaning(ratio: float) -> str:
+    if ratio < 1e-3:
+        return "below 1e-3: the input side learns far slower than the output side, gradient vanishes toward the input"
+    if ratio <= 1:
+        return "between 1e-3 and 1: the input side gets somewhat less gradient than the output side, as is usual"
+    return (
+        "above 1: the input side gets more gradient than the output side, as normalization layers often make it;"
+        " harmless unless steps explode"
+    )

@@ -1,0 +1,416 @@
+"""Gradient health of one optimizer's parameters, in plain torch: no Trainer, no logger.
+
+:class:`GradientMonitor` is the maths behind :class:`~stabilize.callbacks.GradientHealthCallback`, usable in a
+raw PyTorch loop::
+
+    monitor = GradientMonitor(HealthCriteria())
+    monitor.attach(LayerIndex.build(model, model.parameters()))
+    for step, batch in enumerate(loader):
+        loss(model, batch).backward()
+        observation = monitor.observe(step)              # device ops only, no host sync
+        if step % 10 == 0:
+            record, _ = monitor.record(step, observation)  # one host transfer
+        optimizer.step(); optimizer.zero_grad()
+    monitor.flush()
+    print(monitor.summary())
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from stabilize.health.counters import DeviceCounters
+from stabilize.health.layers import LayerIndex, foreach_norms
+from stabilize.health.records import ExplosionEvent, HealthSummary, NonFiniteEvent, StepRecord
+
+#: The largest running-median window accepted (a window is one float per step on the device).
+MAX_MEDIAN_WINDOW = 100_000
+
+
+@dataclass(frozen=True)
+class HealthCriteria:
+    """When a layer is vanishing and a step exploding (see :class:`~stabilize.callbacks.GradientHealthCallback`).
+
+    Raises:
+        ValueError: If a value has the wrong type, lies out of range, or the thresholds are inverted.
+    """
+
+    vanishing_threshold: float = 1e-8
+    vanishing_ratio: float = 1e-5
+    exploding_threshold: float = 1e3
+    exploding_factor: float = 10.0
+    median_window: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("vanishing_threshold", "exploding_threshold", "exploding_factor"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+        if not (_is_number(self.vanishing_ratio) and 0 < self.vanishing_ratio < 1):
+            raise ValueError(f"vanishing_ratio must be in (0, 1), got {self.vanishing_ratio!r}.")
+        if self.vanishing_threshold >= self.exploding_threshold:
+            raise ValueError(
+                f"vanishing_threshold ({self.vanishing_threshold}) must be below exploding_threshold"
+                f" ({self.exploding_threshold})."
+            )
+        if self.exploding_factor <= 1:
+            raise ValueError(f"exploding_factor must be above 1 (a jump over the median), got {self.exploding_factor}.")
+        if not (_is_int(self.median_window) and 3 <= self.median_window <= MAX_MEDIAN_WINDOW):
+            raise ValueError(
+                f"median_window must be an integer from 3 to {MAX_MEDIAN_WINDOW}, got {self.median_window!r}."
+            )
+
+    def vanishing_floor(self, largest: float) -> float:
+        """The norm below which a layer is vanishing, given the largest layer norm of the step."""
+        return max(self.vanishing_threshold, self.vanishing_ratio * largest)
+
+
+class Observation(NamedTuple):
+    """Device values of one step, kept for the record of a logging step."""
+
+    positions: tuple[int, ...]
+    norms: Tensor
+    total: Tensor
+    median: Tensor
+    tensor_nonfinite: Tensor
+
+
+@dataclass
+class GradientMonitor:
+    """Running gradient statistics of one optimizer: device counters between reads, host records after them.
+
+    Args:
+        criteria: The vanishing/exploding thresholds.
+        prefix: Key segment of this optimizer in logged names (``""`` with one optimizer).
+    """
+
+    criteria: HealthCriteria = field(default_factory=HealthCriteria)
+    prefix: str = ""
+    layers: LayerIndex | None = None
+    # Host records (checkpointed).
+    history: list[StepRecord] = field(default_factory=list)
+    vanishing_since: dict[str, int] = field(default_factory=dict)
+    first_vanished: dict[str, int] = field(default_factory=dict)
+    explosions: list[ExplosionEvent] = field(default_factory=list)
+    nonfinite: list[NonFiniteEvent] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+    amp_skipped: int = 0
+    worst_depth_ratio: tuple[float, int] | None = None
+    steps: int = 0
+    # Device state between logging steps, and its host copy while no device state exists (checkpoint, new fit).
+    counters: DeviceCounters | None = None
+    _window: Tensor | None = None
+    _window_position: int = 0
+    _saved_norms: list[float] = field(default_factory=list)
+    _saved_counters: dict[str, Any] | None = None
+    _pending_update: tuple[int, tuple[int, ...], list[Tensor], Tensor] | None = None
+
+    def attach(self, layers: LayerIndex) -> None:
+        """Watch these layers from now on (a new fit brings new parameters); records and recent norms stay."""
+        self.detach()
+        self.layers = layers
+
+    def detach(self) -> None:
+        """Move the device state to the host (one read) and forget the layers."""
+        if self.counters is not None:
+            self._saved_counters = self.counters.unpack(self.counters.pack().tolist())
+        self._saved_norms = self.recent_norms()
+        self.counters, self._window, self._pending_update, self.layers = None, None, None, None
+
+    # ---------------------------------------------------------------------------------------------- every step
+    def observe(self, step: int, grad_scale: Tensor | None = None, amp: bool = False) -> Observation | None:
+        """Count this step's events on the device; no host transfer. ``None`` when no parameter has a gradient.
+
+        Args:
+            step: The step number recorded in events.
+            grad_scale: Divide the gradient norms by this (gradients still scaled by a GradScaler).
+            amp: Whether a GradScaler owns non-finite steps (counted as ``amp_skipped``, never as events).
+        """
+        layers = self._layers()
+        positions = layers.with_gradient()
+        if not positions:
+            return None
+        norms = foreach_norms([layers.params[i].grad for i in positions])  # type: ignore[misc]
+        if grad_scale is not None:
+            norms = norms / grad_scale.to(norms.device)
+        counters = self._counters(norms.device)
+        window = self._window
+        assert window is not None
+        tensor_nonfinite = ~torch.isfinite(norms)
+        step_nonfinite = tensor_nonfinite.any()
+        total = norms.square().sum().sqrt()
+        if amp:
+            counters.amp_skipped += step_nonfinite
+        else:
+            counters.nonfinite_tensors += tensor_nonfinite.sum()
+            counters.nonfinite_first = torch.where(
+                step_nonfinite & (counters.nonfinite_first < 0), step, counters.nonfinite_first
+            )
+            counters.nonfinite_last = torch.where(step_nonfinite, step, counters.nonfinite_last)
+            counters.layer_nonfinite.index_add_(
+                0, layers.layer_index(positions, norms.device), tensor_nonfinite.float()
+            )
+        finite = ~step_nonfinite
+        median = torch.nanmedian(window)
+        criteria = self.criteria
+        exploding = finite & ((total > criteria.exploding_threshold) | (total > criteria.exploding_factor * median))
+        counters.exploding += exploding
+        counters.exploding_first = torch.where(
+            exploding & (counters.exploding_first < 0), step, counters.exploding_first
+        )
+        counters.exploding_last = torch.where(exploding, step, counters.exploding_last)
+        counters.exploding_max = torch.where(
+            exploding, torch.maximum(counters.exploding_max, total), counters.exploding_max
+        )
+        window[self._window_position % criteria.median_window] = torch.where(finite, total, torch.nan)
+        self._window_position += 1
+        self.steps += 1
+        return Observation(positions, norms, total, median, tensor_nonfinite)
+
+    def nonfinite_layers(self, observation: Observation) -> list[str]:
+        """Layers with a non-finite gradient in ``observation``, in forward order (one host read)."""
+        bad = torch.nonzero(observation.tensor_nonfinite).flatten().tolist()
+        return self._layers().names_of(observation.positions[i] for i in bad)
+
+    def skip(self, step: int) -> None:
+        """Drop every gradient, so the optimizer changes no weight and no state, and remember the step."""
+        for param in self._layers().params:
+            param.grad = None
+        self.skipped_steps.append(step)
+
+    # -------------------------------------------------------------------------------------------- logging steps
+    def record(
+        self,
+        step: int,
+        observation: Observation,
+        extras: Sequence[Tensor] = (),
+        amp: bool = False,
+        snapshot_weights: bool = False,
+    ) -> tuple[StepRecord | None, list[float]]:
+        """Read the step's layer statistics, the counters and ``extras`` (scalars) in one host transfer.
+
+        Returns the record (``None`` for a step the GradScaler skipped: its overflowed norms say nothing about
+        the model) and the host values of ``extras``.
+        """
+        layers = self._layers()
+        positions = observation.positions
+        params = [layers.params[i] for i in positions]
+        layer_grad = layers.per_layer_norms(positions, observation.norms)
+        layer_weight = layers.per_layer_norms(positions, foreach_norms(params))
+        if snapshot_weights:
+            self._pending_update = (step, positions, [p.detach().clone() for p in params], layer_weight)
+        counters = self.counters
+        assert counters is not None
+        device = layer_grad.device
+        parts = [
+            layer_grad,
+            layer_weight,
+            torch.stack([observation.total, observation.median]),
+            counters.pack(),
+            *[value.detach().float().to(device).reshape(1) for value in extras],
+        ]
+        values = torch.cat(parts).tolist()  # the one host transfer of a logging step
+        grad_values, weight_values, (total, median), counter_values, extra_values = _split(
+            values, [len(part) for part in parts[:4]]
+        )
+        if amp and not math.isfinite(total):
+            # The counters stay on the device for the next record; this step's numbers are overflow, not data.
+            self._pending_update = None
+            return None, extra_values
+        exploding, nonfinite, amp_skipped = self._apply_counters(counters.unpack(counter_values))
+        counters.reset()
+        present = layers.present(positions)
+        finite_norms = [grad_values[i] for i in present if math.isfinite(grad_values[i])]
+        largest = max(finite_norms, default=0.0)
+        floor = self.criteria.vanishing_floor(largest)
+        vanishing = [layers.names[i] for i in present if math.isfinite(grad_values[i]) and grad_values[i] < floor]
+        first_norm, last_norm = grad_values[present[0]], grad_values[present[-1]]
+        depth_ratio = first_norm / last_norm if last_norm > 0 else math.inf
+        self._update_vanishing(vanishing, step)
+        if math.isfinite(depth_ratio) and (self.worst_depth_ratio is None or depth_ratio < self.worst_depth_ratio[0]):
+            self.worst_depth_ratio = (depth_ratio, step)
+        record: StepRecord = {
+            "step": step,
+            "global_norm": total,
+            "median_norm": median,
+            "depth_ratio": depth_ratio,
+            "min_layer_norm": min(finite_norms, default=math.nan),
+            "max_layer_norm": largest,
+            "vanishing_layers": vanishing,
+            "exploding_steps": exploding,
+            "nonfinite_tensors": nonfinite,
+            "amp_skipped": amp_skipped,
+            "layers": {
+                layers.names[i]: {"grad_norm": grad_values[i], "weight_norm": weight_values[i]} for i in present
+            },
+        }
+        self.history.append(record)
+        return record, extra_values
+
+    def update_ratios(self) -> tuple[int, dict[str, float]] | None:
+        """After the optimizer stepped: ``||w_after - w_before|| / ||w_before||`` per layer of the snapshot taken by
+        :meth:`record`, added to its record. ``None`` when there is no snapshot."""
+        if self._pending_update is None or self.layers is None:
+            return None
+        step, positions, before, layer_weight = self._pending_update
+        self._pending_update = None
+        layers = self.layers
+        with torch.no_grad():
+            deltas = torch._foreach_sub([layers.params[i].detach() for i in positions], before)
+        ratios = (layers.per_layer_norms(positions, foreach_norms(list(deltas))) / layer_weight).tolist()
+        updates = {layers.names[i]: ratios[i] for i in layers.present(positions) if math.isfinite(ratios[i])}
+        if self.history and self.history[-1]["step"] == step:
+            for name, ratio in updates.items():
+                self.history[-1]["layers"][name]["update_to_weight"] = ratio
+        return step, updates
+
+    def discard_snapshot(self) -> None:
+        """Forget a weight snapshot whose step did not happen (the GradScaler skipped it)."""
+        self._pending_update = None
+
+    def flush(self) -> None:
+        """Turn what the counters hold into events (one host read), e.g. at the end of training."""
+        if self.counters is not None:
+            self._apply_counters(self.counters.unpack(self.counters.pack().tolist()))
+            self.counters.reset()
+
+    # ------------------------------------------------------------------------------------------------ results
+    def summary(self) -> HealthSummary:
+        last = self.history[-1] if self.history else None
+        worst = self.worst_depth_ratio
+        return {
+            "steps": self.steps,
+            "logged_steps": len(self.history),
+            "vanishing_layers_now": {
+                name: self.vanishing_since[name] for name in (last["vanishing_layers"] if last else [])
+            },
+            "ever_vanished": dict(self.first_vanished),
+            "explosions": list(self.explosions),
+            "nonfinite": list(self.nonfinite),
+            "skipped_steps": list(self.skipped_steps),
+            "amp_skipped_steps": self.amp_skipped,
+            "worst_depth_ratio": None if worst is None else {"ratio": worst[0], "step": worst[1]},
+            "last_global_norm": last["global_norm"] if last else None,
+            "num_layers": len(self.layers.names) if self.layers is not None else len(last["layers"] if last else {}),
+        }
+
+    def recent_norms(self) -> list[float]:
+        """The finite total norms of the running-median window, oldest first (one host read)."""
+        if self._window is None:
+            return list(self._saved_norms)
+        position = self._window_position % self.criteria.median_window
+        ordered = torch.cat([self._window[position:], self._window[:position]]).tolist()
+        return [value for value in ordered if math.isfinite(value)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after a resume, device counters included (one host read)."""
+        counters = self.counters.unpack(self.counters.pack().tolist()) if self.counters else self._saved_counters
+        return {
+            "prefix": self.prefix,
+            "history": self.history,
+            "vanishing_since": self.vanishing_since,
+            "first_vanished": self.first_vanished,
+            "explosions": self.explosions,
+            "nonfinite": self.nonfinite,
+            "skipped_steps": self.skipped_steps,
+            "amp_skipped": self.amp_skipped,
+            "worst_depth_ratio": self.worst_depth_ratio,
+            "steps": self.steps,
+            "norm_history": self.recent_norms(),
+            "counters": counters,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], criteria: HealthCriteria) -> GradientMonitor:
+        worst = state["worst_depth_ratio"]
+        return cls(
+            criteria=criteria,
+            prefix=state["prefix"],
+            history=state["history"],
+            vanishing_since=state["vanishing_since"],
+            first_vanished=state["first_vanished"],
+            explosions=state["explosions"],
+            nonfinite=state["nonfinite"],
+            skipped_steps=state["skipped_steps"],
+            amp_skipped=state["amp_skipped"],
+            worst_depth_ratio=(worst[0], worst[1]) if worst else None,
+            steps=state["steps"],
+            _saved_norms=list(state["norm_history"]),
+            _saved_counters=state.get("counters"),
+        )
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _layers(self) -> LayerIndex:
+        if self.layers is None:
+            raise RuntimeError("GradientMonitor.attach(layers) must be called before observing gradients.")
+        return self.layers
+
+    def _counters(self, device: torch.device) -> DeviceCounters:
+        if self.counters is None or self.counters.device != device:
+            self.counters = DeviceCounters.zeros(len(self._layers()), device)
+            if self._saved_counters is not None:
+                self.counters.load(self._saved_counters)
+                self._saved_counters = None
+            window_size = self.criteria.median_window
+            recent = self._saved_norms[-window_size:]
+            self._window = torch.full((window_size,), math.nan, device=device)
+            if recent:
+                self._window[: len(recent)] = torch.tensor(recent, device=device)
+            self._window_position = len(recent)
+        return self.counters
+
+    def _apply_counters(self, counters: dict[str, Any]) -> tuple[int, int, int]:
+        """Record the events the counters hold; returns the exploding steps, non-finite tensors, AMP-skipped steps."""
+        exploding, nonfinite = counters["exploding"], counters["nonfinite_tensors"]
+        if exploding:
+            self.explosions.append(
+                {
+                    "first_step": counters["exploding_first"],
+                    "last_step": counters["exploding_last"],
+                    "steps": exploding,
+                    "max_norm": counters["exploding_max"],
+                }
+            )
+        if nonfinite:
+            names = self._layers().names
+            self.nonfinite.append(
+                {
+                    "first_step": counters["nonfinite_first"],
+                    "last_step": counters["nonfinite_last"],
+                    "tensors": nonfinite,
+                    "layers": [names[i] for i, v in enumerate(counters["layer_nonfinite"]) if v > 0],
+                }
+            )
+        self.amp_skipped += counters["amp_skipped"]
+        return exploding, nonfinite, counters["amp_skipped"]
+
+    def _update_vanishing(self, vanishing: list[str], step: int) -> None:
+        for name in vanishing:
+            self.vanishing_since.setdefault(name, step)
+            self.first_vanished.setdefault(name, step)
+        for name in list(self.vanishing_since):
+            if name not in vanishing:
+                del self.vanishing_since[name]
+
+
+def _split(values: list[float], sizes: list[int]) -> list[list[float]]:
+    """Cut ``values`` into consecutive pieces of ``sizes``; the rest is the last piece."""
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(values[start : start + size])
+        start += size
+    return [*pieces, values[start:]]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

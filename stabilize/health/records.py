@@ -1,0 +1,106 @@
+"""The public records of gradient health: what ``history``, ``summary()`` and ``save_json`` return."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, TypedDict
+
+from typing_extensions import NotRequired
+
+
+class LayerStats(TypedDict):
+    """One layer at one logging step."""
+
+    grad_norm: float
+    weight_norm: float
+    #: ``||w_after - w_before|| / ||w_before||`` across the optimizer step (``track_update_ratio``).
+    update_to_weight: NotRequired[float]
+
+
+class StepRecord(TypedDict):
+    """Everything measured at one logging step of one optimizer."""
+
+    step: int
+    global_norm: float
+    median_norm: float
+    depth_ratio: float
+    min_layer_norm: float
+    max_layer_norm: float
+    vanishing_layers: list[str]
+    #: Events counted on the device since the previous logging step (this one included).
+    exploding_steps: int
+    nonfinite_tensors: int
+    amp_skipped: int
+    #: Layers in forward order.
+    layers: dict[str, LayerStats]
+
+
+class ExplosionEvent(TypedDict):
+    """Exploding steps counted between two logging steps."""
+
+    first_step: int
+    last_step: int
+    steps: int
+    max_norm: float
+
+
+class NonFiniteEvent(TypedDict):
+    """Non-finite gradient tensors counted between two logging steps."""
+
+    first_step: int
+    last_step: int
+    tensors: int
+    layers: list[str]
+
+
+class DepthRatio(TypedDict):
+    ratio: float
+    step: int
+
+
+class HealthSummary(TypedDict):
+    """One optimizer's gradient health over the whole run: what the diagnosis says, as data."""
+
+    steps: int
+    logged_steps: int
+    #: Layer name -> the step since which it has been vanishing without interruption.
+    vanishing_layers_now: dict[str, int]
+    #: Layer name -> the first step it was ever vanishing.
+    ever_vanished: dict[str, int]
+    explosions: list[ExplosionEvent]
+    nonfinite: list[NonFiniteEvent]
+    skipped_steps: list[int]
+    amp_skipped_steps: int
+    worst_depth_ratio: DepthRatio | None
+    last_global_norm: float | None
+    num_layers: int
+
+
+def record_metrics(record: StepRecord, prefix: str = "") -> dict[str, float]:
+    """The scalars logged for one record (the keys of ``GradientHealthCallback``'s table)."""
+    metrics = {
+        f"grad_health/{prefix}global_norm": record["global_norm"],
+        f"grad_health/{prefix}min_layer_norm": record["min_layer_norm"],
+        f"grad_health/{prefix}max_layer_norm": record["max_layer_norm"],
+        f"grad_health/{prefix}depth_ratio": record["depth_ratio"],
+        f"grad_health/{prefix}vanishing_layers": float(len(record["vanishing_layers"])),
+        f"grad_health/{prefix}exploding": float(record["exploding_steps"]),
+        f"grad_health/{prefix}nonfinite": float(record["nonfinite_tensors"]),
+        f"grad_health/{prefix}amp_skipped": float(record["amp_skipped"]),
+    }
+    for name, stats in record["layers"].items():
+        metrics[f"grad_norm/{prefix}{name}"] = stats["grad_norm"]
+        if stats["weight_norm"] > 0:
+            metrics[f"grad_to_weight/{prefix}{name}"] = stats["grad_norm"] / stats["weight_norm"]
+    return metrics
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON: non-finite floats become null (JSON has no NaN/Inf), tuples lists, keys strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
