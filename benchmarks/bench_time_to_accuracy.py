@@ -34,8 +34,8 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 from stabilize.callbacks import GradientHealthCallback
 from stabilize.datamodules import CIFAR10DataModule
-from stabilize.datamodules.cifar10 import random_cifar10_folder
 from stabilize.models import FastCNN, ResNet
+from stabilize.testing import random_cifar10_folder
 
 REPO = Path(__file__).resolve().parents[1]
 

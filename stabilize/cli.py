@@ -8,6 +8,8 @@ Any other LightningModule or LightningDataModule can be named by its import path
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,8 +20,10 @@ from lightning.pytorch.cli import LightningCLI
 import stabilize.callbacks
 import stabilize.datamodules
 import stabilize.models  # noqa: F401
+from stabilize.errors import ConfigurationError, StabilizeError
 
 DEFAULT_SEED = 42
+DEBUG_ENV = "STABILIZE_DEBUG"
 
 
 class StabilizeCLI(LightningCLI):
@@ -27,11 +31,12 @@ class StabilizeCLI(LightningCLI):
     (Lightning's default logger whenever tensorboard is installed, which it is as a dependency) and a fixed seed.
 
     ``--model`` accepts any LightningModule and ``--data`` any LightningDataModule (optional, for models that
-    bring their own dataloaders). Errors raised by the classes' argument checks (``ValueError``) are reported
-    like jsonargparse's own parse errors, as one message and exit code 2, instead of a traceback.
+    bring their own dataloaders). Errors raised by the classes' argument checks
+    (:class:`~stabilize.errors.ConfigurationError`) are reported like jsonargparse's own parse errors, as one
+    message and exit code 2, instead of a traceback; any other exception is a bug and keeps its traceback.
     """
 
-    def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
         super().__init__(
             model_class=LightningModule,
@@ -46,12 +51,38 @@ class StabilizeCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as error:
-            self.parser.error(str(error))
+            # jsonargparse re-raises a constructor's error as its own ValueError, chained to the original.
+            cause = _configuration_error(error)
+            if cause is None:
+                raise
+            self.parser.error(str(cause))
+
+
+def _configuration_error(error: BaseException | None) -> ConfigurationError | None:
+    """The :class:`ConfigurationError` in ``error``'s chain of causes, if there is one."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConfigurationError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``stabilize`` console script and of ``python -m stabilize``."""
-    StabilizeCLI(args=args)
+    """Entry point of the ``stabilize`` console script and of ``python -m stabilize``.
+
+    A :class:`~stabilize.errors.StabilizeError` raised while running (missing or corrupt data, data that does not
+    fit the model, a setting that only fails once the data is known) ends the command with one message and exit
+    code 1 (2 for a setting); ``STABILIZE_DEBUG=1`` shows the traceback.
+    """
+    try:
+        StabilizeCLI(args=list(args) if args is not None else None)
+    except StabilizeError as error:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"stabilize: error: {error}\n(set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+        sys.exit(2 if isinstance(error, ConfigurationError) else 1)
 
 
 if __name__ == "__main__":

@@ -84,9 +84,11 @@ def test_user_subclass_trains_through_the_cli(tiny_cifar: Path, tmp_path: Path) 
     assert hparams["hidden"] == 4 and hparams["lr"] == 0.01
 
 
-def test_config_file_run_then_validate_and_test_from_its_checkpoint(tiny_cifar: Path, tmp_path: Path) -> None:
+def test_config_file_run_then_validate_and_test_from_its_checkpoint(
+    tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``stabilize fit --config`` logs to TensorBoard by default; validate/test reload the checkpoint."""
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     main(
         [
             "fit",
@@ -120,16 +122,18 @@ def test_config_file_run_then_validate_and_test_from_its_checkpoint(tiny_cifar: 
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1", "version_2"]
 
 
-def test_default_logger_is_tensorboard_and_everything_is_seeded(tiny_cifar: Path, tmp_path: Path) -> None:
-    os.chdir(tmp_path)
+def test_default_logger_is_tensorboard_and_everything_is_seeded(
+    tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     cli = StabilizeCLI(args=["--model", "ResNet", "--model.depth=8", *tiny_data_args(tiny_cifar)], run=False)
     assert isinstance(cli.trainer.logger, TensorBoardLogger)
     assert cli.config.seed_everything == DEFAULT_SEED
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_config_parses_and_builds(config: Path, tmp_path: Path) -> None:
-    os.chdir(tmp_path)
+def test_every_config_parses_and_builds(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     cli = StabilizeCLI(args=["--config", str(config), "--data.data_dir", str(tmp_path)], run=False)
     assert cli.model.__class__.__module__.startswith("stabilize.models")
     assert cli.trainer.max_epochs >= 1

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from stabilize.errors import ConfigurationError
 from stabilize.health import (
     GradientMonitor,
     HealthCriteria,
@@ -154,18 +155,18 @@ class GradientHealthCallback(Callback):
             vanishing_threshold, vanishing_ratio, exploding_threshold, exploding_factor, median_window
         )
         if on_nonfinite not in ("warn", "skip", "raise"):
-            raise ValueError(f"on_nonfinite must be 'warn', 'skip' or 'raise', got {on_nonfinite!r}.")
+            raise ConfigurationError(f"on_nonfinite must be 'warn', 'skip' or 'raise', got {on_nonfinite!r}.")
         if not (isinstance(saturation_threshold, (int, float)) and 0.5 < saturation_threshold < 1):
-            raise ValueError(f"saturation_threshold must be in (0.5, 1), got {saturation_threshold!r}.")
+            raise ConfigurationError(f"saturation_threshold must be in (0.5, 1), got {saturation_threshold!r}.")
         for name, value in (
             ("log_every_n_steps", log_every_n_steps),
             ("histogram_every_n_steps", histogram_every_n_steps),
             ("figure_every_n_steps", figure_every_n_steps),
         ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}.")
+                raise ConfigurationError(f"{name} must be a non-negative integer or None, got {value!r}.")
         if log_every_n_steps == 0:
-            raise ValueError("log_every_n_steps must be positive.")
+            raise ConfigurationError("log_every_n_steps must be positive.")
         self.log_every_n_steps = log_every_n_steps
         self.vanishing_threshold = vanishing_threshold
         self.vanishing_ratio = vanishing_ratio
@@ -192,11 +193,12 @@ class GradientHealthCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         strategy = type(trainer.strategy).__name__
         if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel")):
-            raise ValueError(
+            raise ConfigurationError(
                 f"GradientHealthCallback does not support {strategy}: each rank holds only a shard of every"
                 " gradient, so per-layer norms would be wrong. Use DDP (strategy='ddp') or remove the callback."
             )
-        self._every = self.log_every_n_steps or max(trainer.log_every_n_steps, 1)
+        # Lightning's logger connector sets Trainer.log_every_n_steps at run time (it is not a typed attribute).
+        self._every = self.log_every_n_steps or max(getattr(trainer, "log_every_n_steps", 1), 1)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from stabilize.errors import ConfigurationError
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -53,6 +55,21 @@ def resampling_matrices(size: int, scale: Tensor, shift: Tensor, flip: Tensor | 
     return (1.0 - (source[:, :, None] - positions[None, None, :]).abs()).clamp_(min=0.0)
 
 
+def shift_and_flip(images: Tensor, shift: Tensor, flip: Tensor | None, max_shift: int) -> Tensor:
+    """Move image ``n`` by ``shift[:, n]`` whole pixels (rows, columns), zero-filling what enters the frame, and
+    mirror it where ``flip[n]``: exactly what :func:`resampling_matrices` computes at scale 1, by two gathers from
+    a copy padded by ``max_shift`` (at least ``shift.abs().max()``)."""
+    n, channels, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    rows = torch.arange(height, device=images.device).expand(n, height) - shift[0][:, None] + max_shift
+    cols = torch.arange(width, device=images.device).expand(n, width)
+    if flip is not None:
+        cols = torch.where(flip[:, None], (width - 1) - cols, cols)
+    cols = cols - shift[1][:, None] + max_shift
+    out = padded.gather(2, rows[:, None, :, None].expand(n, channels, height, padded.shape[-1]))
+    return out.gather(3, cols[:, None, None, :].expand(n, channels, height, width))
+
+
 def cutout_mask(n: int, height: int, width: int, size: int, generator: torch.Generator, device: torch.device) -> Tensor:
     """Boolean ``(N, 1, H, W)`` mask of one ``size x size`` square per image (clipped at the border), centred
     uniformly at random (DeVries & Taylor, 2017)."""
@@ -77,6 +94,11 @@ class BatchAugment:
         cutout: Side of the square zeroed (after normalization, i.e. set to the mean) in each image; 0 disables.
         mean: Per-channel mean for normalization (of images scaled to 0..1); ``None`` skips normalization.
         std: Per-channel standard deviation for normalization.
+        image_size: Side of the images, which bounds ``translate`` (below it) and ``cutout`` (at most it);
+            ``None`` accepts any size.
+
+    Raises:
+        ValueError: If a range is inverted, a size negative or beyond ``image_size``, or ``mean``/``std`` bad.
     """
 
     def __init__(
@@ -87,17 +109,19 @@ class BatchAugment:
         cutout: int = 0,
         mean: Sequence[float] | None = CIFAR10_MEAN,
         std: Sequence[float] | None = CIFAR10_STD,
+        image_size: int | None = None,
     ) -> None:
         if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}.")
-        if translate < 0:
-            raise ValueError(f"translate must be a non-negative number of pixels, got {translate}.")
-        if cutout < 0:
-            raise ValueError(f"cutout must be a non-negative number of pixels, got {cutout}.")
+            raise ConfigurationError(f"scale must be (low, high) with 0 < low <= high, got {scale}.")
+        limit = image_size if image_size is not None else float("inf")
+        if not 0 <= translate < limit:
+            raise ConfigurationError(f"translate must be in [0, {limit}) pixels, got {translate}.")
+        if not 0 <= cutout <= limit:
+            raise ConfigurationError(f"cutout must be in [0, {limit}] pixels, got {cutout}.")
         if (mean is None) != (std is None):
-            raise ValueError("mean and std must both be given or both be None.")
+            raise ConfigurationError("mean and std must both be given or both be None.")
         if std is not None and any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {std}.")
+            raise ConfigurationError(f"std must be positive, got {std}.")
         self.scale = None if scale is None or tuple(scale) == (1.0, 1.0) else (float(scale[0]), float(scale[1]))
         self.translate = int(translate)
         self.flip = flip
@@ -119,14 +143,16 @@ class BatchAugment:
         ``generator`` must live on ``images.device``.
         """
         n, _, height, width = images.shape
-        x = images.float().div_(255.0)
-        device = x.device
-        if self.scale is not None or self.translate or self.flip:
-            if self.scale is not None:
-                low, high = self.scale
-                scale = torch.rand(n, generator=generator, device=device).mul_(high - low).add_(low)
-            else:
-                scale = torch.ones(n, device=device)
+        device = images.device
+        if self.scale is None and (self.translate or self.flip):
+            # Integer shifts and mirroring move whole pixels: index a zero-padded uint8 copy instead of resampling.
+            shift = torch.randint(-self.translate, self.translate + 1, (2, n), generator=generator, device=device)
+            flip = torch.rand(n, generator=generator, device=device) < 0.5 if self.flip else None
+            x = shift_and_flip(images, shift, flip, self.translate).float().div_(255.0)
+        elif self.scale is not None:
+            x = images.float().div_(255.0)
+            low, high = self.scale
+            scale = torch.rand(n, generator=generator, device=device).mul_(high - low).add_(low)
             shift = torch.randint(-self.translate, self.translate + 1, (2, n), generator=generator, device=device)
             shift = shift.to(x.dtype)
             flip = torch.rand(n, generator=generator, device=device) < 0.5 if self.flip else None
@@ -136,6 +162,8 @@ class BatchAugment:
             # Columns first, as one bmm over the (N, C*H, W) view (no copy); then rows, broadcast over channels.
             x = x.view(n, channels * height, width).bmm(cols.transpose(1, 2)).view(n, channels, height, width)
             x = torch.matmul(rows.unsqueeze(1), x)
+        else:
+            x = images.float().div_(255.0)
         x = normalize_(x, self.mean, self.std)
         if self.cutout:
             x = x.masked_fill_(cutout_mask(n, height, width, self.cutout, generator, device), 0.0)

@@ -1,239 +1,37 @@
-"""CIFAR-10 as uint8 tensors in memory, batched by indexing, augmented per image on the batch's device."""
+"""CIFAR10DataModule: CIFAR-10 as uint8 tensors in memory, batched by indexing, augmented per image on the batch's
+device."""
 
 from __future__ import annotations
 
 import os
-import pickle
 import urllib.error
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision.datasets.utils import download_and_extract_archive
 from typing_extensions import override
 
 from stabilize.datamodules.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment
+from stabilize.datamodules.batching import BatchPermutationSampler, DeviceBatchLoader, TensorBatches
+from stabilize.datamodules.cifar10_files import (
+    CLASSES,
+    FOLDER,
+    IMAGE_SHAPE,
+    NUM_TRAIN,
+    find_batches_folder,
+    load_cifar10,
+)
+from stabilize.errors import ConfigurationError, DataError, DataNotFoundError
 
-FOLDER = "cifar-10-batches-py"
-TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_FILE = "test_batch"
-META_FILE = "batches.meta"
-NUM_TRAIN = 50_000
-IMAGE_SHAPE = (3, 32, 32)
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ENV_DATA_DIR = "STABILIZE_CIFAR10_DIR"
-
-Split = tuple[Tensor, Tensor]
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that rebuilds numpy arrays and plain containers but refuses every other global, so that a
-    hostile "CIFAR-10" file cannot run code when it is read."""
-
-    _allowed = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 encode bytes
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._allowed:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of the CIFAR-10 format")
-
-
-def _get(entry: dict[Any, Any], key: str) -> Any:
-    return entry[key.encode()] if key.encode() in entry else entry[key]
-
-
-def read_batch_file(path: Path) -> Split:
-    """Read one CIFAR-10 pickle (``data``: uint8 (N, 3072), ``labels``: N ints) into uint8 ``(N, 3, 32, 32)``
-    images and int64 labels, checking shape, dtype and label range.
-
-    Raises:
-        ValueError: Naming ``path`` if the file is truncated, not a CIFAR-10 pickle, or holds bad data.
-    """
-    try:
-        with open(path, "rb") as file:
-            entry = _NumpyOnlyUnpickler(file, encoding="bytes").load()
-        data = np.asarray(_get(entry, "data"))
-        labels = np.asarray(_get(entry, "labels"))
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-        raise ValueError(f"{path}: not a readable CIFAR-10 batch file ({type(err).__name__}: {err}).") from err
-    numel = int(np.prod(IMAGE_SHAPE))
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != numel:
-        raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, {numel}); got {data.dtype} {data.shape}.")
-    if labels.ndim != 1 or len(labels) != len(data):
-        raise ValueError(f"{path}: {len(data)} images but labels of shape {labels.shape}.")
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-        raise ValueError(f"{path}: labels must be in 0..9; found {labels.min()}..{labels.max()}.")
-    images = torch.from_numpy(data.reshape(-1, *IMAGE_SHAPE).copy())
-    return images, torch.from_numpy(labels.astype(np.int64))
-
-
-def find_batches_folder(data_dir: Path) -> Path | None:
-    """The folder holding the pickles: ``data_dir`` itself or its ``cifar-10-batches-py`` child."""
-    for candidate in (data_dir, data_dir / FOLDER):
-        if (candidate / TEST_FILE).is_file() and all((candidate / name).is_file() for name in TRAIN_FILES):
-            return candidate
-    return None
-
-
-def load_cifar10(folder: Path) -> dict[str, Tensor]:
-    """All of CIFAR-10 from a ``cifar-10-batches-py`` folder as ``train_x, train_y, test_x, test_y`` tensors."""
-    train = [read_batch_file(folder / name) for name in TRAIN_FILES]
-    test_x, test_y = read_batch_file(folder / TEST_FILE)
-    return {
-        "train_x": torch.cat([x for x, _ in train]),
-        "train_y": torch.cat([y for _, y in train]),
-        "test_x": test_x,
-        "test_y": test_y,
-    }
-
-
-def write_batch_file(path: Path, images: Any, labels: Any, byte_keys: bool = False) -> None:
-    """Write one batch file in the ``cifar-10-batches-py`` layout (``data``: (N, 3072) array, ``labels``: list).
-
-    ``byte_keys=True`` writes ``b"data"``-style keys, as the original Python 2 pickles load with
-    ``encoding="bytes"``; the default ``str`` keys also load in torchvision (``encoding="latin1"``). Nothing is
-    validated, so tests can write malformed files too.
-    """
-    data = np.asarray(images)
-    entry = {"data": data.reshape(len(data), -1), "labels": [int(v) for v in np.asarray(labels).reshape(-1)]}
-    if byte_keys:
-        entry = {key.encode(): value for key, value in entry.items()}
-    with open(path, "wb") as file:
-        pickle.dump(entry, file, protocol=2)
-
-
-def write_cifar10_folder(
-    root: Path, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, byte_keys: bool = False
-) -> Path:
-    """Write uint8 ``(N, 3, 32, 32)`` tensors as ``root/cifar-10-batches-py`` (five training batches, the test
-    batch and ``batches.meta``), readable by :class:`CIFAR10DataModule` and torchvision. Returns ``root``."""
-    folder = Path(root) / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, x, y in zip(TRAIN_FILES, torch.tensor_split(train_x, 5), torch.tensor_split(train_y, 5)):
-        write_batch_file(folder / name, x.numpy(), y.numpy(), byte_keys)
-    write_batch_file(folder / TEST_FILE, test_x.numpy(), test_y.numpy(), byte_keys)
-    meta = {"label_names": list(CLASSES), "num_cases_per_batch": len(train_x) // 5, "num_vis": 3072}
-    with open(folder / META_FILE, "wb") as file:
-        pickle.dump({k.encode(): v for k, v in meta.items()} if byte_keys else meta, file, protocol=2)
-    return Path(root)
-
-
-def random_cifar10_folder(root: Path, num_train: int, num_test: int, seed: int = 0, byte_keys: bool = False) -> Path:
-    """A CIFAR-format folder of uniformly random images and labels (tests, smoke runs of the benchmarks)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def images(n: int) -> Tensor:
-        return torch.randint(0, 256, (n, *IMAGE_SHAPE), generator=generator, dtype=torch.uint8)
-
-    def labels(n: int) -> Tensor:
-        return torch.randint(0, len(CLASSES), (n,), generator=generator)
-
-    return write_cifar10_folder(
-        root, images(num_train), labels(num_train), images(num_test), labels(num_test), byte_keys
-    )
-
-
-class BatchPermutationSampler(DistributedSampler):
-    """Yields whole batches of indices (with the epoch), so a batch is produced by one tensor index.
-
-    Each epoch draws a permutation from ``seed + epoch`` (or keeps the order when ``shuffle=False``), shards it
-    across ``num_replicas`` processes as :class:`~torch.utils.data.DistributedSampler` does (padding by
-    wrapping around) and cuts it into batches. It subclasses ``DistributedSampler`` so that Lightning recognises it
-    as already distributed-aware and does not replace it; Lightning calls :meth:`set_epoch` every epoch.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        shuffle: bool,
-        drop_last: bool,
-        seed: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        device: torch.device | None = None,
-    ) -> None:
-        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.batch_size = batch_size
-        self.drop_last_batch = drop_last
-        self.device = device
-
-    def _indices(self) -> Tensor:
-        total = len(self.dataset)  # type: ignore[arg-type]
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(total, generator=generator)
-        else:
-            order = torch.arange(total)
-        if self.num_replicas > 1:
-            padded = -(-total // self.num_replicas) * self.num_replicas
-            order = torch.cat([order, order[: padded - total]])[self.rank :: self.num_replicas]
-        return order
-
-    def __len__(self) -> int:
-        per_rank = -(-len(self.dataset) // self.num_replicas)  # type: ignore[arg-type]
-        return per_rank // self.batch_size if self.drop_last_batch else -(-per_rank // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, int]]:  # type: ignore[override]
-        order = self._indices()
-        if self.device is not None:
-            order = order.to(self.device)  # one copy per epoch, not one per batch
-        for index in range(len(self)):
-            yield order[index * self.batch_size : (index + 1) * self.batch_size], self.epoch
-
-
-class TensorBatches(Dataset):
-    """Dataset over in-memory tensors whose items are whole batches: ``batches[(indices, epoch)]``.
-
-    With ``flip_parity`` (a boolean per image), image ``i`` is mirrored in epoch ``e`` exactly when
-    ``flip_parity[i] != (e % 2 == 1)``: each image is seen flipped in every other epoch (alternating flip).
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, flip_parity: Tensor | None = None) -> None:
-        self.images = images
-        self.labels = labels
-        self.flip_parity = flip_parity
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, key: tuple[Tensor, int]) -> Split:
-        indices, epoch = key
-        images = self.images[indices]
-        if self.flip_parity is not None:
-            flip = self.flip_parity[indices] ^ bool(epoch % 2)
-            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        return images, self.labels[indices]
-
-
-class DeviceBatchLoader:
-    """Iterable of batches of a :class:`TensorBatches` whose tensors already live on the accelerator: no
-    DataLoader, no worker and no host-to-device copy. Exposes ``sampler`` so that Lightning sets its epoch."""
-
-    def __init__(self, batches: TensorBatches, sampler: BatchPermutationSampler) -> None:
-        self.dataset = batches
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[Split]:
-        for key in self.sampler:
-            yield self.dataset[key]
+#: Offsets the augmentation seed of each process rank; a prime, so rank seeds never coincide with ``seed + 1``
+#: (the alternate-flip draw) or with another run's nearby seeds.
+RANK_SEED_STRIDE = 7919
 
 
 class CIFAR10DataModule(LightningDataModule):
@@ -278,7 +76,6 @@ class CIFAR10DataModule(LightningDataModule):
     archive_md5 = "c58f30108f718f92721af3b95e74349a"
     classes = CLASSES
     num_classes = len(CLASSES)
-    dims = IMAGE_SHAPE
 
     def __init__(
         self,
@@ -302,30 +99,26 @@ class CIFAR10DataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+            raise ConfigurationError(f"batch_size must be positive, got {batch_size}.")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be non-negative, got {num_workers}.")
-        self.num_val = _resolve_val_size(val_size)
-        if not 0 <= translate < IMAGE_SHAPE[-1]:
-            raise ValueError(f"translate must be in [0, {IMAGE_SHAPE[-1]}) pixels, got {translate}.")
-        if not 0 <= cutout <= IMAGE_SHAPE[-1]:
-            raise ValueError(f"cutout must be in [0, {IMAGE_SHAPE[-1]}] pixels, got {cutout}.")
+            raise ConfigurationError(f"num_workers must be non-negative, got {num_workers}.")
+        _check_val_size(val_size)
         if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"device must be None, 'cpu' or 'cuda' (optionally 'cuda:N'), got {device!r}.")
+            raise ConfigurationError(f"device must be None, 'cpu' or 'cuda' (optionally 'cuda:N'), got {device!r}.")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir or os.environ.get(ENV_DATA_DIR) or "data").expanduser()
         stats = (CIFAR10_MEAN, CIFAR10_STD) if normalize else (None, None)
         random_flip = flip and not alternate_flip
-        self.augmentation = BatchAugment(scale, translate, random_flip, cutout, *stats)
-        self.batch_size = batch_size
-        self.seed = seed
+        self.augmentation = BatchAugment(
+            scale, translate, random_flip, cutout, mean=stats[0], std=stats[1], image_size=IMAGE_SHAPE[-1]
+        )
         self._splits: dict[str, TensorBatches] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
     # ----------------------------------------------------------------------------------------------------- data
     @override
     def prepare_data(self) -> None:
-        if find_batches_folder(self.data_dir) is None and self.hparams.download:
+        if find_batches_folder(self.data_dir) is None and self.hparams["download"]:
             self._download()
 
     def _download(self) -> None:
@@ -346,18 +139,18 @@ class CIFAR10DataModule(LightningDataModule):
 
     def load_tensors(self) -> dict[str, Tensor]:
         """All images and labels as tensors, from ``cache_file`` when it exists, else from the pickles."""
-        cache = Path(self.hparams.cache_file).expanduser() if self.hparams.cache_file else None
+        cache = Path(self.hparams["cache_file"]).expanduser() if self.hparams["cache_file"] else None
         if cache is not None and cache.is_file():
             tensors = torch.load(cache, weights_only=True)
             _check_cached(tensors, cache)
             return tensors
         folder = find_batches_folder(self.data_dir)
         if folder is None:
-            if self.hparams.download:
+            if self.hparams["download"]:
                 self._download()
                 folder = find_batches_folder(self.data_dir)
             if folder is None:
-                raise FileNotFoundError(
+                raise DataNotFoundError(
                     f"CIFAR-10 not found: searched {self.data_dir.resolve()} and {(self.data_dir / FOLDER).resolve()}"
                     f" for data_batch_1..5 and test_batch. {self._fixes()}"
                 )
@@ -373,15 +166,16 @@ class CIFAR10DataModule(LightningDataModule):
             return
         tensors = self.load_tensors()
         train_x, train_y = tensors["train_x"], tensors["train_y"]
-        num_val = self.num_val if isinstance(self.num_val, int) else round(self.num_val * len(train_y))
+        val_size = self.hparams["val_size"]
+        num_val = int(val_size) if val_size >= 1 else round(val_size * len(train_y))
         if num_val >= len(train_y):
-            raise ValueError(f"val_size={self.hparams.val_size} leaves no training images out of {len(train_y)}.")
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.seed))
+            raise ConfigurationError(f"val_size={val_size} leaves no training images out of {len(train_y)}.")
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.hparams["seed"]))
         val_idx, train_idx = order[:num_val], order[num_val:]
         data_device = self._data_device()
         flip_parity = None
-        if self.hparams.augment and self.hparams.flip and self.hparams.alternate_flip:
-            generator = torch.Generator().manual_seed(self.seed + 1)
+        if self.hparams["augment"] and self.hparams["flip"] and self.hparams["alternate_flip"]:
+            generator = torch.Generator().manual_seed(self.hparams["seed"] + 1)
             flip_parity = (torch.rand(len(train_idx), generator=generator) < 0.5).to(data_device)
         self._splits["train"] = TensorBatches(
             train_x[train_idx].to(data_device), train_y[train_idx].to(data_device), flip_parity
@@ -391,18 +185,27 @@ class CIFAR10DataModule(LightningDataModule):
         self._splits["test"] = TensorBatches(tensors["test_x"].to(data_device), tensors["test_y"].to(data_device))
 
     def _data_device(self) -> torch.device:
-        if self.hparams.device is None or torch.device(self.hparams.device).type == "cpu":
+        if self.hparams["device"] is None or torch.device(self.hparams["device"]).type == "cpu":
             return torch.device("cpu")
         if not torch.cuda.is_available():
             warnings.warn(
-                f"CIFAR10DataModule(device={self.hparams.device!r}): no GPU is available, keeping the data in host"
+                f"CIFAR10DataModule(device={self.hparams['device']!r}): no GPU is available, keeping the data in host"
                 " memory and batching it with a DataLoader instead.",
                 stacklevel=2,
             )
             return torch.device("cpu")
         if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
             return self.trainer.strategy.root_device
-        return torch.device(self.hparams.device)
+        return torch.device(self.hparams["device"])
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """The uint8 images ``(N, 3, 32, 32)`` and int64 labels of split ``"train"``, ``"val"`` or ``"test"``, as
+        held in memory (unaugmented, on the data device); sets the data up first if needed."""
+        self.setup()
+        if name not in self._splits:
+            raise ConfigurationError(f"No {name!r} split: the splits are {sorted(self._splits)} (val_size=0 has none).")
+        batches = self._splits[name]
+        return batches.images, batches.labels
 
     def split_sizes(self) -> dict[str, int]:
         """Number of images in each split set up so far."""
@@ -416,23 +219,23 @@ class CIFAR10DataModule(LightningDataModule):
         on_device = batches.images.device.type != "cpu"
         sampler = BatchPermutationSampler(
             len(batches),
-            self.batch_size,
+            self.hparams["batch_size"],
             shuffle=train,
-            drop_last=train and self.hparams.drop_last,
-            seed=self.seed,
+            drop_last=train and self.hparams["drop_last"],
+            seed=self.hparams["seed"],
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
             device=batches.images.device if on_device else None,
         )
         if on_device:
             return DeviceBatchLoader(batches, sampler)
-        workers = self.hparams.num_workers
+        workers = self.hparams["num_workers"]
         return DataLoader(
             batches,
             batch_size=None,
             sampler=sampler,
             num_workers=workers,
-            pin_memory=self.hparams.pin_memory,
+            pin_memory=self.hparams["pin_memory"],
             persistent_workers=workers > 0,
         )
 
@@ -458,7 +261,8 @@ class CIFAR10DataModule(LightningDataModule):
         """The augmentation's random generator on ``device``, seeded from ``seed`` and the process rank."""
         if device not in self._generators:
             rank = self.trainer.global_rank if self.trainer is not None else 0
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + 7919 * (rank + 1))
+            seed = self.hparams["seed"] + RANK_SEED_STRIDE * (rank + 1)
+            self._generators[device] = torch.Generator(device=device).manual_seed(seed)
         return self._generators[device]
 
     def transform_images(self, images: Tensor, train: bool) -> Tensor:
@@ -469,7 +273,7 @@ class CIFAR10DataModule(LightningDataModule):
         """
         if not isinstance(images, Tensor) or images.dtype != torch.uint8:
             return images
-        if train and self.hparams.augment and not self.augmentation.is_identity:
+        if train and self.hparams["augment"] and not self.augmentation.is_identity:
             return self.augmentation(images, self.generator(images.device))
         return self.augmentation.normalize(images)
 
@@ -485,20 +289,19 @@ class CIFAR10DataModule(LightningDataModule):
         return self.transform_batch(batch, train=training)
 
 
-def _resolve_val_size(val_size: int | float) -> int | float:
+def _check_val_size(val_size: int | float) -> None:
     if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
-        raise ValueError(f"val_size must be a count or a fraction, got {val_size!r}.")
+        raise ConfigurationError(f"val_size must be a count or a fraction, got {val_size!r}.")
     if val_size < 0:
-        raise ValueError(f"val_size must be non-negative, got {val_size}.")
+        raise ConfigurationError(f"val_size must be non-negative, got {val_size}.")
     if isinstance(val_size, float) and not val_size.is_integer() and val_size >= 1:
-        raise ValueError(f"val_size must be a whole count or a fraction below 1, got {val_size}.")
+        raise ConfigurationError(f"val_size must be a whole count or a fraction below 1, got {val_size}.")
     if val_size >= NUM_TRAIN:
-        raise ValueError(f"val_size={val_size} is not smaller than the {NUM_TRAIN} CIFAR-10 training images.")
-    return int(val_size) if val_size >= 1 else val_size
+        raise ConfigurationError(f"val_size={val_size} is not smaller than the {NUM_TRAIN} CIFAR-10 training images.")
 
 
 def _check_cached(tensors: dict[str, Tensor], path: Path) -> None:
     for split in ("train", "test"):
         x, y = tensors.get(f"{split}_x"), tensors.get(f"{split}_y")
         if x is None or y is None or x.dtype != torch.uint8 or x.shape[1:] != IMAGE_SHAPE or len(x) != len(y):
-            raise ValueError(f"{path}: not a CIFAR-10 cache written by CIFAR10DataModule (bad '{split}' tensors).")
+            raise DataError(f"{path}: not a CIFAR-10 cache written by CIFAR10DataModule (bad '{split}' tensors).")

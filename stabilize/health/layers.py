@@ -69,6 +69,11 @@ class LayerIndex:
         """Positions (in ``params``) of the parameters that have a gradient now."""
         return tuple(i for i, p in enumerate(self.params) if p.grad is not None)
 
+    def gradients(self, positions: tuple[int, ...]) -> list[Tensor]:
+        """The gradients of the parameters at ``positions`` (all of which have one, see :meth:`with_gradient`)."""
+        grads = [self.params[i].grad for i in positions]
+        return [g for g in grads if g is not None]
+
     def layer_index(self, positions: tuple[int, ...], device: torch.device) -> Tensor:
         """Layer of each listed parameter, as a device tensor cached per parameter subset (no per-step copy)."""
         key = (*positions, str(device))
@@ -92,7 +97,7 @@ class LayerIndex:
 
 def foreach_norms(tensors: list[Tensor]) -> Tensor:
     """The L2 norm of each tensor, in float32, as one vector (one fused kernel per device and dtype)."""
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))  # type: ignore[call-arg]
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
 
 
 class ForwardOrder:

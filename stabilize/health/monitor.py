@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from stabilize.errors import ConfigurationError
 from stabilize.health.counters import DeviceCounters
 from stabilize.health.layers import LayerIndex, foreach_norms
 from stabilize.health.records import ExplosionEvent, HealthSummary, NonFiniteEvent, StepRecord
@@ -51,18 +52,20 @@ class HealthCriteria:
         for name in ("vanishing_threshold", "exploding_threshold", "exploding_factor"):
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+                raise ConfigurationError(f"{name} must be a positive finite number, got {value!r}.")
         if not (_is_number(self.vanishing_ratio) and 0 < self.vanishing_ratio < 1):
-            raise ValueError(f"vanishing_ratio must be in (0, 1), got {self.vanishing_ratio!r}.")
+            raise ConfigurationError(f"vanishing_ratio must be in (0, 1), got {self.vanishing_ratio!r}.")
         if self.vanishing_threshold >= self.exploding_threshold:
-            raise ValueError(
+            raise ConfigurationError(
                 f"vanishing_threshold ({self.vanishing_threshold}) must be below exploding_threshold"
                 f" ({self.exploding_threshold})."
             )
         if self.exploding_factor <= 1:
-            raise ValueError(f"exploding_factor must be above 1 (a jump over the median), got {self.exploding_factor}.")
+            raise ConfigurationError(
+                f"exploding_factor must be above 1 (a jump over the median), got {self.exploding_factor}."
+            )
         if not (_is_int(self.median_window) and 3 <= self.median_window <= MAX_MEDIAN_WINDOW):
-            raise ValueError(
+            raise ConfigurationError(
                 f"median_window must be an integer from 3 to {MAX_MEDIAN_WINDOW}, got {self.median_window!r}."
             )
 
@@ -136,7 +139,7 @@ class GradientMonitor:
         positions = layers.with_gradient()
         if not positions:
             return None
-        norms = foreach_norms([layers.params[i].grad for i in positions])  # type: ignore[misc]
+        norms = foreach_norms(layers.gradients(positions))
         if grad_scale is not None:
             norms = norms / grad_scale.to(norms.device)
         counters = self._counters(norms.device)

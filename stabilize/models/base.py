@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
+
+from stabilize.errors import ConfigurationError, DataError, DataTypeError
 
 OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
 SchedulerName = Literal["cosine", "onecycle", "triangular", "constant"]
@@ -56,6 +58,7 @@ class ImageClassifier(LightningModule):
 
     #: Spatial size the network insists on, or ``None`` when any size works.
     expected_image_size: int | None = None
+    _nonfinite_input_batches: Tensor
 
     def __init__(
         self,
@@ -121,32 +124,32 @@ class ImageClassifier(LightningModule):
         Only metadata is inspected here, so the check costs no device synchronisation.
         """
         name = type(self).__name__
-        channels = self.hparams.in_channels
+        channels = self.hparams["in_channels"]
         if not isinstance(x, Tensor):
-            raise TypeError(f"{name} expects a torch.Tensor of images, got {type(x).__name__}.")
+            raise DataTypeError(f"{name} expects a torch.Tensor of images, got {type(x).__name__}.")
         if x.ndim != 4:
-            raise ValueError(
+            raise DataError(
                 f"{name} expects a batch of images of shape (N, {channels}, H, W); got shape {tuple(x.shape)}"
                 f" ({x.ndim} dimensions). Add a batch dimension with x.unsqueeze(0) for a single image."
             )
         if x.shape[1] != channels:
-            raise ValueError(
+            raise DataError(
                 f"{name} expects {channels} input channels (N, {channels}, H, W); got shape {tuple(x.shape)}."
                 " Channels-last data must be permuted to (N, C, H, W) first."
             )
         if not x.is_floating_point():
-            raise TypeError(
+            raise DataTypeError(
                 f"{name} expects floating-point images, got dtype {x.dtype}. Convert and normalize first, e.g."
                 " x.float() / 255 followed by per-channel normalization (CIFAR10DataModule does this)."
             )
         size = self.expected_image_size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
-            raise ValueError(f"{name} expects {size}x{size} images; got shape {tuple(x.shape)}.")
+            raise DataError(f"{name} expects {size}x{size} images; got shape {tuple(x.shape)}.")
 
     @override
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        if self.hparams.channels_last:
+        if self.hparams["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         network = self._compiled_network if self._compiled_network is not None else self.network
         return network(x)
@@ -154,7 +157,7 @@ class ImageClassifier(LightningModule):
     @override
     def configure_model(self) -> None:
         # Compile once per module instance, outside the registered modules, so checkpoints keep plain keys.
-        if self.hparams.compile and self._compiled_network is None:
+        if self.hparams["compile"] and self._compiled_network is None:
             # object.__setattr__: an nn.Module attribute would be registered, duplicating every weight in the
             # state dict under "_compiled_network._orig_mod."; the compiled wrapper shares the same parameters.
             object.__setattr__(self, "_compiled_network", torch.compile(self.network))
@@ -164,13 +167,19 @@ class ImageClassifier(LightningModule):
         x, y = batch
         self._nonfinite_input_batches += ~torch.isfinite(x).all()
         logits = self(x) if stage == "train" else self.evaluation_logits(x)
-        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        smoothing = self.hparams["label_smoothing"] if stage == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         metric = {"train": self.train_acc, "val": self.val_acc, "test": self.test_acc}[stage]
         metric(logits.detach(), y)
         on_step = stage == "train"
         self.log(
-            f"{stage}/loss", loss.detach(), on_step=on_step, on_epoch=True, batch_size=len(y), sync_dist=not on_step
+            f"{stage}/loss",
+            loss.detach(),
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=on_step,
+            batch_size=len(y),
+            sync_dist=not on_step,
         )
         self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=True, prog_bar=stage != "train")
         return loss
@@ -200,7 +209,9 @@ class ImageClassifier(LightningModule):
     # ------------------------------------------------------------------------------------- non-finite input check
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._trainer is not None and (batch_idx + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
+        # Lightning's logger connector sets Trainer.log_every_n_steps at run time (it is not a typed attribute).
+        interval = max(getattr(self._trainer, "log_every_n_steps", 1), 1)
+        if self._trainer is not None and (batch_idx + 1) % interval == 0:
             self._raise_on_nonfinite_inputs()
 
     @override
@@ -220,7 +231,7 @@ class ImageClassifier(LightningModule):
         if count:
             self._nonfinite_input_batches.zero_()
             step = self.trainer.global_step if self._trainer is not None else "?"
-            raise ValueError(
+            raise DataError(
                 f"{count} input batch(es) seen up to global step {step} contain NaN or Inf pixels. The data, not"
                 " the model, is broken: check the dataset files and the normalization (a zero std divides by zero)."
             )
@@ -232,12 +243,13 @@ class ImageClassifier(LightningModule):
         Parameters with fewer than two dimensions (norm scales and shifts, biases, scalar gains) get no weight
         decay: decaying them only fights the normalization. Override to add groups with their own learning rate.
         """
-        decay, no_decay = [], []
+        decay: list[Tensor] = []
+        no_decay: list[Tensor] = []
         for param in self.parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
         return [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": decay, "weight_decay": self.hparams["weight_decay"]},
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
@@ -251,40 +263,41 @@ class ImageClassifier(LightningModule):
 
     def _build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         hp = self.hparams
-        if hp.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0)
-        if hp.optimizer == "adam":
-            return torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas))
-        if hp.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        return torch.optim.RMSprop(groups, lr=hp.lr, momentum=hp.momentum)
+        if hp["optimizer"] == "sgd":
+            nesterov = hp["nesterov"] and hp["momentum"] > 0
+            return torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], nesterov=nesterov)
+        if hp["optimizer"] == "adam":
+            return torch.optim.Adam(groups, lr=hp["lr"], betas=tuple(hp["betas"]))
+        if hp["optimizer"] == "adamw":
+            return torch.optim.AdamW(groups, lr=hp["lr"], betas=tuple(hp["betas"]))
+        return torch.optim.RMSprop(groups, lr=hp["lr"], momentum=hp["momentum"])
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole fit, as the Trainer estimates them (needed by the decaying schedules)."""
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
-            raise ValueError(
-                f"scheduler={self.hparams.scheduler!r} needs a finite training length: set the Trainer's max_epochs"
+            raise ConfigurationError(
+                f"scheduler={self.hparams['scheduler']!r} needs a finite training length: set the Trainer's max_epochs"
                 " or max_steps, or use scheduler='constant'."
             )
         return int(total)
 
     def _build_scheduler(self, optimizer: torch.optim.Optimizer) -> LRScheduler | None:
         hp = self.hparams
-        if hp.scheduler == "constant":
+        if hp["scheduler"] == "constant":
             return None
         total = self.total_steps()
-        if hp.scheduler == "onecycle":
+        if hp["scheduler"] == "onecycle":
             return OneCycleLR(
                 optimizer,
                 max_lr=[group["lr"] for group in optimizer.param_groups],
                 total_steps=total,
-                pct_start=hp.warmup_fraction or ONECYCLE_DEFAULT_WARMUP,
+                pct_start=hp["warmup_fraction"] or ONECYCLE_DEFAULT_WARMUP,
                 # Cycling momentum needs a momentum to cycle; RMSprop without one must stay without one.
-                cycle_momentum=hp.optimizer != "rmsprop" or hp.momentum > 0,
+                cycle_momentum=hp["optimizer"] != "rmsprop" or hp["momentum"] > 0,
             )
-        warmup = round(hp.warmup_fraction * total)
-        if hp.scheduler == "triangular":
+        warmup = round(hp["warmup_fraction"] * total)
+        if hp["scheduler"] == "triangular":
             return LambdaLR(optimizer, triangular(total, warmup))
         return LambdaLR(optimizer, cosine_with_warmup(total, warmup))
 
@@ -329,20 +342,20 @@ def _check_arguments(
         (num_classes >= 2, f"num_classes must be at least 2, got {num_classes}."),
         (in_channels >= 1, f"in_channels must be positive, got {in_channels}."),
         (
-            optimizer in ("sgd", "adam", "adamw", "rmsprop"),
-            f"optimizer must be one of sgd, adam, adamw, rmsprop; got {optimizer!r}.",
+            optimizer in get_args(OptimizerName),
+            f"optimizer must be one of {', '.join(get_args(OptimizerName))}; got {optimizer!r}.",
         ),
         (math.isfinite(lr) and lr > 0, f"lr must be a positive finite number, got {lr}."),
         (0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}."),
         (len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two numbers in [0, 1), got {betas}."),
         (weight_decay >= 0, f"weight_decay must be non-negative, got {weight_decay}."),
         (
-            scheduler in ("cosine", "onecycle", "triangular", "constant"),
-            f"scheduler must be one of cosine, onecycle, triangular, constant; got {scheduler!r}.",
+            scheduler in get_args(SchedulerName),
+            f"scheduler must be one of {', '.join(get_args(SchedulerName))}; got {scheduler!r}.",
         ),
         (0 <= warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {warmup_fraction}."),
         (0 <= label_smoothing < 1, f"label_smoothing must be in [0, 1), got {label_smoothing}."),
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise ConfigurationError(message)

@@ -3,7 +3,8 @@
 As in torchvision's ``models/resnet.py``, the normalization layer and the activation are *injected* as factories,
 so the fragile plain network, its normalized twin and the residual networks are assembled from the same pieces
 instead of being copies that drift apart. A factory is a callable: ``norm_layer(num_channels) -> nn.Module`` and
-``activation() -> nn.Module``.
+``activation() -> nn.Module``; :func:`get_norm_layer` and :func:`get_act_layer` turn names into factories (timm's
+naming, which keeps the functions apart from the ``norm_layer`` arguments they produce).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from stabilize.errors import ConfigurationError
 
 NormLayer = Callable[[int], nn.Module]
 ActivationLayer = Callable[[], nn.Module]
@@ -36,7 +39,8 @@ ACTIVATIONS: dict[str, ActivationLayer] = {
 
 # Gain names understood by torch.nn.init.calculate_gain / kaiming_normal_. GELU, SiLU and ELU have no closed-form
 # gain there; ReLU's is the usual stand-in (they pass the positive half and damp the negative one).
-_INIT_NONLINEARITY: dict[str, str] = {
+GainName = Literal["relu", "tanh", "sigmoid", "leaky_relu"]
+_INIT_NONLINEARITY: dict[str, GainName] = {
     "relu": "relu",
     "tanh": "tanh",
     "sigmoid": "sigmoid",
@@ -47,14 +51,18 @@ _INIT_NONLINEARITY: dict[str, str] = {
 }
 
 GROUP_NORM_GROUPS = 8
+#: Channels of the three stages of the CIFAR networks of He et al. (2016), plain and residual alike.
+STAGE_WIDTHS = (16, 32, 64)
 
 
-def activation_layer(name: str) -> ActivationLayer:
+def get_act_layer(name: str) -> ActivationLayer:
     """Return the factory for the activation called ``name`` (see :data:`ACTIVATIONS`)."""
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}.") from None
+        raise ConfigurationError(
+            f"Unknown activation {name!r}; expected one of {list(get_args(ActivationName))}."
+        ) from None
 
 
 def _group_norm(num_channels: int, num_groups: int) -> nn.GroupNorm:
@@ -63,22 +71,26 @@ def _group_norm(num_channels: int, num_groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, num_channels)
 
 
-def norm_layer(name: str) -> NormLayer | None:
+def get_norm_layer(name: str) -> NormLayer | None:
     """Return the factory for the normalization called ``name``; ``"none"`` gives ``None`` (no normalization).
 
     ``"layer"`` normalizes over (C, H, W) per sample, i.e. ``GroupNorm`` with one group, which is what LayerNorm
     means for convolutional feature maps.
     """
-    factories: dict[str, NormLayer | None] = {
-        "batch": nn.BatchNorm2d,
-        "group": partial(_group_norm, num_groups=GROUP_NORM_GROUPS),
-        "layer": partial(nn.GroupNorm, 1),
-        "none": None,
-    }
     try:
-        return factories[name]
+        return NORM_LAYERS[name]
     except KeyError:
-        raise ValueError(f"Unknown normalization {name!r}; expected one of {sorted(factories)}.") from None
+        raise ConfigurationError(
+            f"Unknown normalization {name!r}; expected one of {list(get_args(NormName))}."
+        ) from None
+
+
+NORM_LAYERS: dict[str, NormLayer | None] = {
+    "batch": nn.BatchNorm2d,
+    "group": partial(_group_norm, num_groups=GROUP_NORM_GROUPS),
+    "layer": partial(nn.GroupNorm, 1),
+    "none": None,
+}
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -147,7 +159,7 @@ def shortcut(
         if norm_layer is not None:
             layers.append(norm_layer(out_channels))
         return nn.Sequential(*layers)
-    raise ValueError(f"Unknown shortcut {kind!r}; expected 'A' (zero padding) or 'B' (1x1 projection).")
+    raise ConfigurationError(f"Unknown shortcut {kind!r}; expected 'A' (zero padding) or 'B' (1x1 projection).")
 
 
 class BasicBlock(nn.Module):
@@ -184,10 +196,13 @@ class BasicBlock(nn.Module):
         # Pre-activation projections see the already normalized input, so they carry no norm of their own.
         self.shortcut = shortcut(in_channels, out_channels, stride, shortcut_kind, None if preact else norm_layer)
 
-    @property
-    def last_norm(self) -> nn.Module:
-        """The norm layer that closes the residual branch (zeroed by ``zero_init_residual``)."""
-        return self.norm2
+    def zero_init_last(self) -> None:
+        """Zero the layer that closes the residual branch (its last norm scale; its last conv in pre-activation
+        form), so that the block starts as the identity (Goyal et al. 2017)."""
+        last = self.conv2 if self.preact else self.norm2
+        weight = getattr(last, "weight", None)
+        if isinstance(weight, Tensor):
+            nn.init.zeros_(weight)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.preact:
@@ -226,14 +241,10 @@ class FixupBasicBlock(nn.Module):
         in_channels: int,
         out_channels: int,
         stride: int = 1,
-        norm_layer: NormLayer | None = None,
         activation: ActivationLayer = ACTIVATIONS["relu"],
         shortcut_kind: str = "A",
-        preact: bool = False,
     ) -> None:
         super().__init__()
-        if norm_layer is not None or preact:
-            raise ValueError("FixupBasicBlock has no normalization and no pre-activation form.")
         self.bias1a, self.bias1b, self.bias2a, self.bias2b = Bias(), Bias(), Bias(), Bias()
         self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.act1 = activation()
@@ -241,6 +252,10 @@ class FixupBasicBlock(nn.Module):
         self.scale = nn.Parameter(torch.ones(1))
         self.act2 = activation()
         self.shortcut = shortcut(in_channels, out_channels, stride, shortcut_kind, None)
+
+    def zero_init_last(self) -> None:
+        """Zero the branch's last conv, so that the block starts as the identity."""
+        nn.init.zeros_(self.conv2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         x_biased = self.bias1a(x)
@@ -272,7 +287,7 @@ def init_weights(module: nn.Module, scheme: str, activation: str = "relu") -> No
         elif scheme == "small_normal":
             nn.init.normal_(layer.weight, mean=0.0, std=0.01)
         else:
-            raise ValueError(f"Unknown init {scheme!r}; expected one of kaiming, xavier, default, small_normal.")
+            raise ConfigurationError(f"Unknown init {scheme!r}; expected one of {list(get_args(InitName))}.")
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
 
@@ -283,7 +298,7 @@ def fixup_init(blocks: Sequence[FixupBasicBlock], head: nn.Linear) -> None:
     for block in blocks:
         nn.init.kaiming_normal_(block.conv1.weight, mode="fan_in", nonlinearity="relu")
         block.conv1.weight.data.mul_(num_branches**-0.5)
-        nn.init.zeros_(block.conv2.weight)
+        block.zero_init_last()
     nn.init.zeros_(head.weight)
     if head.bias is not None:
         nn.init.zeros_(head.bias)
@@ -297,4 +312,6 @@ class ClassifierHead(nn.Sequential):
 
     @property
     def linear(self) -> nn.Linear:
-        return self[-1]  # type: ignore[return-value]
+        layer = self[-1]
+        assert isinstance(layer, nn.Linear)
+        return layer

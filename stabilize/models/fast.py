@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from stabilize.errors import ConfigurationError
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import ACTIVATIONS, ConvNormAct, conv3x3
 
@@ -89,14 +90,15 @@ class FastCNN(ImageClassifier):
         **kwargs: Any,
     ) -> None:
         if len(widths) != 3 or min(widths) < 1:
-            raise ValueError(f"widths must be three positive channel counts, got {widths}.")
+            raise ConfigurationError(f"widths must be three positive channel counts, got {widths}.")
         if logit_scale <= 0 or bias_lr_multiplier <= 0:
-            raise ValueError("logit_scale and bias_lr_multiplier must be positive.")
+            raise ConfigurationError("logit_scale and bias_lr_multiplier must be positive.")
         if lookahead_every < 0 or not 0 < lookahead_decay < 1:
-            raise ValueError("lookahead_every must be >= 0 and lookahead_decay in (0, 1).")
-        if tta not in ("none", "flip", "flip_shift"):
-            raise ValueError(f"tta must be 'none', 'flip' or 'flip_shift', got {tta!r}.")
+            raise ConfigurationError("lookahead_every must be >= 0 and lookahead_decay in (0, 1).")
+        if tta not in get_args(TTAName):
+            raise ConfigurationError(f"tta must be 'none', 'flip' or 'flip_shift', got {tta!r}.")
         super().__init__(**kwargs)
+        self.whitening_ready: Tensor
         self.register_buffer("whitening_ready", torch.tensor(not whiten))
         self._whitening_checked = not whiten
         self._slow_weights: list[Tensor] | None = None
@@ -105,24 +107,24 @@ class FastCNN(ImageClassifier):
     def build_network(self) -> nn.Module:
         hp = self.hparams
         layers: list[nn.Module] = []
-        channels = hp.in_channels
-        if hp.whiten:
+        channels = hp["in_channels"]
+        if hp["whiten"]:
             whitening = nn.Conv2d(channels, 2 * channels * 4, kernel_size=2, padding=0, bias=True)
             whitening.weight.requires_grad_(False)
             layers += [whitening, ACTIVATIONS["gelu"]()]
             channels = whitening.out_channels
-        for width in hp.widths:
-            layers.append(conv_group(channels, width, hp.batchnorm_momentum))
+        for width in hp["widths"]:
+            layers.append(conv_group(channels, width, hp["batchnorm_momentum"]))
             channels = width
         layers += [
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
-            nn.Linear(channels, hp.num_classes, bias=False),
-            Scale(hp.logit_scale),
+            nn.Linear(channels, hp["num_classes"], bias=False),
+            Scale(hp["logit_scale"]),
         ]
         network = nn.Sequential(*layers)
         for module in network.modules():
-            if isinstance(module, nn.BatchNorm2d) and not hp.train_norm_scale:
+            if isinstance(module, nn.BatchNorm2d) and not hp["train_norm_scale"]:
                 module.weight.requires_grad_(False)
         return network
 
@@ -130,7 +132,8 @@ class FastCNN(ImageClassifier):
     @torch.no_grad()
     def init_whitening(self, images: Tensor, eps: float = 5e-4) -> None:
         """Set the whitening filters from a batch of (normalized) training images."""
-        layer = self.network[0]
+        layer = self.network.get_submodule("0")
+        assert isinstance(layer, nn.Conv2d)
         patches = F.unfold(images.float(), kernel_size=layer.kernel_size).transpose(1, 2)
         patches = patches.reshape(-1, patches.shape[-1])
         patches = patches - patches.mean(0)
@@ -161,11 +164,11 @@ class FastCNN(ImageClassifier):
         others["params"] = [p for p in others["params"] if id(p) not in norm_biases]
         boosted = {
             "params": biases,
-            "lr": hp.lr * hp.bias_lr_multiplier,
-            "weight_decay": hp.weight_decay / hp.bias_lr_multiplier,
+            "lr": hp["lr"] * hp["bias_lr_multiplier"],
+            "weight_decay": hp["weight_decay"] / hp["bias_lr_multiplier"],
         }
         groups = [weights, boosted, others]
-        if hp.decoupled_weight_decay and hp.optimizer == "sgd":
+        if hp["decoupled_weight_decay"] and hp["optimizer"] == "sgd":
             for group in groups:
                 group["decoupled_weight_decay"], group["weight_decay"] = group["weight_decay"], 0.0
         return [group for group in groups if group["params"]]
@@ -184,17 +187,17 @@ class FastCNN(ImageClassifier):
 
     @override
     def on_train_start(self) -> None:
-        if self.hparams.lookahead_every:
+        if self.hparams["lookahead_every"]:
             self._slow_weights = [p.detach().clone() for p in self._trainable()]
 
     @override
     @torch.no_grad()
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
-        every = self.hparams.lookahead_every
+        every = self.hparams["lookahead_every"]
         if every and self._slow_weights is not None and self.trainer.global_step % every == 0:
             fast = self._trainable()
-            torch._foreach_lerp_(self._slow_weights, fast, 1.0 - self.hparams.lookahead_decay)
+            torch._foreach_lerp_(self._slow_weights, fast, 1.0 - self.hparams["lookahead_decay"])
             torch._foreach_copy_(fast, self._slow_weights)
 
     @override
@@ -207,7 +210,7 @@ class FastCNN(ImageClassifier):
     # ------------------------------------------------------------------------------------ test-time augmentation
     @override
     def evaluation_logits(self, x: Tensor) -> Tensor:
-        tta = self.hparams.tta
+        tta = self.hparams["tta"]
         if tta == "none":
             return self(x)
         views = [x, x.flip(-1)]

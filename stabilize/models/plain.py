@@ -7,20 +7,21 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
+from stabilize.errors import ConfigurationError
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import (
+    STAGE_WIDTHS,
     ActivationName,
     ClassifierHead,
     ConvNormAct,
     InitName,
     NormLayer,
     NormName,
-    activation_layer,
+    get_act_layer,
+    get_norm_layer,
     init_weights,
-    norm_layer,
 )
 
-STAGE_WIDTHS = (16, 32, 64)
 MIN_PLAIN_DEPTH = 5  # stem + one conv per stage + head
 
 
@@ -38,20 +39,20 @@ class PlainCNN(ImageClassifier):
     expected_image_size = 32
 
     def __init__(self, activation: ActivationName = "relu", init: InitName = "kaiming", **kwargs: Any) -> None:
-        activation_layer(activation)
         super().__init__(**kwargs)
 
     @override
     def build_network(self) -> nn.Module:
-        act = activation_layer(self.hparams.activation)
+        hp = self.hparams
+        act = get_act_layer(hp["activation"])
         layers: list[nn.Module] = []
-        in_channels = self.hparams.in_channels
+        in_channels = hp["in_channels"]
         for width in self.widths:
             layers += [ConvNormAct(in_channels, width, activation=act), nn.MaxPool2d(2)]
             in_channels = width
-        layers += [nn.Flatten(), nn.Linear(in_channels, self.hparams.num_classes)]
+        layers += [nn.Flatten(), nn.Linear(in_channels, hp["num_classes"])]
         network = nn.Sequential(*layers)
-        init_weights(network, self.hparams.init, self.hparams.activation)
+        init_weights(network, hp["init"], hp["activation"])
         return network
 
 
@@ -73,7 +74,7 @@ def plain_network(
     16/32/64 (times ``width``), halving the resolution at the start of stages 2 and 3: the "plain" networks of
     He et al. (2016), Fig. 6, which ResNets of the same depth add shortcuts to.
     """
-    act = activation_layer(activation)
+    act = get_act_layer(activation)
     widths = [w * width for w in STAGE_WIDTHS]
     layers: list[nn.Module] = [ConvNormAct(in_channels, widths[0], norm_layer=norm, activation=act)]
     channels = widths[0]
@@ -113,10 +114,9 @@ class DeepPlainCNN(ImageClassifier):
         **kwargs: Any,
     ) -> None:
         if depth < MIN_PLAIN_DEPTH:
-            raise ValueError(f"depth must be at least {MIN_PLAIN_DEPTH} (stem + 3 stages + head), got {depth}.")
+            raise ConfigurationError(f"depth must be at least {MIN_PLAIN_DEPTH} (stem + 3 stages + head), got {depth}.")
         if width < 1:
-            raise ValueError(f"width must be a positive integer, got {width}.")
-        activation_layer(activation)
+            raise ConfigurationError(f"width must be a positive integer, got {width}.")
         super().__init__(**kwargs)
 
     def normalization(self) -> NormLayer | None:
@@ -136,8 +136,10 @@ class DeepPlainCNN(ImageClassifier):
     @override
     def build_network(self) -> nn.Module:
         hp = self.hparams
-        network = plain_network(hp.depth, hp.in_channels, hp.num_classes, hp.activation, self.normalization(), hp.width)
-        init_weights(network, hp.init, hp.activation)
+        network = plain_network(
+            hp["depth"], hp["in_channels"], hp["num_classes"], hp["activation"], self.normalization(), hp["width"]
+        )
+        init_weights(network, hp["init"], hp["activation"])
         return network
 
 
@@ -152,9 +154,11 @@ class BatchNormCNN(DeepPlainCNN):
 
     def __init__(self, norm: NormName = "batch", **kwargs: Any) -> None:
         if norm == "none":
-            raise ValueError("BatchNormCNN needs a normalization; use DeepPlainCNN for the unnormalized network.")
-        norm_layer(norm)
+            raise ConfigurationError(
+                "BatchNormCNN needs a normalization; use DeepPlainCNN for the unnormalized network."
+            )
         super().__init__(**kwargs)
 
+    @override
     def normalization(self) -> NormLayer | None:
-        return norm_layer(self.hparams.norm)
+        return get_norm_layer(self.hparams["norm"])

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
 from typing_extensions import override
 
+from stabilize.errors import ConfigurationError
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import (
+    STAGE_WIDTHS,
     ActivationLayer,
     ActivationName,
     BasicBlock,
@@ -17,15 +21,17 @@ from stabilize.models.blocks import (
     InitName,
     NormLayer,
     ShortcutName,
-    activation_layer,
     conv3x3,
     fixup_init,
+    get_act_layer,
+    get_norm_layer,
     init_weights,
-    norm_layer,
 )
-from stabilize.models.plain import STAGE_WIDTHS
 
 ResNetNorm = Literal["batch", "group", "layer"]
+#: Builds a residual block from ``(in_channels, out_channels, stride=..., activation=..., shortcut_kind=...)``;
+#: block-specific options (e.g. ``norm_layer``, ``preact``) are bound beforehand with :func:`functools.partial`.
+BlockFactory = Callable[..., nn.Module]
 
 
 class CifarResNet(nn.Module):
@@ -36,7 +42,7 @@ class CifarResNet(nn.Module):
     def __init__(
         self,
         blocks_per_stage: int,
-        block: type[BasicBlock] | type[FixupBasicBlock] = BasicBlock,
+        block: BlockFactory = BasicBlock,
         width: float = 1.0,
         in_channels: int = 3,
         num_classes: int = 10,
@@ -57,7 +63,9 @@ class CifarResNet(nn.Module):
             blocks = []
             for block_index in range(blocks_per_stage):
                 stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(block(channels, stage_width, stride, norm, activation, shortcut_kind, preact))
+                blocks.append(
+                    block(channels, stage_width, stride=stride, activation=activation, shortcut_kind=shortcut_kind)
+                )
                 channels = stage_width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -70,7 +78,7 @@ class CifarResNet(nn.Module):
         self.head = ClassifierHead(channels, num_classes)
 
     def blocks(self) -> list[nn.Module]:
-        return [block for stage in self.stages for block in stage]
+        return [block for stage in self.stages.children() for block in stage.children()]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.final(self.stages(self.stem(x))))
@@ -79,35 +87,17 @@ class CifarResNet(nn.Module):
 def resnet_blocks_per_stage(depth: int) -> int:
     """Blocks per stage of a CIFAR ResNet of ``depth`` = 6n + 2 weight layers."""
     if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"A CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110, ...); got {depth}.")
+        raise ConfigurationError(f"A CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110, ...); got {depth}.")
     return (depth - 2) // 6
 
 
-def check_resnet_arguments(depth: int, width: float, shortcut: str, activation: str) -> None:
+def check_resnet_arguments(depth: int, width: float, shortcut: str) -> None:
     """Validate the arguments every CIFAR ResNet variant shares (``ValueError`` with the accepted values)."""
     resnet_blocks_per_stage(depth)
     if not width > 0:
-        raise ValueError(f"width must be positive, got {width}.")
-    if shortcut not in ("A", "B"):
-        raise ValueError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 projection), got {shortcut!r}.")
-    activation_layer(activation)
-
-
-def cifar_resnet(
-    hp: Any, block: type[BasicBlock] | type[FixupBasicBlock], norm: NormLayer | None, preact: bool = False
-) -> CifarResNet:
-    """The :class:`CifarResNet` described by a variant's hyperparameters, with ``block`` and ``norm`` injected."""
-    return CifarResNet(
-        resnet_blocks_per_stage(hp.depth),
-        block,
-        hp.width,
-        hp.in_channels,
-        hp.num_classes,
-        norm,
-        activation_layer(hp.activation),
-        hp.shortcut,
-        preact,
-    )
+        raise ConfigurationError(f"width must be positive, got {width}.")
+    if shortcut not in get_args(ShortcutName):
+        raise ConfigurationError(f"shortcut must be 'A' (zero padding) or 'B' (1x1 projection), got {shortcut!r}.")
 
 
 class ResNet(ImageClassifier):
@@ -144,20 +134,29 @@ class ResNet(ImageClassifier):
         init: InitName = "kaiming",
         **kwargs: Any,
     ) -> None:
-        check_resnet_arguments(depth, width, shortcut, activation)
-        norm_layer(norm)
+        check_resnet_arguments(depth, width, shortcut)
         super().__init__(**kwargs)
 
     @override
     def build_network(self) -> nn.Module:
         hp = self.hparams
-        network = cifar_resnet(hp, BasicBlock, norm_layer(hp.norm), hp.preact)
-        init_weights(network, hp.init, hp.activation)
-        if hp.zero_init_residual:
+        norm = get_norm_layer(hp["norm"])
+        network = CifarResNet(
+            resnet_blocks_per_stage(hp["depth"]),
+            partial(BasicBlock, norm_layer=norm, preact=hp["preact"]),
+            width=hp["width"],
+            in_channels=hp["in_channels"],
+            num_classes=hp["num_classes"],
+            norm=norm,
+            activation=get_act_layer(hp["activation"]),
+            shortcut_kind=hp["shortcut"],
+            preact=hp["preact"],
+        )
+        init_weights(network, hp["init"], hp["activation"])
+        if hp["zero_init_residual"]:
             for block in network.blocks():
-                last = block.conv2 if hp.preact else block.last_norm
-                if getattr(last, "weight", None) is not None:
-                    nn.init.zeros_(last.weight)
+                assert isinstance(block, BasicBlock)
+                block.zero_init_last()
         return network
 
 
@@ -183,13 +182,22 @@ class FixupResNet(ImageClassifier):
         activation: ActivationName = "relu",
         **kwargs: Any,
     ) -> None:
-        check_resnet_arguments(depth, width, shortcut, activation)
+        check_resnet_arguments(depth, width, shortcut)
         super().__init__(**kwargs)
 
     @override
     def build_network(self) -> nn.Module:
         hp = self.hparams
-        network = cifar_resnet(hp, FixupBasicBlock, None)
-        init_weights(network.stem, "kaiming", hp.activation)
-        fixup_init(network.blocks(), network.head.linear)
+        network = CifarResNet(
+            resnet_blocks_per_stage(hp["depth"]),
+            FixupBasicBlock,
+            width=hp["width"],
+            in_channels=hp["in_channels"],
+            num_classes=hp["num_classes"],
+            norm=None,
+            activation=get_act_layer(hp["activation"]),
+            shortcut_kind=hp["shortcut"],
+        )
+        init_weights(network.stem, "kaiming", hp["activation"])
+        fixup_init([block for block in network.blocks() if isinstance(block, FixupBasicBlock)], network.head.linear)
         return network

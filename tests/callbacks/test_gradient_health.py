@@ -23,6 +23,7 @@ from stabilize.callbacks import GradientHealthCallback
 from stabilize.models import BatchNormCNN, DeepPlainCNN, ResNet
 from tests.callbacks.helpers import GradientProbe, TinyMLP
 from tests.helpers.data import SyntheticImages
+from tests.helpers.trainer import quiet_trainer
 
 LAYERS = ["body.0", "body.1", "body.3", "head"]
 
@@ -34,15 +35,7 @@ def csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
 
 
 def trainer(tmp_path: Path, callbacks: list, steps: int = 4, **kwargs) -> Trainer:
-    defaults = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-    }
-    return Trainer(max_steps=steps, callbacks=callbacks, **{**defaults, **kwargs})
+    return quiet_trainer(tmp_path, max_steps=steps, callbacks=callbacks, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- the numbers
@@ -243,7 +236,7 @@ def test_no_host_transfer_on_non_logging_steps_with_the_default_policy(tmp_path:
 
     health = Guarded(log_every_n_steps=5, verbose=False)
     trainer(tmp_path, [health], steps=11).fit(TinyMLP(loss_scale_at={7: 1e6}))
-    assert health._monitors[0].steps == 11
+    assert health.summary()["optimizer_0"]["steps"] == 11
     assert [r["step"] for r in health.history] == [0, 5, 10]
     assert health.history[-1]["exploding_steps"] == 1  # the explosion at step 7 was still counted on the device
 
@@ -252,7 +245,7 @@ def test_no_host_transfer_on_non_logging_steps_with_the_default_policy(tmp_path:
 def test_gradient_accumulation_records_the_step_that_steps(tmp_path: Path) -> None:
     health = GradientHealthCallback(log_every_n_steps=1, verbose=False)
     trainer(tmp_path, [health], steps=3, accumulate_grad_batches=2).fit(TinyMLP())
-    assert health._monitors[0].steps == 3
+    assert health.summary()["optimizer_0"]["steps"] == 3
     assert [r["step"] for r in health.history] == [0, 1, 2]
 
 
@@ -370,14 +363,7 @@ def test_diagnosis_summary_json_and_checkpoint_resume(tmp_path: Path) -> None:
     seed_everything(0)
     model = DeepPlainCNN(depth=12, activation="sigmoid", init="small_normal", scheduler="constant")
     health = GradientHealthCallback(log_every_n_steps=2, verbose=False)
-    first = Trainer(
-        max_steps=4,
-        callbacks=[health],
-        logger=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-    )
+    first = trainer(tmp_path, [health], steps=4, limit_val_batches=0)
     first.fit(model, SyntheticImages(64, 16))
     checkpoint = tmp_path / "resume.ckpt"
     first.save_checkpoint(checkpoint)
@@ -387,14 +373,7 @@ def test_diagnosis_summary_json_and_checkpoint_resume(tmp_path: Path) -> None:
     assert [r["step"] for r in saved["history"]["optimizer_0"]] == [0, 2]
 
     resumed = GradientHealthCallback(log_every_n_steps=2, verbose=False)
-    second = Trainer(
-        max_steps=8,
-        callbacks=[resumed],
-        logger=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-    )
+    second = trainer(tmp_path, [resumed], steps=8, limit_val_batches=0)
     second.fit(
         DeepPlainCNN(depth=12, activation="sigmoid", init="small_normal", scheduler="constant"),
         SyntheticImages(64, 16),
@@ -446,6 +425,7 @@ from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, Subset
 from stabilize.callbacks import GradientHealthCallback
 from tests.callbacks.helpers import TinyMLP, fixed_data
+from tests.helpers.trainer import quiet_trainer
 
 
 class Sharded(TinyMLP):
@@ -492,10 +472,12 @@ def test_ddp_global_norm_equals_the_single_process_run(tmp_path: Path) -> None:
     assert norms[2] == pytest.approx(norms[1], rel=1e-5)
 
 
-def test_trains_from_the_cli_with_the_callback_appended_by_short_name(tiny_cifar: Path, tmp_path: Path) -> None:
+def test_trains_from_the_cli_with_the_callback_appended_by_short_name(
+    tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from stabilize.cli import StabilizeCLI
 
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     cli = StabilizeCLI(
         args=[
             "fit",

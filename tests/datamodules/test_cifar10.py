@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 
 from stabilize.datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule
-from stabilize.datamodules.cifar10 import BatchPermutationSampler
+from stabilize.datamodules.batching import BatchPermutationSampler
 from stabilize.models import ResNet
-from tests.conftest import TINY_TEST, write_cifar_pickle
+from tests.helpers.cifar import TINY_TEST, write_cifar_pickle
+from tests.helpers.trainer import quiet_trainer
 
 
 def make(data_dir: Path, **kwargs) -> CIFAR10DataModule:
@@ -71,11 +72,11 @@ def test_val_size_as_count_fraction_or_zero(tiny_cifar: Path, val_size, expected
 
 def test_split_is_seeded_and_reproducible(tiny_cifar: Path) -> None:
     def val_images(seed: int) -> torch.Tensor:
-        return make(tiny_cifar, seed=seed)._splits["val"].images
+        return make(tiny_cifar, seed=seed).split("val")[0]
 
     torch.testing.assert_close(val_images(1), val_images(1))
     assert not torch.equal(val_images(1), val_images(2))
-    train = make(tiny_cifar, seed=1)._splits["train"].images
+    train = make(tiny_cifar, seed=1).split("train")[0]
     all_images = {img.numpy().tobytes() for img in torch.cat([train, val_images(1)])}
     assert len(all_images) == 200  # disjoint and complete
 
@@ -141,16 +142,8 @@ def test_validation_and_test_batches_are_never_augmented(tiny_cifar: Path, tmp_p
         def on_test_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
             seen["test"].append(batch[0])
 
-    trainer = Trainer(
-        max_steps=2,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        val_check_interval=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[Capture()],
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        tmp_path, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=2, callbacks=[Capture()]
     )
     trainer.fit(ResNet(depth=8, scheduler="constant"), datamodule)
     trainer.test(ResNet(depth=8), datamodule, verbose=False)
@@ -378,7 +371,7 @@ def test_cache_file_round_trip(tiny_cifar: Path, tmp_path: Path) -> None:
     first = make(tiny_cifar, cache_file=str(cache))
     assert cache.is_file()
     second = make(tmp_path / "no-pickles-here", cache_file=str(cache))  # loads from the cache alone
-    torch.testing.assert_close(second._splits["train"].images, first._splits["train"].images)
+    torch.testing.assert_close(second.split("train")[0], first.split("train")[0])
     torch.save({"train_x": torch.zeros(3)}, cache)
     with pytest.raises(ValueError, match="not a CIFAR-10 cache"):
         make(tiny_cifar, cache_file=str(cache))
@@ -388,16 +381,14 @@ def test_cache_file_round_trip(tiny_cifar: Path, tmp_path: Path) -> None:
 def test_gpu_resident_data_falls_back_to_host_memory_with_a_warning(tiny_cifar: Path) -> None:
     with pytest.warns(UserWarning, match="no GPU is available"):
         datamodule = make(tiny_cifar, device="cuda")
-    assert datamodule._splits["train"].images.device.type == "cpu"
+    assert datamodule.split("train")[0].device.type == "cpu"
     assert isinstance(datamodule.train_dataloader(), torch.utils.data.DataLoader)
 
 
 @pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
 def test_trainer_fits_with_workers_and_pinned_memory(tiny_cifar: Path, tmp_path: Path) -> None:
     datamodule = CIFAR10DataModule(str(tiny_cifar), val_size=40, batch_size=32, num_workers=1, pin_memory=True)
-    trainer = Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
     trainer.fit(ResNet(depth=8, scheduler="constant"), datamodule)
     assert trainer.global_step == 5
 
@@ -411,3 +402,41 @@ def test_real_cifar10_counts_and_channel_means(real_cifar_dir: Path) -> None:
     assert torch.bincount(tensors["test_y"], minlength=10).tolist() == [1000] * 10
     means = tensors["train_x"].float().mean((0, 2, 3)) / 255
     torch.testing.assert_close(means, torch.tensor([0.491, 0.482, 0.447]), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        pytest.param([0.5] * 40, "labels must be integers", id="float"),
+        pytest.param(["cat"] * 40, "labels must be integers", id="string"),
+        pytest.param([None] * 40, "labels must be integers", id="none"),
+    ],
+)
+def test_labels_that_are_not_integers_name_the_file(tiny_cifar_copy: Path, labels: list, message: str) -> None:
+    entry = {b"data": np.zeros((40, 3072), np.uint8), b"labels": labels}
+    (tiny_cifar_copy / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(ValueError, match=f"test_batch.*{message}"):
+        make(tiny_cifar_copy)
+
+
+def test_protocol_5_pickles_are_read(tiny_cifar_copy: Path) -> None:
+    images = np.arange(40 * 3072, dtype=np.int64).astype(np.uint8).reshape(40, 3072)
+    entry = {"data": images, "labels": np.arange(40) % 10}
+    (tiny_cifar_copy / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(entry, protocol=5))
+    datamodule = make(tiny_cifar_copy)
+    x, y = datamodule.split("test")
+    assert torch.equal(x.reshape(40, -1), torch.from_numpy(images)) and y.tolist() == [i % 10 for i in range(40)]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_integer_shift_fast_path_equals_the_resampling_matrices(flip: bool) -> None:
+    from stabilize.datamodules.augment import resampling_matrices, shift_and_flip
+
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    shift = torch.randint(-4, 5, (2, 16), generator=torch.Generator().manual_seed(1))
+    mirror = torch.rand(16, generator=torch.Generator().manual_seed(2)) < 0.5 if flip else None
+    ones = torch.ones(16)
+    rows = resampling_matrices(32, ones, shift[0].float())
+    cols = resampling_matrices(32, ones, shift[1].float(), mirror)
+    expected = torch.matmul(rows.unsqueeze(1), images.float() @ cols.transpose(1, 2).unsqueeze(1))
+    torch.testing.assert_close(shift_and_flip(images, shift, mirror, 4).float(), expected, rtol=0, atol=0)

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from torch import nn
 
 from stabilize.models import ImageClassifier, ResNet
 from stabilize.models.base import cosine_with_warmup
 from tests.helpers.data import SyntheticImages
+from tests.helpers.trainer import quiet_trainer
 
 
 class LearningRateRecorder(Callback):
@@ -23,17 +24,7 @@ class LearningRateRecorder(Callback):
 
 def run(model: ImageClassifier, steps: int, tmp_path: Path, **kwargs) -> LearningRateRecorder:
     recorder = LearningRateRecorder()
-    trainer = Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[recorder],
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=steps, limit_val_batches=0, callbacks=[recorder], **kwargs)
     trainer.fit(model, SyntheticImages(num=64, batch_size=8))
     return recorder
 
@@ -93,21 +84,14 @@ def test_sgd_uses_nesterov_momentum_and_weight_decay_skips_norms_and_biases() ->
 
 def test_scheduler_needs_a_finite_run(tmp_path: Path) -> None:
     model = ResNet(depth=8, scheduler="cosine")
-    trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, max_epochs=-1)
     with pytest.raises(ValueError, match="finite training length"):
         trainer.fit(model, SyntheticImages(num=16, batch_size=8))
 
 
 def test_logs_documented_metrics(tmp_path: Path) -> None:
     model = ResNet(depth=8, scheduler="constant")
-    trainer = Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        log_every_n_steps=1,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, log_every_n_steps=1)
     trainer.fit(model, SyntheticImages(num=32, batch_size=8))
     assert {"train/loss_step", "train/acc_step", "train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc"} <= set(
         trainer.callback_metrics
@@ -148,15 +132,7 @@ class NaNAtBatch(SyntheticImages):
 
 def test_nonfinite_inputs_are_caught_at_the_next_logging_step(tmp_path: Path) -> None:
     model = ResNet(depth=8, scheduler="constant")
-    trainer = Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        log_every_n_steps=5,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, log_every_n_steps=5, limit_val_batches=0)
     data = NaNAtBatch()
     data.train_dataloader = lambda: torch.utils.data.DataLoader(  # fixed order: batch 3 holds the NaN
         torch.utils.data.TensorDataset(data.images, data.labels), batch_size=8

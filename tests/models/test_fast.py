@@ -5,27 +5,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from torch import nn
 
 from stabilize.datamodules import CIFAR10DataModule
 from stabilize.models import FastCNN
 from stabilize.models.base import triangular
 from tests.helpers.data import SyntheticImages, prototype_images
+from tests.helpers.trainer import quiet_trainer
 
 SMALL = {"widths": (8, 16, 16)}
-
-
-def quiet(tmp_path: Path, **kwargs) -> Trainer:
-    return Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        **kwargs,
-    )
 
 
 def test_network_shape_frozen_parts_and_scaled_logits() -> None:
@@ -44,7 +33,7 @@ def test_whitening_is_initialised_from_the_first_training_batch(tmp_path: Path) 
     model = FastCNN(**SMALL, scheduler="constant", lr=0.01)
     assert not bool(model.whitening_ready)
     data = SyntheticImages(num=64, batch_size=64)
-    quiet(tmp_path, max_steps=1, limit_val_batches=0).fit(model, data)
+    quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, data)
     assert bool(model.whitening_ready)
     layer = model.network[0]
     # The first 12 filters whiten 2x2 patches: their outputs on training patches are decorrelated with unit variance.
@@ -85,7 +74,7 @@ def test_lookahead_pulls_weights_to_the_slow_copy_and_ends_on_it(tmp_path: Path)
             slow_history.append(all(torch.equal(a, b) for a, b in zip(trainable, model._slow_weights)))
 
     model.on_train_batch_end = spy
-    quiet(tmp_path, max_steps=4, limit_val_batches=0).fit(model, SyntheticImages(num=64, batch_size=16))
+    quiet_trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(model, SyntheticImages(num=64, batch_size=16))
     assert slow_history == [True, True]  # right after each lookahead update the fast weights equal the slow ones
     assert model._slow_weights is None  # handed over at the end of training
 
@@ -121,7 +110,7 @@ def test_trains_on_synthetic_data_with_every_trick_on(tmp_path: Path) -> None:
         channels_last=True,
     )
     # 8 epochs: 96-97% with one or two CPU threads (6 epochs varies from 79% to 91% with the thread count).
-    quiet(tmp_path, max_epochs=8, limit_val_batches=0).fit(model, SyntheticImages())
+    quiet_trainer(tmp_path, max_epochs=8, limit_val_batches=0).fit(model, SyntheticImages())
     images, labels = prototype_images()
     model.eval()
     with torch.no_grad():

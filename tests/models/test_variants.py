@@ -5,12 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from torch import nn
 
 from stabilize.models import BatchNormCNN, DeepPlainCNN, FixupResNet, ImageClassifier, PlainCNN, ResNet
 from stabilize.models.blocks import BasicBlock, FixupBasicBlock, PadShortcut
 from tests.helpers.data import SyntheticImages, prototype_images
+from tests.helpers.trainer import quiet_trainer
 
 # Small but complete configurations of every variant, so the whole matrix runs in seconds on a CPU.
 VARIANTS = [
@@ -21,17 +22,6 @@ VARIANTS = [
     pytest.param(FixupResNet, {"depth": 8}, id="FixupResNet"),
 ]
 STABILIZED = {"BatchNormCNN", "ResNet", "FixupResNet"}
-
-
-def quiet_trainer(**kwargs) -> Trainer:
-    defaults = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-    }
-    return Trainer(**{**defaults, **kwargs})
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), VARIANTS)
