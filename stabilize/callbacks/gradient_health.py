@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
@@ -18,20 +17,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from stabilize.callbacks.gradient_health_output import HealthOutput
 from stabilize.errors import ConfigurationError
-from stabilize.health import (
-    GradientMonitor,
-    HealthCriteria,
-    HealthSummary,
-    LayerIndex,
-    ModelTraits,
-    StepRecord,
-    diagnosis_lines,
-    flow_figure,
-    gradient_histograms,
-    model_hints,
-)
+from stabilize.health import GradientMonitor, HealthCriteria, HealthSummary, LayerIndex, StepRecord, flow_figure
 from stabilize.health.activations import ActivationProbe
+from stabilize.health.diagnosis import report
 from stabilize.health.layers import ForwardOrder
 from stabilize.health.monitor import Observation
 from stabilize.health.records import jsonable, record_metrics
@@ -54,16 +44,9 @@ class GradientHealthCallback(Callback):
     default ``on_nonfinite="warn"`` nothing is copied to the host. **Every** ``log_every_n_steps`` **steps**: per-layer
     norms and ratios, classification, logging; all values reach the host in one transfer.
 
-    Classification (defaults and why):
-
-    - a layer is *vanishing* when its gradient L2 norm is below ``vanishing_threshold`` (1e-8: an update of
-      ``lr * 1e-8`` is below fp32's resolution of weights of norm ~1, so the layer is frozen) or below
-      ``vanishing_ratio`` (1e-5) times the largest layer norm of the step (that layer learns 100,000x slower than
-      the fastest one; healthy ResNets and BatchNorm nets stay within ~1e-3, a plain deep sigmoid net falls to
-      1e-10 and below);
-    - a step is *exploding* when the total norm exceeds ``exploding_threshold`` (1e3: cross-entropy gradients of
-      a healthy classifier are O(0.1-10)) or exceeds ``exploding_factor`` (10x) times the running median of the
-      last ``median_window`` (64) finite step norms.
+    A layer is *vanishing* when its gradient norm falls below ``vanishing_threshold`` or below ``vanishing_ratio``
+    times the step's largest layer norm; a step is *exploding* when the total norm exceeds ``exploding_threshold``
+    or ``exploding_factor`` times the running median (the defaults and why: :class:`stabilize.health.HealthCriteria`).
 
     The remedies in the diagnosis are generic (normalization, residual connections, activations, initialisation,
     clipping, warm-up); a model adds its own by defining ``gradient_health_hints()`` (see
@@ -93,6 +76,10 @@ class GradientHealthCallback(Callback):
             device, written raw) this often; defaults to 10x the logging interval, 0 disables.
         figure_every_n_steps: With a TensorBoardLogger, draw the gradient-flow figure (layer norm vs depth, log
             scale, vanishing/exploding bands) this often; defaults to 20x the logging interval, 0 disables.
+        histogram_min_interval_s: Least wall time between two histogram writes (10 s: a histogram step costs a few
+            logging steps, so at ``log_every_n_steps=1`` they would otherwise cost several percent).
+        figure_min_interval_s: Least wall time between two flow figures (60 s: drawing one costs ~0.1-0.2 s of
+            matplotlib). 0 lets the step intervals alone decide.
         verbose: Print the diagnosis (rank zero) when ``fit`` ends.
 
     Raises:
@@ -148,6 +135,8 @@ class GradientHealthCallback(Callback):
         saturation_threshold: float = 0.99,
         histogram_every_n_steps: int | None = None,
         figure_every_n_steps: int | None = None,
+        histogram_min_interval_s: float = 10.0,
+        figure_min_interval_s: float = 60.0,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -158,15 +147,13 @@ class GradientHealthCallback(Callback):
             raise ConfigurationError(f"on_nonfinite must be 'warn', 'skip' or 'raise', got {on_nonfinite!r}.")
         if not (isinstance(saturation_threshold, (int, float)) and 0.5 < saturation_threshold < 1):
             raise ConfigurationError(f"saturation_threshold must be in (0.5, 1), got {saturation_threshold!r}.")
-        for name, value in (
-            ("log_every_n_steps", log_every_n_steps),
-            ("histogram_every_n_steps", histogram_every_n_steps),
-            ("figure_every_n_steps", figure_every_n_steps),
-        ):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ConfigurationError(f"{name} must be a non-negative integer or None, got {value!r}.")
-        if log_every_n_steps == 0:
-            raise ConfigurationError("log_every_n_steps must be positive.")
+        HealthOutput.check_cadence(
+            log_every_n_steps=log_every_n_steps,
+            histogram_every_n_steps=histogram_every_n_steps,
+            figure_every_n_steps=figure_every_n_steps,
+            histogram_min_interval_s=histogram_min_interval_s,
+            figure_min_interval_s=figure_min_interval_s,
+        )
         self.log_every_n_steps = log_every_n_steps
         self.vanishing_threshold = vanishing_threshold
         self.vanishing_ratio = vanishing_ratio
@@ -179,6 +166,8 @@ class GradientHealthCallback(Callback):
         self.saturation_threshold = saturation_threshold
         self.histogram_every_n_steps = histogram_every_n_steps
         self.figure_every_n_steps = figure_every_n_steps
+        self.histogram_min_interval_s = histogram_min_interval_s
+        self.figure_min_interval_s = figure_min_interval_s
         self.verbose = verbose
         self._monitors: dict[int, GradientMonitor] = {}
         self._fit_steps: dict[int, int] = {}
@@ -186,6 +175,8 @@ class GradientHealthCallback(Callback):
         self._activations = ActivationProbe(saturation_threshold)
         self._step_hooks: dict[int, RemovableHandle] = {}
         self._every = 1
+        self._output = HealthOutput(0, 0, 0.0, 0.0)
+        self._pending_metrics: dict[int, tuple[int, dict[str, float]]] = {}
         self._trainer_ref: Trainer | None = None
 
     # ---------------------------------------------------------------------------------------- setup and teardown
@@ -199,6 +190,12 @@ class GradientHealthCallback(Callback):
             )
         # Lightning's logger connector sets Trainer.log_every_n_steps at run time (it is not a typed attribute).
         self._every = self.log_every_n_steps or max(getattr(trainer, "log_every_n_steps", 1), 1)
+        self._output = HealthOutput(
+            self._every * 10 if self.histogram_every_n_steps is None else self.histogram_every_n_steps,
+            self._every * 20 if self.figure_every_n_steps is None else self.figure_every_n_steps,
+            self.histogram_min_interval_s,
+            self.figure_min_interval_s,
+        )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -228,6 +225,8 @@ class GradientHealthCallback(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Events counted on the device after the last logging step would otherwise never be reported.
+        for index in list(self._pending_metrics):
+            self._flush_metrics(trainer, index)
         for monitor in self._monitors.values():
             reported = len(monitor.nonfinite)
             monitor.flush()
@@ -262,6 +261,7 @@ class GradientHealthCallback(Callback):
                     lambda *args, **kwargs: self._on_optimizer_stepped(index)
                 )
         monitor.discard_snapshot()  # a snapshot whose step the GradScaler skipped is stale
+        self._flush_metrics(trainer, index)
         scaler = _grad_scaler(trainer)
         # Fused optimizers unscale inside .step(), after this hook: their gradients are still scaled here.
         scale = (
@@ -276,7 +276,7 @@ class GradientHealthCallback(Callback):
         if self.on_nonfinite != "warn" and scaler is None and bool(observation.tensor_nonfinite.any()):
             self._handle_nonfinite_now(trainer, pl_module, monitor, observation, step)  # the one sync of these
         elif logging_step:
-            self._record(trainer, monitor, observation, step, amp=scaler is not None)
+            self._record(trainer, index, observation, step, amp=scaler is not None)
 
     def _handle_nonfinite_now(
         self,
@@ -302,49 +302,48 @@ class GradientHealthCallback(Callback):
             rank_zero_warn(f"GradientHealthCallback skipped optimizer step {step}: non-finite gradients in {listed}.")
 
     # --------------------------------------------------------------------------------------------- logging steps
-    def _record(
-        self, trainer: Trainer, monitor: GradientMonitor, observation: Observation, step: int, amp: bool
-    ) -> None:
+    def _record(self, trainer: Trainer, index: int, observation: Observation, step: int, amp: bool) -> None:
+        monitor = self._monitors[index]
         reported = len(monitor.nonfinite)
         record, activation_values = monitor.record(
             step, observation, self._activations.tensors(), amp=amp, snapshot_weights=self.track_update_ratio
         )
         self._warn_nonfinite(trainer, monitor, reported)
         if record is not None and trainer.is_global_zero:
-            activations = self._activations.metrics(activation_values, monitor.prefix)
-            _log(trainer, {**record_metrics(record, monitor.prefix), **activations}, step)
-            self._log_tensorboard(trainer, monitor, observation, record, step)
+            metrics = {
+                **record_metrics(record, monitor.prefix),
+                **self._activations.metrics(activation_values, monitor.prefix),
+            }
+            self._pending_metrics[index] = (step, metrics)  # sent with the update ratios, after the step
+            if not self.track_update_ratio:
+                self._flush_metrics(trainer, index)
+            if monitor.layers is not None:
+                self._output.pictures(
+                    trainer.loggers,
+                    monitor.prefix,
+                    monitor.layers,
+                    observation.positions,
+                    record,
+                    step,
+                    self.flow_figure,
+                )
         self._activations.stats.clear()
 
     def _on_optimizer_stepped(self, index: int) -> None:
-        """Optimizer step post-hook: turn the logging step's weight snapshot into real update ratios."""
+        """Optimizer step post-hook: add the real update ratios to the logging step's metrics and send them."""
         monitor = self._monitors.get(index)
         result = monitor.update_ratios() if monitor is not None else None
-        if result is None or monitor is None or self._trainer_ref is None or not self._trainer_ref.is_global_zero:
-            return
-        step, updates = result
-        _log(self._trainer_ref, {f"update_to_weight/{monitor.prefix}{n}": r for n, r in updates.items()}, step)
+        pending = self._pending_metrics.get(index)
+        if result is not None and monitor is not None and pending is not None and pending[0] == result[0]:
+            pending[1].update({f"update_to_weight/{monitor.prefix}{name}": r for name, r in result[1].items()})
+        if self._trainer_ref is not None:
+            self._flush_metrics(self._trainer_ref, index)
 
-    def _log_tensorboard(
-        self, trainer: Trainer, monitor: GradientMonitor, observation: Observation, record: StepRecord, step: int
-    ) -> None:
-        writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        if not writers:
-            return
-        histogram_every = self._interval(self.histogram_every_n_steps, 10)
-        figure_every = self._interval(self.figure_every_n_steps, 20)
-        if histogram_every and step % histogram_every == 0:
-            assert monitor.layers is not None
-            for histogram in gradient_histograms(monitor.layers, observation.positions):
-                values = histogram._asdict()
-                tag = f"grad_hist/{monitor.prefix}{values.pop('name')}"
-                for writer in writers:
-                    writer.add_histogram_raw(tag, **values, global_step=step)
-        if figure_every and step % figure_every == 0:
-            layers = record["layers"]
-            figure = self.flow_figure(list(layers), [stats["grad_norm"] for stats in layers.values()])
-            for writer in writers:
-                writer.add_figure(f"grad_health/{monitor.prefix}flow", figure, global_step=step, close=False)
+    def _flush_metrics(self, trainer: Trainer, index: int) -> None:
+        pending = self._pending_metrics.pop(index, None)
+        if pending is not None:
+            step, metrics = pending
+            self._output.scalars(trainer.loggers, metrics, step)
 
     def flow_figure(self, names: Sequence[str], norms: Sequence[float]) -> Figure:
         """The gradient-flow figure (see :func:`stabilize.health.flow_figure`) with this callback's thresholds."""
@@ -379,15 +378,7 @@ class GradientHealthCallback(Callback):
         With ``pl_module``, the remedies fit the model (what it lacks, what saturates) and include its own
         ``gradient_health_hints()``.
         """
-        traits = ModelTraits.of(pl_module) if pl_module is not None else None
-        hints = model_hints(pl_module)
-        lines = []
-        for index, monitor in sorted(self._monitors.items()):
-            title = "Gradient health" + (f" (optimizer {index})" if len(self._monitors) > 1 else "")
-            lines.append(f"{title} after {monitor.steps} optimizer steps (details every {self._every}):")
-            last = monitor.history[-1] if monitor.history else None
-            lines += diagnosis_lines(monitor.summary(), last, traits, hints)
-        return "\n".join(lines)
+        return report(self._monitors, self._every, pl_module)
 
     # ------------------------------------------------------------------------------------------- checkpointing
     @override
@@ -421,9 +412,6 @@ class GradientHealthCallback(Callback):
         count in the current fit."""
         return trainer.global_step if len(trainer.optimizers) <= 1 else self._fit_steps.get(index, 0)
 
-    def _interval(self, value: int | None, multiple: int) -> int:
-        return self._every * multiple if value is None else value
-
     def _warn_nonfinite(self, trainer: Trainer, monitor: GradientMonitor, reported: int) -> None:
         if not trainer.is_global_zero:
             return
@@ -451,12 +439,6 @@ def _holds_compiled_module(module: nn.Module) -> bool:
     """Whether ``module`` holds a ``torch.compile`` wrapper, registered or kept as a plain attribute."""
     candidates = [*module.modules(), *vars(module).values()]
     return any(type(candidate).__name__ == "OptimizedModule" for candidate in candidates)
-
-
-def _log(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-    """One ``log_metrics`` call per logger with the whole dict (no per-key calls, no host syncs)."""
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
 
 
 __all__ = ["GradientHealthCallback", "NonFinitePolicy"]

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from stabilize.health.records import HealthSummary, StepRecord
+
+if TYPE_CHECKING:
+    from stabilize.health.monitor import GradientMonitor
 
 RELU_LIKE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.PReLU, nn.Mish)
 SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid)
@@ -66,6 +70,19 @@ def verdict(summary: HealthSummary) -> str:
     if not findings and summary["ever_vanished"]:
         findings.append("recovered from vanishing")
     return ", ".join(findings) if findings else "healthy"
+
+
+def report(monitors: Mapping[int, GradientMonitor], every: int, module: nn.Module | None = None) -> str:
+    """The whole diagnosis: a title and :func:`diagnosis_lines` per optimizer; with ``module``, remedies fit it."""
+    traits = ModelTraits.of(module) if module is not None else None
+    hints = model_hints(module)
+    lines = []
+    for index, monitor in sorted(monitors.items()):
+        title = "Gradient health" + (f" (optimizer {index})" if len(monitors) > 1 else "")
+        lines.append(f"{title} after {monitor.steps} optimizer steps (details every {every}):")
+        last = monitor.history[-1] if monitor.history else None
+        lines += diagnosis_lines(monitor.summary(), last, traits, hints)
+    return "\n".join(lines)
 
 
 def diagnosis_lines(

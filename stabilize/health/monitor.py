@@ -36,7 +36,16 @@ MAX_MEDIAN_WINDOW = 100_000
 
 @dataclass(frozen=True)
 class HealthCriteria:
-    """When a layer is vanishing and a step exploding (see :class:`~stabilize.callbacks.GradientHealthCallback`).
+    """When a layer is vanishing and a step exploding; the defaults and why:
+
+    - a layer is *vanishing* when its gradient L2 norm is below ``vanishing_threshold`` (1e-8: an update of
+      ``lr * 1e-8`` is below fp32's resolution of weights of norm ~1, so the layer is frozen) or below
+      ``vanishing_ratio`` (1e-5) times the largest layer norm of the step (that layer learns 100,000x slower than
+      the fastest one; healthy ResNets and BatchNorm nets stay within ~1e-3, a plain deep sigmoid net falls to
+      1e-10 and below);
+    - a step is *exploding* when the total norm exceeds ``exploding_threshold`` (1e3: cross-entropy gradients of
+      a healthy classifier are O(0.1-10)) or exceeds ``exploding_factor`` (10x) times the running median of the
+      last ``median_window`` (64) finite step norms.
 
     Raises:
         ValueError: If a value has the wrong type, lies out of range, or the thresholds are inverted.

@@ -330,7 +330,12 @@ def test_dead_relu_channels_are_counted(tmp_path: Path) -> None:
 def test_tensorboard_has_scalars_histograms_and_the_flow_figure(tmp_path: Path) -> None:
     seed_everything(0)
     health = GradientHealthCallback(
-        log_every_n_steps=2, histogram_every_n_steps=2, figure_every_n_steps=4, verbose=False
+        log_every_n_steps=2,
+        histogram_every_n_steps=2,
+        figure_every_n_steps=4,
+        histogram_min_interval_s=0,
+        figure_min_interval_s=0,
+        verbose=False,
     )
     logger = TensorBoardLogger(tmp_path, name="tb")
     model = DeepPlainCNN(depth=8, activation="sigmoid", init="small_normal", scheduler="constant")
@@ -553,3 +558,17 @@ def test_events_counted_after_the_last_logging_step_survive_a_mid_run_checkpoint
     explosions = resumed.summary()["optimizer_0"]["explosions"]
     assert [(e["first_step"], e["steps"]) for e in explosions] == [(5, 1)]
     assert "EXPLODING" in resumed.diagnosis()
+
+
+def test_figures_and_histograms_wait_their_minimum_wall_time(tmp_path: Path) -> None:
+    health = GradientHealthCallback(
+        log_every_n_steps=1, histogram_every_n_steps=2, figure_every_n_steps=2, verbose=False
+    )
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(tmp_path, [health], steps=6, logger=logger).fit(TinyMLP())
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("grad_health/flow")] == [0]  # steps 2 and 4 came within 60 s
+    assert [e.step for e in events.Histograms("grad_hist/head")] == [0]  # and within 10 s
+    assert [e.step for e in events.Scalars("grad_norm/head")] == list(range(6))  # scalars every logging step
+    assert [e.step for e in events.Scalars("update_to_weight/head")] == list(range(6))
