@@ -4,6 +4,7 @@
 ``stabilize fit --config configs/resnet56.yaml``; ``validate``, ``test``, ``predict``, ``--print_config`` and
 ``--trainer.callbacks+=GradientHealthCallback`` work with the short class names of everything imported below.
 Any other LightningModule or LightningDataModule can be named by its import path (``--model my_pkg.MyNet``).
+``stabilize study --config configs/study/quickstart.yaml`` runs a grid of experiments (:mod:`stabilize.study`).
 """
 
 from __future__ import annotations
@@ -76,8 +77,14 @@ def main(args: Sequence[str] | None = None) -> None:
     fit the model, a setting that only fails once the data is known) ends the command with one message and exit
     code 1 (2 for a setting); ``STABILIZE_DEBUG=1`` shows the traceback.
     """
+    arguments = list(sys.argv[1:] if args is None else args)
     try:
-        StabilizeCLI(args=list(args) if args is not None else None)
+        if arguments[:1] == ["study"]:
+            from stabilize.study.command import study_main
+
+            study_main(arguments[1:])
+        else:
+            StabilizeCLI(args=arguments)
     except StabilizeError as error:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise

@@ -63,6 +63,8 @@ class CIFAR10DataModule(LightningDataModule):
             the other half in odd epochs (every image is seen both ways every two epochs).
         cutout: Side of a square zeroed at a random place in each image; 0 disables it.
         cache_file: Optional ``.pt`` file holding all tensors: written after the first read, loaded afterwards.
+        train_subset: Train on this many images only: a seeded, class-balanced subset of the training images left
+            after the validation split (quick studies on a CPU). ``None`` uses them all.
         device: ``"cuda"`` keeps the whole uint8 dataset on the Trainer's GPU (about 180 MB) so no batch crosses
             PCIe; falls back to host memory with a warning when no GPU is present. ``None`` keeps it in host memory.
 
@@ -96,6 +98,7 @@ class CIFAR10DataModule(LightningDataModule):
         cutout: int = 0,
         cache_file: str | None = None,
         device: str | None = None,
+        train_subset: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -103,6 +106,10 @@ class CIFAR10DataModule(LightningDataModule):
         if num_workers < 0:
             raise ConfigurationError(f"num_workers must be non-negative, got {num_workers}.")
         _check_val_size(val_size)
+        if train_subset is not None and (not isinstance(train_subset, int) or isinstance(train_subset, bool)):
+            raise ConfigurationError(f"train_subset must be a number of images or None, got {train_subset!r}.")
+        if train_subset is not None and train_subset < len(CLASSES):
+            raise ConfigurationError(f"train_subset must hold at least one image per class, got {train_subset}.")
         if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigurationError(f"device must be None, 'cpu' or 'cuda' (optionally 'cuda:N'), got {device!r}.")
         self.save_hyperparameters()
@@ -172,6 +179,8 @@ class CIFAR10DataModule(LightningDataModule):
             raise ConfigurationError(f"val_size={val_size} leaves no training images out of {len(train_y)}.")
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.hparams["seed"]))
         val_idx, train_idx = order[:num_val], order[num_val:]
+        if self.hparams["train_subset"] is not None:
+            train_idx = balanced_subset(train_idx, train_y, self.hparams["train_subset"])
         data_device = self._data_device()
         flip_parity = None
         if self.hparams["augment"] and self.hparams["flip"] and self.hparams["alternate_flip"]:
@@ -287,6 +296,25 @@ class CIFAR10DataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         training = self.trainer is not None and self.trainer.training
         return self.transform_batch(batch, train=training)
+
+
+def balanced_subset(indices: Tensor, labels: Tensor, size: int) -> Tensor:
+    """``size`` of ``indices`` (already in a seeded random order), as equal a number per class as possible (the
+    first classes take the remainder), in their original order."""
+    classes = int(labels.max()) + 1
+    per_class = [size // classes + (c < size % classes) for c in range(classes)]
+    chosen = []
+    for c, count in enumerate(per_class):
+        of_class = indices[labels[indices] == c]
+        if len(of_class) < count:
+            raise ConfigurationError(
+                f"train_subset={size} needs {count} images of class {c}, but only {len(of_class)} are left after the"
+                " validation split."
+            )
+        chosen.append(of_class[:count])
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    keep[torch.cat(chosen)] = True
+    return indices[keep[indices]]
 
 
 def _check_val_size(val_size: int | float) -> None:

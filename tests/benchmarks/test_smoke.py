@@ -36,7 +36,19 @@ def test_bench_datamodule(tmp_path: Path) -> None:
 
 def test_bench_callback_overhead(tmp_path: Path) -> None:
     figures = json.loads(run_smoke("bench_callback_overhead.py", tmp_path)[-1])
-    configurations = {"baseline", "gradient_health", "gradient_health_every_step", "lightning_grad_norm"}
+    configurations = {
+        "baseline",
+        "gradient_health",
+        "gradient_health_every_step",
+        "gradient_health_every_step_ungated",
+        "lightning_grad_norm",
+    }
+        "baseline",
+        "gradient_health",
+        "gradient_health_every_step",
+        "gradient_health_every_step_ungated",
+        "lightning_grad_norm",
+    }
     assert configurations <= set(figures)
     assert figures["baseline"]["median_ratio"] == 1.0
     assert figures["every_step_logging step"]["self_ms"] > 0

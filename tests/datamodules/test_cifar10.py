@@ -440,3 +440,17 @@ def test_integer_shift_fast_path_equals_the_resampling_matrices(flip: bool) -> N
     cols = resampling_matrices(32, ones, shift[1].float(), mirror)
     expected = torch.matmul(rows.unsqueeze(1), images.float() @ cols.transpose(1, 2).unsqueeze(1))
     torch.testing.assert_close(shift_and_flip(images, shift, mirror, 4).float(), expected, rtol=0, atol=0)
+
+
+def test_train_subset_is_class_balanced_seeded_and_disjoint_from_validation(tiny_cifar: Path) -> None:
+    first, again = make(tiny_cifar, train_subset=50), make(tiny_cifar, train_subset=50)
+    images, labels = first.split("train")
+    assert len(labels) == 50 and torch.bincount(labels, minlength=10).tolist() == [5] * 10
+    torch.testing.assert_close(again.split("train")[0], images)
+    val_images = first.split("val")[0].flatten(1)
+    assert not (images.flatten(1)[:, None, :] == val_images[None]).all(-1).any()
+
+
+def test_train_subset_larger_than_a_class_allows_names_the_class(tiny_cifar: Path) -> None:
+    with pytest.raises(ValueError, match="train_subset=160 needs 16 images of class"):
+        make(tiny_cifar, train_subset=160)

@@ -1,0 +1,173 @@
+"""A study grid: the runs of one experiment and the budgets it can run at, read from YAML and checked up front."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
+
+import stabilize.datamodules
+import stabilize.models
+from stabilize.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much data and time each run of a study gets.
+
+    Args:
+        max_epochs: Epochs per run.
+        train_subset: Training images (a seeded, class-balanced subset), or ``None`` for all of them.
+        val_size: Training images held out for validation.
+        batch_size: Images per batch, or ``None`` for the datamodule's default.
+        log_every_n_steps: Logging interval, also GradientHealthCallback's detail interval.
+    """
+
+    max_epochs: int
+    train_subset: int | None
+    val_size: int
+    batch_size: int | None = None
+    log_every_n_steps: int = 10
+
+
+#: ``cpu-small``: a look at the article's claims on a 2-core CPU in minutes per run; ``full``: He et al.'s schedule
+#: length on all the data, for a GPU. A grid may override any field per budget.
+BUDGETS = {
+    "cpu-small": Budget(max_epochs=3, train_subset=10_000, val_size=2_000, log_every_n_steps=10),
+    "full": Budget(max_epochs=160, train_subset=None, val_size=5_000, log_every_n_steps=50),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a grid: a model class and its arguments, data arguments and Trainer overrides."""
+
+    name: str
+    model_class: type[LightningModule]
+    model_args: dict[str, Any]
+    data_class: type[LightningDataModule]
+    data_args: dict[str, Any]
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    description: str
+    runs: list[RunSpec]
+    budgets: dict[str, Budget]
+    seed: int = 42
+
+    def budget(self, name: str) -> Budget:
+        if name not in self.budgets:
+            raise ConfigurationError(f"Unknown budget {name!r}; grid {self.name!r} offers {sorted(self.budgets)}.")
+        return self.budgets[name]
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read a grid YAML (see ``configs/study/``); every entry is resolved and checked before anything trains.
+
+    Raises:
+        ConfigurationError: Naming the entry, for an unknown class, a bad argument or a malformed file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(f"No study grid at {path}; the shipped grids are in configs/study/.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("runs"), list) or not raw["runs"]:
+        raise ConfigurationError(f"{path}: a grid needs a non-empty 'runs' list.")
+    defaults = raw.get("defaults", {}) or {}
+    runs, names = [], set()
+    for position, entry in enumerate(raw["runs"]):
+        if not isinstance(entry, dict) or not entry.get("name"):
+            raise ConfigurationError(f"{path}: run {position + 1} needs a 'name'.")
+        name = str(entry["name"])
+        if name in names or "/" in name:
+            raise ConfigurationError(f"{path}: run names must be unique and contain no '/': {name!r}.")
+        names.add(name)
+        merged = _merge(defaults, entry)
+        try:
+            runs.append(_run_spec(name, merged))
+        except ConfigurationError as error:
+            raise ConfigurationError(f"{path}: run {name!r}: {error}") from error
+    budgets = dict(BUDGETS)
+    for budget_name, overrides in (raw.get("budgets") or {}).items():
+        base = budgets.get(budget_name, BUDGETS["cpu-small"])
+        known = {f.name for f in fields(Budget)}
+        if not isinstance(overrides, dict) or not set(overrides) <= known:
+            raise ConfigurationError(f"{path}: budget {budget_name!r} may set only {sorted(known)}.")
+        budgets[budget_name] = replace(base, **overrides)
+    return Grid(raw.get("name", path.stem), raw.get("description", ""), runs, budgets, int(raw.get("seed", 42)))
+
+
+def check_runs(grid: Grid, budget: Budget, data_dir: str | None) -> None:
+    """Instantiate every run's model and datamodule once (cheap), so a bad argument fails before any training."""
+    for run in grid.runs:
+        try:
+            run.model_class(**run.model_args)
+            run.data_class(**data_arguments(run, budget, data_dir))
+        except (ConfigurationError, TypeError, ValueError) as error:
+            raise ConfigurationError(f"grid {grid.name!r}, run {run.name!r}: {error}") from error
+
+
+def data_arguments(run: RunSpec, budget: Budget, data_dir: str | None) -> dict[str, Any]:
+    """The datamodule arguments of ``run`` under ``budget`` (the run's own settings win over the budget's)."""
+    args: dict[str, Any] = {"train_subset": budget.train_subset, "val_size": budget.val_size}
+    if budget.batch_size is not None:
+        args["batch_size"] = budget.batch_size
+    if data_dir is not None:
+        args["data_dir"] = data_dir
+    return {**args, **run.data_args}
+
+
+def _run_spec(name: str, entry: dict[str, Any]) -> RunSpec:
+    model = entry.get("model") or {}
+    data = entry.get("data") or {}
+    trainer = entry.get("trainer") or {}
+    if not isinstance(model, dict) or "class_path" not in model:
+        raise ConfigurationError("needs model.class_path (e.g. ResNet or my_package.MyModel).")
+    model_class = _resolve(model["class_path"], stabilize.models, LightningModule)
+    data_class = _resolve(data.get("class_path", "CIFAR10DataModule"), stabilize.datamodules, LightningDataModule)
+    if not isinstance(trainer, dict):
+        raise ConfigurationError("trainer must be a mapping of Trainer arguments.")
+    return RunSpec(
+        name,
+        model_class,
+        dict(model.get("init_args") or {}),
+        data_class,
+        dict(data.get("init_args") or {}),
+        dict(trainer),
+    )
+
+
+def _resolve(class_path: str, package: Any, base: type) -> Any:
+    """A class by short name (from ``package``) or import path, checked to subclass ``base``."""
+    if "." not in class_path:
+        found = getattr(package, class_path, None)
+    else:
+        module_name, _, class_name = class_path.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            found = None
+    if not (isinstance(found, type) and issubclass(found, base)):
+        raise ConfigurationError(
+            f"unknown class {class_path!r}: not a {base.__name__} in {package.__name__} or an import path."
+        )
+    return found
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else in ``override`` replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged

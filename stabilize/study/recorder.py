@@ -1,0 +1,93 @@
+"""StudyRecorder: the curves a study plots, gathered during ``fit`` without a host sync per step."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from typing_extensions import override
+
+
+class StudyRecorder(Callback):
+    """Records the training loss of every step, validation accuracy at each epoch end and test accuracy at each
+    epoch end but the last (by running the datamodule's test loader through the model in eval mode; the last one is
+    ``Trainer.test``'s, which the study runs after ``fit``).
+
+    Losses stay device tensors until the epoch ends (one transfer per epoch). Test accuracy uses the model's
+    ``evaluation_logits`` when it has one (test-time augmentation), else its forward.
+
+    Attributes:
+        train_loss: ``(step, loss)`` of every optimizer step.
+        epoch_loss: Mean training loss of each epoch.
+        val_acc: ``(step, epoch, accuracy)`` at each validation epoch end.
+        test_acc: ``(step, accuracy)`` at each epoch end but the last.
+        wall_time: Seconds from the start of training to its end (evaluations included).
+    """
+
+    def __init__(self) -> None:
+        self.train_loss: list[tuple[int, float]] = []
+        self.epoch_loss: list[float] = []
+        self.val_acc: list[tuple[int, int, float]] = []
+        self.test_acc: list[tuple[int, float]] = []
+        self.wall_time = 0.0
+        self._start = 0.0
+        self._losses: list[Tensor] = []
+        self._steps: list[int] = []
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor):
+            self._losses.append(loss.detach().float())
+            self._steps.append(trainer.global_step)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._losses:
+            values = torch.stack(self._losses).tolist()
+            self.train_loss += list(zip(self._steps, values))
+            self.epoch_loss.append(sum(values) / len(values))
+            self._losses, self._steps = [], []
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        accuracy = trainer.callback_metrics.get("val/acc")
+        if accuracy is not None:
+            self.val_acc.append((trainer.global_step, trainer.current_epoch, float(accuracy)))
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if not last_epoch:
+            self._record_test_accuracy(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.wall_time = time.perf_counter() - self._start
+
+    def _record_test_accuracy(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)  # set by fit(); not a typed attribute of Trainer
+        if datamodule is None:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        correct = torch.zeros((), dtype=torch.long, device=pl_module.device)
+        total = 0
+        predict = getattr(pl_module, "evaluation_logits", pl_module)
+        with torch.no_grad():
+            for batch in datamodule.test_dataloader():
+                batch = datamodule.on_before_batch_transfer(batch, 0)
+                batch = datamodule.transfer_batch_to_device(batch, pl_module.device, 0)
+                x, y = datamodule.on_after_batch_transfer(batch, 0)
+                correct += (predict(x).argmax(-1) == y).sum()
+                total += len(y)
+        pl_module.train(was_training)
+        self.test_acc.append((trainer.global_step, correct.item() / max(total, 1)))

@@ -1,0 +1,105 @@
+"""What one study run measured, as a plain record (saved as ``result.json`` beside the run's logs)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, TypedDict
+
+from stabilize.callbacks import GradientHealthCallback
+from stabilize.health import verdict
+from stabilize.study.recorder import StudyRecorder
+
+
+class RunResult(TypedDict):
+    name: str
+    model: str
+    final_train_loss: float | None
+    train_acc: float | None
+    val_acc: float | None
+    best_val_acc: float | None
+    best_epoch: int | None
+    test_acc: float | None
+    wall_time_s: float
+    steps: int
+    median_grad_norm: float | None
+    max_grad_norm: float | None
+    worst_depth_ratio: float | None
+    vanishing_layers_end: int
+    num_layers: int
+    exploding_steps: int
+    verdict: str
+    curves: dict[str, Any]
+
+
+#: The report's columns: (key, header, format).
+COLUMNS = (
+    ("name", "run", "{}"),
+    ("final_train_loss", "train loss", "{:.3f}"),
+    ("train_acc", "train acc", "{:.1%}"),
+    ("val_acc", "val acc", "{:.1%}"),
+    ("test_acc", "test acc", "{:.1%}"),
+    ("best_epoch", "best epoch", "{}"),
+    ("wall_time_s", "time", "{:.0f} s"),
+    ("steps", "steps", "{}"),
+    ("median_grad_norm", "median grad norm", "{:.3g}"),
+    ("max_grad_norm", "max grad norm", "{:.3g}"),
+    ("worst_depth_ratio", "worst depth ratio", "{:.2g}"),
+    ("vanishing_layers_end", "vanishing at end", "{}"),
+    ("exploding_steps", "exploding steps", "{}"),
+    ("verdict", "verdict", "{}"),
+)
+
+
+def collect(
+    name: str,
+    model: str,
+    recorder: StudyRecorder,
+    health: GradientHealthCallback,
+    train_acc: float | None,
+    test_acc: float | None,
+    steps: int,
+) -> RunResult:
+    summary = health.summary().get("optimizer_0")
+    history = health.history
+    norms = [r["global_norm"] for r in history if math.isfinite(r["global_norm"])]
+    peaks = [e["max_norm"] for e in summary["explosions"]] if summary else []
+    best = max(recorder.val_acc, key=lambda item: item[2], default=None)
+    last = history[-1] if history else None
+    test_points = [*recorder.test_acc, *([(steps, test_acc)] if test_acc is not None else [])]
+    return {
+        "name": name,
+        "model": model,
+        "final_train_loss": recorder.epoch_loss[-1] if recorder.epoch_loss else None,
+        "train_acc": train_acc,
+        "val_acc": recorder.val_acc[-1][2] if recorder.val_acc else None,
+        "best_val_acc": best[2] if best else None,
+        "best_epoch": best[1] if best else None,
+        "test_acc": test_acc,
+        "wall_time_s": recorder.wall_time,
+        "steps": steps,
+        "median_grad_norm": statistics.median(norms) if norms else None,
+        "max_grad_norm": max(norms + peaks) if norms or peaks else None,
+        "worst_depth_ratio": summary["worst_depth_ratio"]["ratio"]
+        if summary and summary["worst_depth_ratio"]
+        else None,
+        "vanishing_layers_end": len(summary["vanishing_layers_now"]) if summary else 0,
+        "num_layers": summary["num_layers"] if summary else 0,
+        "exploding_steps": sum(e["steps"] for e in summary["explosions"]) if summary else 0,
+        "verdict": verdict(summary) if summary else "no gradients recorded",
+        "curves": {
+            "train_loss": recorder.train_loss,
+            "val_acc": [(step, acc) for step, _, acc in recorder.val_acc],
+            "test_acc": test_points,
+            "global_norm": [(r["step"], r["global_norm"]) for r in history],
+            "final_layers": list(last["layers"]) if last else [],
+            "final_layer_norms": [stats["grad_norm"] for stats in last["layers"].values()] if last else [],
+        },
+    }
+
+
+def cell(result: RunResult, key: str, form: str) -> str:
+    value = result[key]  # type: ignore[literal-required]
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return form.format(value)

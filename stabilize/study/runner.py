@@ -1,0 +1,110 @@
+"""Run a study grid: each run once (finished runs are reused), then the report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from stabilize.callbacks import GradientHealthCallback
+from stabilize.health.records import jsonable
+from stabilize.study.grid import Budget, Grid, RunSpec, check_runs, data_arguments
+from stabilize.study.recorder import StudyRecorder
+from stabilize.study.report import table, write_report
+from stabilize.study.results import RunResult, collect
+
+RESULT_FILE = "result.json"
+
+
+def run_study(
+    grid: Grid,
+    budget_name: str,
+    out: Path,
+    data_dir: str | None = None,
+    accelerator: str = "auto",
+    echo: Callable[[str], None] = print,
+) -> list[RunResult]:
+    """Train every run of ``grid`` at ``budget_name`` into ``out/<run>/`` and write the report into ``out``.
+
+    A run whose ``result.json`` exists is not trained again, so a killed study restarts at the first unfinished run.
+
+    Raises:
+        ConfigurationError: Before anything trains, for an unknown budget or a run whose arguments do not work.
+    """
+    budget = grid.budget(budget_name)
+    check_runs(grid, budget, data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for number, run in enumerate(grid.runs, start=1):
+        saved = out / run.name / RESULT_FILE
+        if saved.is_file():
+            result: RunResult = json.loads(saved.read_text())
+            echo(f"run {number}/{len(grid.runs)} {run.name}: finished earlier, reusing {saved}")
+        else:
+            result = _train(grid, run, budget, out, data_dir, accelerator)
+            saved.write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
+            accuracy = "n/a" if result["test_acc"] is None else f"{result['test_acc']:.1%}"
+            echo(
+                f"run {number}/{len(grid.runs)} {run.name}: test accuracy {accuracy}, {result['wall_time_s']:.0f} s,"
+                f" gradients: {result['verdict']}"
+            )
+        results.append(result)
+    write_report(grid, budget_name, budget, results, out)
+    echo("\n" + table(results, markdown=False))
+    echo(f"\nReport: {out / 'report.md'}; gradient-flow plot: {out / 'gradient_flow.png'}")
+    echo(f"TensorBoard: tensorboard --logdir {out}")
+    return results
+
+
+def _train(grid: Grid, run: RunSpec, budget: Budget, out: Path, data_dir: str | None, accelerator: str) -> RunResult:
+    seed_everything(grid.seed, verbose=False)
+    model = run.model_class(**run.model_args)
+    datamodule = run.data_class(**data_arguments(run, budget, data_dir))
+    health = GradientHealthCallback(log_every_n_steps=budget.log_every_n_steps, verbose=False)
+    recorder = StudyRecorder()
+    trainer_args: dict[str, Any] = {
+        "max_epochs": budget.max_epochs,
+        "accelerator": accelerator,
+        "devices": 1,
+        "log_every_n_steps": budget.log_every_n_steps,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        **run.trainer_args,
+    }
+    run_dir = out / run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _save_config(run, budget, trainer_args, model, datamodule, run_dir / "config.yaml")
+    trainer = Trainer(
+        logger=TensorBoardLogger(out, name=run.name, version="tensorboard"),
+        callbacks=[health, recorder],
+        default_root_dir=run_dir,
+        **trainer_args,
+    )
+    trainer.fit(model, datamodule)
+    train_acc = trainer.callback_metrics.get("train/acc_epoch")
+    tested = trainer.test(model, datamodule, verbose=False)
+    test_acc = tested[0].get("test/acc") if tested else None
+    health.save_json(run_dir / "gradient_health.json")
+    model_name = f"{type(model).__module__}.{type(model).__qualname__}"
+    train_accuracy = float(train_acc) if train_acc is not None else None
+    return collect(run.name, model_name, recorder, health, train_accuracy, test_acc, trainer.global_step)
+
+
+def _save_config(run: RunSpec, budget: Budget, trainer_args: dict[str, Any], model: Any, data: Any, path: Path) -> None:
+    """The run as resolved: every argument of the model and the data (defaults included), the Trainer's, the budget."""
+    config = {
+        "model": {
+            "class_path": f"{type(model).__module__}.{type(model).__qualname__}",
+            "init_args": dict(model.hparams),
+        },
+        "data": {"class_path": f"{type(data).__module__}.{type(data).__qualname__}", "init_args": dict(data.hparams)},
+        "trainer": trainer_args,
+        "budget": budget.__dict__,
+    }
+    path.write_text(yaml.safe_dump(jsonable(config), sort_keys=False))

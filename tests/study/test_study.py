@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from stabilize.cli import main
+from stabilize.errors import ConfigurationError
+from stabilize.study import Budget, load_grid, run_study
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = Budget(max_epochs=2, train_subset=None, val_size=40, batch_size=32, log_every_n_steps=2)
+
+TWO_RUNS = """
+name: tiny
+description: two small nets
+defaults:
+  model:
+    init_args: {depth: 8, lr: 0.05}
+budgets:
+  tiny: {max_epochs: 2, train_subset: null, val_size: 40, batch_size: 32, log_every_n_steps: 2}
+runs:
+  - name: plain
+    model: {class_path: DeepPlainCNN, init_args: {activation: sigmoid, init: small_normal}}
+  - name: resnet
+    model: {class_path: stabilize.models.ResNet}
+"""
+
+
+def write_grid(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_two_run_grid_writes_the_report_and_is_not_trained_twice(tiny_cifar: Path, tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path, TWO_RUNS))
+    out = tmp_path / "out"
+    lines: list[str] = []
+    results = run_study(grid, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=lines.append)
+    assert [r["name"] for r in results] == ["plain", "resnet"]
+    assert lines[0].startswith("run 1/2 plain: test accuracy") and lines[1].startswith("run 2/2 resnet:")
+    report = (out / "report.md").read_text()
+    assert "| plain |" in report and "| resnet |" in report and "![gradient flow](gradient_flow.png)" in report
+    for name in ("curves.png", "gradient_flow.png", "global_norm.png", "results.json", "results.csv"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved[1]["steps"] == 10 and 0.0 <= saved[1]["test_acc"] <= 1.0  # 2 epochs x 5 batches of 32
+    assert saved[0]["curves"]["final_layers"][0] == "network.0.0"  # forward order, input first
+    with open(out / "results.csv", newline="") as file:
+        assert [row["name"] for row in csv.DictReader(file)] == ["plain", "resnet"]
+    config = (out / "resnet" / "config.yaml").read_text()
+    assert "stabilize.models.resnet.ResNet" in config and "depth: 8" in config and "zero_init_residual" in config
+    assert (out / "resnet" / "tensorboard").is_dir()
+
+    again: list[str] = []
+    run_study(grid, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=again.append)
+    assert all("finished earlier" in line for line in again[:2])
+
+
+@pytest.mark.parametrize(
+    ("run", "message"),
+    [
+        ("{class_path: NoSuchNet}", r"run 'bad'.*unknown class 'NoSuchNet'"),
+        ("{class_path: ResNet, init_args: {depth: 21}}", r"run 'bad'.*depth 6n\+2"),
+        ("{class_path: ResNet, init_args: {colour: red}}", r"run 'bad'.*colour"),
+    ],
+)
+def test_a_bad_entry_fails_before_anything_trains(run: str, message: str, tiny_cifar: Path, tmp_path: Path) -> None:
+    text = TWO_RUNS + f"  - name: bad\n    model: {run}\n"
+    out = tmp_path / "out"
+    def load_and_run() -> None:
+        grid = load_grid(write_grid(tmp_path, text))
+        run_study(grid, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=lambda line: None)
+
+    with pytest.raises(ConfigurationError, match=message):
+        load_and_run()
+    assert not (out / "plain").exists()
+
+
+def test_unknown_budget_exits_with_one_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "--config", str(write_grid(tmp_path, TWO_RUNS)), "--budget", "huge", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "Unknown budget 'huge'" in capsys.readouterr().err
+
+
+def test_the_quickstart_grid_runs_end_to_end_on_tiny_data(tiny_cifar: Path, tmp_path: Path) -> None:
+    grid = load_grid(REPO / "configs" / "study" / "quickstart.yaml")
+    grid = dataclasses.replace(grid, budgets={"cpu-small": TINY})
+    lines: list[str] = []
+    results = run_study(grid, "cpu-small", tmp_path, data_dir=str(tiny_cifar), accelerator="cpu", echo=lines.append)
+    assert [r["name"] for r in results] == ["plain-20-sigmoid", "batchnorm-20-sigmoid", "resnet-20-sigmoid"]
+    assert results[0]["verdict"].startswith("vanishing") and results[0]["vanishing_layers_end"] >= 10
+    assert results[1]["verdict"] == "healthy" and results[2]["verdict"] == "healthy"
+    assert "gradient-flow plot" in lines[-2]
+
+
+@pytest.mark.parametrize("grid", sorted((REPO / "configs" / "study").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_grid_loads_and_its_runs_build(grid: Path, tiny_cifar: Path) -> None:
+    from stabilize.study.grid import check_runs
+
+    loaded = load_grid(grid)
+    check_runs(loaded, dataclasses.replace(TINY), str(tiny_cifar))
+    assert loaded.budget("cpu-small").max_epochs >= 1 and loaded.budget("full").train_subset is None
