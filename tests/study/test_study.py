@@ -72,6 +72,7 @@ def test_two_run_grid_writes_the_report_and_is_not_trained_twice(tiny_cifar: Pat
 def test_a_bad_entry_fails_before_anything_trains(run: str, message: str, tiny_cifar: Path, tmp_path: Path) -> None:
     text = TWO_RUNS + f"  - name: bad\n    model: {run}\n"
     out = tmp_path / "out"
+
     def load_and_run() -> None:
         grid = load_grid(write_grid(tmp_path, text))
         run_study(grid, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=lambda line: None)
