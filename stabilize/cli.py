@@ -10,17 +10,20 @@ Any other LightningModule or LightningDataModule can be named by its import path
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 # Imported for their side effect too: jsonargparse resolves short class names among the imported subclasses.
 import stabilize.callbacks
 import stabilize.datamodules
 import stabilize.models  # noqa: F401
+from stabilize.callbacks import InterruptCheckpoint
 from stabilize.errors import ConfigurationError, StabilizeError
 
 DEFAULT_SEED = 42
@@ -39,6 +42,9 @@ class StabilizeCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("seed_everything_default", DEFAULT_SEED)
+        # A second run or a resume in the same folder rewrites the saved config instead of refusing to start.
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [InterruptCheckpoint()]})
         super().__init__(
             model_class=LightningModule,
             datamodule_class=None,
@@ -85,6 +91,9 @@ def main(args: Sequence[str] | None = None) -> None:
             study_main(arguments[1:])
         else:
             StabilizeCLI(args=arguments)
+    except SIGTERMException:
+        print("stabilize: stopped by SIGTERM (see the checkpoint line above to resume)", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except StabilizeError as error:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise

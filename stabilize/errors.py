@@ -22,3 +22,7 @@ class DataTypeError(StabilizeError, TypeError):
 
 class DataNotFoundError(StabilizeError, FileNotFoundError):
     """The data is not where the settings say."""
+
+
+class TrainingDivergedError(StabilizeError, FloatingPointError):
+    """Training ended with non-finite weights: the run diverged and its result must not be used."""

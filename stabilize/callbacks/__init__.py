@@ -1,5 +1,6 @@
 """Lightning callbacks that watch the health of the gradients."""
 
 from stabilize.callbacks.gradient_health import GradientHealthCallback
+from stabilize.callbacks.interrupt_checkpoint import InterruptCheckpoint
 
-__all__ = ["GradientHealthCallback"]
+__all__ = ["GradientHealthCallback", "InterruptCheckpoint"]

@@ -233,6 +233,14 @@ class GradientHealthCallback(Callback):
             self._warn_nonfinite(trainer, monitor, reported)
 
     @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Interrupted, preempted or crashed: what was counted so far is the most useful part of the report.
+        for monitor in self._monitors.values():
+            monitor.flush()
+        if self.verbose and trainer.is_global_zero and self._monitors and not isinstance(exception, FloatingPointError):
+            rank_zero_info(self.diagnosis(pl_module))
+
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.verbose and trainer.is_global_zero and self._monitors:
             rank_zero_info(self.diagnosis(pl_module))

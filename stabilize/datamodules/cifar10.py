@@ -225,6 +225,13 @@ class CIFAR10DataModule(LightningDataModule):
             self.setup()
         batches = self._splits[split]
         trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        batch_size = self.hparams["batch_size"]
+        if train and self.hparams["drop_last"] and len(batches) < batch_size * world:
+            raise ConfigurationError(
+                f"Zero training batches: drop_last=True drops the only, incomplete batch ({len(batches)} training"
+                f" images, batch_size={batch_size} x {world} process(es)). Lower batch_size or set drop_last=False."
+            )
         on_device = batches.images.device.type != "cpu"
         sampler = BatchPermutationSampler(
             len(batches),

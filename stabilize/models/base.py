@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from stabilize.errors import ConfigurationError, DataError, DataTypeError
+from stabilize.errors import ConfigurationError, DataError, DataTypeError, TrainingDivergedError
 
 OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
 SchedulerName = Literal["cosine", "onecycle", "triangular", "constant"]
@@ -58,6 +58,8 @@ class ImageClassifier(LightningModule):
 
     #: Spatial size the network insists on, or ``None`` when any size works.
     expected_image_size: int | None = None
+    #: Smallest height and width the network accepts (its pooling needs at least one pixel at the end).
+    min_image_size: int = 1
     _nonfinite_input_batches: Tensor
 
     def __init__(
@@ -142,6 +144,18 @@ class ImageClassifier(LightningModule):
                 f"{name} expects floating-point images, got dtype {x.dtype}. Convert and normalize first, e.g."
                 " x.float() / 255 followed by per-channel normalization (CIFAR10DataModule does this)."
             )
+        weight_dtype = next(self.network.parameters()).dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise DataTypeError(
+                f"{name} holds {weight_dtype} weights but got {x.dtype} images. Convert the input"
+                f" (x.to({weight_dtype})) or the model (model.to(dtype)), or train with a Trainer precision setting"
+                " such as 'bf16-mixed'."
+            )
+        if min(x.shape[-2:]) < self.min_image_size:
+            raise DataError(
+                f"{name} needs images of at least {self.min_image_size}x{self.min_image_size} pixels (its pooling"
+                f" halves them several times); got shape {tuple(x.shape)}."
+            )
         size = self.expected_image_size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             raise DataError(f"{name} expects {size}x{size} images; got shape {tuple(x.shape)}.")
@@ -153,6 +167,17 @@ class ImageClassifier(LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         network = self._compiled_network if self._compiled_network is not None else self.network
         return network(x)
+
+    @override
+    def setup(self, stage: str) -> None:
+        # Data and model that disagree on the classes fail here, with both numbers, not in the loss later.
+        datamodule = getattr(self._trainer, "datamodule", None)
+        classes = getattr(datamodule, "num_classes", None)
+        if isinstance(classes, int) and classes != self.hparams["num_classes"]:
+            raise ConfigurationError(
+                f"{type(datamodule).__name__} has {classes} classes but {type(self).__name__} was built with"
+                f" num_classes={self.hparams['num_classes']}: set --model.num_classes {classes}."
+            )
 
     @override
     def configure_model(self) -> None:
@@ -217,6 +242,19 @@ class ImageClassifier(LightningModule):
     @override
     def on_train_epoch_end(self) -> None:
         self._raise_on_nonfinite_inputs()
+
+    @override
+    def on_train_end(self) -> None:
+        # One host read per fit: a run that diverged must not end as if it had trained.
+        finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
+        if not bool(finite):
+            step = self.trainer.global_step if self._trainer is not None else "?"
+            raise TrainingDivergedError(
+                f"{type(self).__name__}'s weights are NaN/Inf after {step} optimizer steps: training diverged."
+                " Lower the learning rate or add a warm-up (--model.lr, --model.warmup_fraction), clip gradients"
+                " (--trainer.gradient_clip_val 1.0), or drop such steps with"
+                " GradientHealthCallback(on_nonfinite='skip')."
+            )
 
     @override
     def on_validation_epoch_end(self) -> None:

@@ -75,6 +75,9 @@ class FastCNN(ImageClassifier):
             ``nesterov``, ``scheduler="triangular"``, ``channels_last``, ``compile``, ...).
     """
 
+    #: A 2x2 valid convolution and three 2x2 max-pools leave one pixel of a 9x9 image.
+    min_image_size = 9
+
     def __init__(
         self,
         widths: tuple[int, int, int] = (64, 256, 256),

@@ -32,14 +32,18 @@ class PlainCNN(ImageClassifier):
     Args:
         activation: Nonlinearity after every convolution.
         init: Weight initialisation (see :func:`stabilize.models.blocks.init_weights`).
+        lr: Peak learning rate. 0.01, not the base class's 0.1: without normalization this net diverges to NaN
+            within a few steps at 0.1 with SGD and momentum.
         **kwargs: Optimizer, scheduler and loss settings of :class:`ImageClassifier`.
     """
 
     widths = (64, 64, 128, 128, 256)
     expected_image_size = 32
 
-    def __init__(self, activation: ActivationName = "relu", init: InitName = "kaiming", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self, activation: ActivationName = "relu", init: InitName = "kaiming", lr: float = 0.01, **kwargs: Any
+    ) -> None:
+        super().__init__(lr=lr, **kwargs)
 
     @override
     def build_network(self) -> nn.Module:

@@ -454,3 +454,9 @@ def test_train_subset_is_class_balanced_seeded_and_disjoint_from_validation(tiny
 def test_train_subset_larger_than_a_class_allows_names_the_class(tiny_cifar: Path) -> None:
     with pytest.raises(ValueError, match="train_subset=160 needs 16 images of class"):
         make(tiny_cifar, train_subset=160)
+
+
+def test_drop_last_with_a_batch_larger_than_the_training_set_says_why(tiny_cifar: Path) -> None:
+    datamodule = make(tiny_cifar, batch_size=200, drop_last=True)
+    with pytest.raises(ValueError, match=r"Zero training batches: drop_last=True .*160 training images"):
+        datamodule.train_dataloader()

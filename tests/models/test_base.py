@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import nn
 
-from stabilize.models import ImageClassifier, ResNet
+from stabilize.models import FastCNN, ImageClassifier, ResNet
 from stabilize.models.base import cosine_with_warmup
 from tests.helpers.data import SyntheticImages
 from tests.helpers.trainer import quiet_trainer
@@ -199,3 +199,27 @@ def test_compile_builds_one_graph_without_recompiles_and_keeps_checkpoint_keys(t
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(images), eager(images), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("model", "images", "error", "message"),
+    [
+        (lambda: ResNet(depth=8), torch.zeros(2, 3, 32, 32, dtype=torch.float64), TypeError, "float32 weights but got"),
+        (lambda: ResNet(depth=8), torch.zeros(2, 3, 32, 32, dtype=torch.float16), TypeError, "float32 weights but got"),
+        (lambda: FastCNN(), torch.zeros(2, 3, 8, 8), ValueError, "at least 9x9 pixels"),
+    ],
+)
+def test_inputs_that_do_not_fit_fail_with_one_clear_message(model, images, error, message: str) -> None:
+    from stabilize.errors import StabilizeError
+
+    with pytest.raises(error, match=message) as info:
+        model()(images)
+    assert isinstance(info.value, StabilizeError)
+
+
+def test_num_classes_mismatch_with_the_datamodule_fails_at_setup(tiny_cifar, tmp_path) -> None:
+    from stabilize.datamodules import CIFAR10DataModule
+
+    model = ResNet(depth=8, num_classes=5)
+    with pytest.raises(ValueError, match=r"CIFAR10DataModule has 10 classes .* num_classes=5"):
+        quiet_trainer(tmp_path, max_steps=1).fit(model, CIFAR10DataModule(str(tiny_cifar), val_size=40))

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from torch import nn
 
 from stabilize.models import BatchNormCNN, DeepPlainCNN, FixupResNet, ImageClassifier, PlainCNN, ResNet
@@ -180,3 +181,28 @@ def test_fixup_resnet_has_no_normalization_and_starts_as_identity_blocks() -> No
 def test_invalid_arguments_raise_at_construction(cls: type, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), VARIANTS)
+def test_defaults_train_loss_stays_finite_and_falls(cls: type[ImageClassifier], kwargs: dict, tmp_path) -> None:
+    """Every variant at its default optimizer settings: a few steps on learnable data lower the loss."""
+    torch.manual_seed(0)
+    model = cls(**{k: v for k, v in kwargs.items() if k == "depth"})
+    data = SyntheticImages(num=256, batch_size=32)
+    losses = []
+
+    class Losses(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    quiet_trainer(tmp_path, max_steps=24, limit_val_batches=0, callbacks=[Losses()]).fit(model, data)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6
+
+
+def test_a_fit_that_diverges_raises_instead_of_ending_quietly(tmp_path) -> None:
+    from stabilize.errors import TrainingDivergedError
+
+    model = DeepPlainCNN(depth=8, lr=50.0, scheduler="constant")
+    with pytest.raises(TrainingDivergedError, match="NaN/Inf after 8 optimizer steps"):
+        quiet_trainer(tmp_path, max_steps=8, limit_val_batches=0).fit(model, SyntheticImages(num=64, batch_size=8))
