@@ -25,6 +25,7 @@ from stabilize.health.diagnosis import report
 from stabilize.health.layers import ForwardOrder
 from stabilize.health.monitor import Observation
 from stabilize.health.records import jsonable, record_metrics
+from stabilize.health.snapshot import BufferSnapshot
 
 NonFinitePolicy = Literal["warn", "skip", "raise"]
 
@@ -63,9 +64,10 @@ class GradientHealthCallback(Callback):
         on_nonfinite: What to do with NaN/Inf gradients (outside of fp16 AMP, where the GradScaler already skips
             such steps and they are counted as ``amp_skipped``, never as explosions). ``"warn"``: count them and warn
             at the next logging step. ``"skip"``: drop all gradients of that step, so the optimizer changes no weight
-            and no optimizer state (the LR schedule still advances). ``"raise"``: stop with an error naming the step
-            and the layers. ``"skip"`` and ``"raise"`` must decide before the step, which costs one host sync per
-            step.
+            and no optimizer state, and restore the buffers (BatchNorm statistics) the step's forward passes changed
+            (the LR schedule still advances; anything non-finite left is reported as an error). ``"raise"``: stop
+            with an error naming the step and the layers, after printing the diagnosis so far. ``"skip"`` and
+            ``"raise"`` must decide before the step, which costs one host sync per step.
         track_update_ratio: On logging steps, snapshot the weights and measure the real relative update
             ``||w_after - w_before|| / ||w_before||`` across the optimizer step.
         track_activations: On logging steps only, hook activation modules: fraction of dead channels after
@@ -173,6 +175,8 @@ class GradientHealthCallback(Callback):
         self._fit_steps: dict[int, int] = {}
         self._forward_order = ForwardOrder()
         self._activations = ActivationProbe(saturation_threshold)
+        self._buffers = BufferSnapshot()
+        self._snapshot_due = True
         self._step_hooks: dict[int, RemovableHandle] = {}
         self._every = 1
         self._output = HealthOutput(0, 0, 0.0, 0.0)
@@ -211,6 +215,9 @@ class GradientHealthCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.on_nonfinite == "skip" and self._snapshot_due:
+            self._buffers.take(pl_module)  # at the first micro-batch after a step: the state a skip returns to
+            self._snapshot_due = False
         upcoming = self._step_index(trainer, 0)
         if self.track_activations and self._is_logging_step(upcoming) and not self._activations.attached:
             self._activations.attach(pl_module)
@@ -269,6 +276,7 @@ class GradientHealthCallback(Callback):
                     lambda *args, **kwargs: self._on_optimizer_stepped(index)
                 )
         monitor.discard_snapshot()  # a snapshot whose step the GradScaler skipped is stale
+        self._snapshot_due = True
         self._flush_metrics(trainer, index)
         scaler = _grad_scaler(trainer)
         # Fused optimizers unscale inside .step(), after this hook: their gradients are still scaled here.
@@ -306,8 +314,16 @@ class GradientHealthCallback(Callback):
                 " log(0) / division by zero."
             )
         monitor.skip(step)
+        self._buffers.restore()
         if trainer.is_global_zero:
             rank_zero_warn(f"GradientHealthCallback skipped optimizer step {step}: non-finite gradients in {listed}.")
+        state = [*pl_module.parameters(), *pl_module.buffers()]
+        finite = torch.stack([t.detach().isfinite().all() for t in state if t.is_floating_point()]).all()
+        if not bool(finite):
+            raise FloatingPointError(
+                f"Optimizer step {step} was skipped, but the model already holds NaN/Inf weights or buffers that a"
+                " skip cannot repair (they were non-finite before this step). Restart from an earlier checkpoint."
+            )
 
     # --------------------------------------------------------------------------------------------- logging steps
     def _record(self, trainer: Trainer, index: int, observation: Observation, step: int, amp: bool) -> None:
@@ -421,7 +437,7 @@ class GradientHealthCallback(Callback):
         return trainer.global_step if len(trainer.optimizers) <= 1 else self._fit_steps.get(index, 0)
 
     def _warn_nonfinite(self, trainer: Trainer, monitor: GradientMonitor, reported: int) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or self.on_nonfinite != "warn":  # skip and raise have said it at the step
             return
         for event in monitor.nonfinite[reported:]:
             rank_zero_warn(

@@ -264,6 +264,11 @@ class ImageClassifier(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._raise_on_nonfinite_inputs()
 
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # NaN pixels counted since the last check must stop the run before they reach a checkpoint.
+        self._raise_on_nonfinite_inputs()
+
     def _raise_on_nonfinite_inputs(self) -> None:
         count = int(self._nonfinite_input_batches.item())
         if count:

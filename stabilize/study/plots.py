@@ -30,8 +30,9 @@ def learning_curves(results: Sequence[RunResult], path: Path) -> None:
         (line,) = loss_axis.plot(steps, smooth, linewidth=1.2, label=result["name"])
         test_steps, accuracies = _positive(result["curves"]["test_acc"])
         acc_axis.plot(test_steps, accuracies, marker="o", markersize=3, color=line.get_color(), label=result["name"])
-    loss_axis.set(xlabel="optimizer step", ylabel="training loss", title="Training loss", yscale="log")
-    acc_axis.set(xlabel="optimizer step", ylabel="test accuracy", title="Test accuracy", ylim=(0, 1))
+    best = max((y for result in results for _, y in result["curves"]["test_acc"] if y is not None), default=0.9)
+    loss_axis.set(xlabel="optimizer step", ylabel="training loss (smoothed)", title="Training loss")
+    acc_axis.set(xlabel="optimizer step", ylabel="test accuracy", title="Test accuracy", ylim=(0, min(1.0, best + 0.1)))
     acc_axis.axhline(0.1, color="grey", linewidth=0.8, linestyle=":", label="chance (10%)")
     acc_axis.legend(fontsize=7)
     figure.tight_layout()
@@ -43,17 +44,24 @@ def gradient_flow(results: Sequence[RunResult], path: Path) -> None:
     deep nets fall toward the input, normalized and residual ones stay flat."""
     figure = Figure(figsize=(8, 4.5), dpi=100)
     axis = figure.subplots()
+    positive = [n for r in results for n in r["curves"]["final_layer_norms"] if n is not None and 0 < n < math.inf]
+    floor = min(positive, default=1e-8) / 10
     for result in results:
         norms = result["curves"]["final_layer_norms"]
         if len(norms) < 2:
             continue
         depth = [i / (len(norms) - 1) for i in range(len(norms))]
         xs, ys = _positive(list(zip(depth, norms)))
-        axis.plot(xs, ys, marker="o", markersize=2.5, linewidth=1.2, label=f"{result['name']} ({len(norms)} layers)")
+        label = f"{result['name']} ({len(norms)} parameter layers)"
+        (line,) = axis.plot(xs, ys, marker="o", markersize=2.5, linewidth=1.2, label=label)
+        # A log axis cannot show an exactly zero gradient: mark those layers on the bottom edge.
+        zeros = [x for x, n in zip(depth, norms) if n == 0]
+        if zeros:
+            axis.scatter(zeros, [floor] * len(zeros), marker="x", color=line.get_color(), s=20, zorder=3)
     axis.set(
         xlabel="relative depth of the layer (0 = input, 1 = output)",
         ylabel="gradient L2 norm at the last record",
-        title="Gradient flow at the end of training",
+        title="Gradient flow at the end of training (x on the bottom edge: exactly zero)",
         yscale="log",
     )
     axis.legend(fontsize=7)

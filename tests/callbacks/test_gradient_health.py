@@ -572,3 +572,23 @@ def test_figures_and_histograms_wait_their_minimum_wall_time(tmp_path: Path) -> 
     assert [e.step for e in events.Histograms("grad_hist/head")] == [0]  # and within 10 s
     assert [e.step for e in events.Scalars("grad_norm/head")] == list(range(6))  # scalars every logging step
     assert [e.step for e in events.Scalars("update_to_weight/head")] == list(range(6))
+
+
+def test_skip_also_restores_batchnorm_statistics_after_a_nan_forward_pass(tmp_path: Path) -> None:
+    seed_everything(0)
+    model = ResNet(depth=8, scheduler="constant")
+    data = SyntheticImages(num=64, batch_size=16)
+
+    class NaNForwardAt(GradientProbe):
+        """Corrupts one batch at step 2, so the forward pass itself writes NaN into the running statistics."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 2:
+                batch[0][0, 0, 0, 0] = float("nan")
+
+    health = GradientHealthCallback(on_nonfinite="skip", verbose=False)
+    with pytest.warns(UserWarning, match="skipped optimizer step 2"):
+        trainer(tmp_path, [health, NaNForwardAt()], steps=4, limit_val_batches=0).fit(model, data)
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    assert buffers and all(torch.isfinite(b).all() for b in buffers)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
