@@ -105,6 +105,7 @@ class FastCNN(ImageClassifier):
         self.register_buffer("whitening_ready", torch.tensor(not whiten))
         self._whitening_checked = not whiten
         self._slow_weights: list[Tensor] | None = None
+        self._resumed_slow_weights: list[Tensor] | None = None
 
     @override
     def build_network(self) -> nn.Module:
@@ -191,7 +192,8 @@ class FastCNN(ImageClassifier):
     @override
     def on_train_start(self) -> None:
         if self.hparams["lookahead_every"]:
-            self._slow_weights = [p.detach().clone() for p in self._trainable()]
+            resumed, self._resumed_slow_weights = self._resumed_slow_weights, None
+            self._slow_weights = resumed or [p.detach().clone() for p in self._trainable()]
 
     @override
     @torch.no_grad()
@@ -202,6 +204,29 @@ class FastCNN(ImageClassifier):
             fast = self._trainable()
             torch._foreach_lerp_(self._slow_weights, fast, 1.0 - self.hparams["lookahead_decay"])
             torch._foreach_copy_(fast, self._slow_weights)
+
+    def _trainable_keys(self) -> list[str]:
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With lookahead, a checkpoint's ``state_dict`` holds the slow weights, the model ``fit`` would end with had
+        it stopped here (so ``last.ckpt`` equals the model after ``fit``), and the fast ones ride along for resuming."""
+        super().on_save_checkpoint(checkpoint)
+        if self._slow_weights is not None:
+            state = checkpoint["state_dict"]
+            keys = self._trainable_keys()
+            checkpoint["lookahead_fast_weights"] = {key: state[key] for key in keys}
+            state.update({key: slow.detach().clone() for key, slow in zip(keys, self._slow_weights)})
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        fast = checkpoint.get("lookahead_fast_weights")
+        if fast is not None and self._trainer is not None:
+            # Resuming fit: train on from the fast weights, with the saved slow weights (not a fresh copy).
+            state = checkpoint["state_dict"]
+            self._resumed_slow_weights = [state[key].detach().clone() for key in self._trainable_keys()]
+            state.update(fast)
 
     @override
     @torch.no_grad()

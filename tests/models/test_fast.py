@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from torch import nn
 
 from stabilize.datamodules import CIFAR10DataModule
@@ -149,3 +149,35 @@ def test_gpu_resident_loader_yields_batches_without_a_dataloader(tiny_cifar: Pat
     datamodule.setup()
     images, labels = next(iter(datamodule.train_dataloader()))
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.uint8
+
+
+def test_lookahead_checkpoints_hold_the_slow_weights_and_resume_keeps_them(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    seed_everything(0)
+    model = FastCNN(**SMALL, lookahead_every=2, lookahead_decay=0.5, scheduler="constant", lr=0.05)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
+    data = SyntheticImages(num=64, batch_size=16)
+    quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[saver], enable_checkpointing=True).fit(
+        model, data
+    )
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    for key, value in model.state_dict().items():  # the model after fit ended on the slow weights
+        torch.testing.assert_close(last["state_dict"][key], value, rtol=0, atol=0)
+    assert set(last["lookahead_fast_weights"]) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+    resumed = FastCNN(**SMALL, lookahead_every=2, lookahead_decay=0.5, scheduler="constant", lr=0.05)
+    slow_at_start = []
+
+    class Spy(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if not slow_at_start:  # before the first step after resuming
+                slow_at_start.extend(t.clone() for t in pl_module._slow_weights)
+
+    quiet_trainer(tmp_path, max_steps=4, limit_val_batches=0, callbacks=[Spy()]).fit(
+        resumed, data, ckpt_path=tmp_path / "last.ckpt"
+    )
+    keys = [n for n, p in resumed.named_parameters() if p.requires_grad]
+    assert len(slow_at_start) == len(keys)
+    for key, slow in zip(keys, slow_at_start):
+        torch.testing.assert_close(slow, last["state_dict"][key], rtol=0, atol=0)
