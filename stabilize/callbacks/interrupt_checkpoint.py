@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -14,12 +13,13 @@ from typing_extensions import override
 from stabilize.errors import ConfigurationError
 
 
-class InterruptCheckpoint(Checkpoint):
+class InterruptCheckpoint(Callback):
     """Write ``interrupted.ckpt`` when ``fit`` stops on SIGTERM (a preempted job) or SIGINT (Ctrl+C), so that the run
     resumes where it stopped: ``stabilize fit --config ... --ckpt_path <dirpath>/interrupted.ckpt``.
 
     Unlike Lightning's ``OnExceptionCheckpoint`` it ignores other exceptions (a crash or non-finite weights must not
-    leave a checkpoint that looks resumable) and keeps the file after the run. The ``stabilize`` command attaches it
+    leave a checkpoint that looks resumable), keeps the file after the run, and works with
+    ``enable_checkpointing=False`` (it is a plain Callback, not a ``Checkpoint``). The ``stabilize`` command attaches it
     to every ``fit``; it then exits non-zero (143 after SIGTERM, Lightning's 1 after Ctrl+C).
 
     Args:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 Split = tuple[Tensor, Tensor]
 
@@ -32,6 +32,8 @@ class BatchPermutationSampler(DistributedSampler):
     across ``num_replicas`` processes as :class:`~torch.utils.data.DistributedSampler` does (padding by
     wrapping around) and cuts it into batches. It subclasses ``DistributedSampler`` so that Lightning recognises it
     as already distributed-aware and does not replace it; Lightning calls :meth:`set_epoch` every epoch.
+
+    :meth:`resume_at` makes the next pass over a given epoch start at a given batch (a run resumed mid-epoch).
     """
 
     def __init__(
@@ -50,6 +52,11 @@ class BatchPermutationSampler(DistributedSampler):
         self.batch_size = batch_size
         self.drop_last_batch = drop_last
         self.device = device
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, batch: int) -> None:
+        """Start the next iteration over ``epoch`` at batch ``batch`` (once; other epochs start at 0)."""
+        self._resume = (epoch, batch)
 
     def _indices(self) -> Tensor:
         total = self.num_indices
@@ -71,7 +78,10 @@ class BatchPermutationSampler(DistributedSampler):
         order = self._indices()
         if self.device is not None:
             order = order.to(self.device)  # one copy per epoch, not one per batch
-        for index in range(len(self)):
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start, self._resume = self._resume[1], None
+        for index in range(start, len(self)):
             yield order[index * self.batch_size : (index + 1) * self.batch_size], self.epoch
 
 
@@ -99,7 +109,24 @@ class TensorBatches(Dataset):
         return images, self.labels[indices]
 
 
-class DeviceBatchLoader:
+class ResumeByDataModule:
+    """Lightning's stateful-loader interface, empty on purpose: where a run resumed mid-epoch continues (and the
+    augmentation's random state) is the datamodule's checkpointed state, counted as batches reach the model, which
+    a loader cannot know (Lightning prefetches a batch ahead). Having the interface tells Lightning the loader is
+    resumable."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        return None
+
+
+class ResumableDataLoader(ResumeByDataModule, DataLoader):
+    """A DataLoader over index batches that Lightning treats as resumable (see :class:`ResumeByDataModule`)."""
+
+
+class DeviceBatchLoader(ResumeByDataModule):
     """Iterable of batches of a :class:`TensorBatches` whose tensors already live on the accelerator: no
     DataLoader, no worker and no host-to-device copy. Exposes ``sampler`` so that Lightning sets its epoch."""
 

@@ -17,7 +17,12 @@ from torchvision.datasets.utils import download_and_extract_archive
 from typing_extensions import override
 
 from stabilize.datamodules.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment
-from stabilize.datamodules.batching import BatchPermutationSampler, DeviceBatchLoader, TensorBatches
+from stabilize.datamodules.batching import (
+    BatchPermutationSampler,
+    DeviceBatchLoader,
+    ResumableDataLoader,
+    TensorBatches,
+)
 from stabilize.datamodules.cifar10_files import (
     CLASSES,
     FOLDER,
@@ -121,6 +126,9 @@ class CIFAR10DataModule(LightningDataModule):
         )
         self._splits: dict[str, TensorBatches] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator_states: dict[str, Tensor] = {}
+        self._position = (0, 0)  # (epoch, training batches consumed in it)
+        self._resume_position: tuple[int, int] | None = None
 
     # ----------------------------------------------------------------------------------------------------- data
     @override
@@ -243,10 +251,13 @@ class CIFAR10DataModule(LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             device=batches.images.device if on_device else None,
         )
+        if train and self._resume_position is not None:
+            sampler.resume_at(*self._resume_position)
+            self._resume_position = None
         if on_device:
             return DeviceBatchLoader(batches, sampler)
         workers = self.hparams["num_workers"]
-        return DataLoader(
+        return ResumableDataLoader(
             batches,
             batch_size=None,
             sampler=sampler,
@@ -278,7 +289,11 @@ class CIFAR10DataModule(LightningDataModule):
         if device not in self._generators:
             rank = self.trainer.global_rank if self.trainer is not None else 0
             seed = self.hparams["seed"] + RANK_SEED_STRIDE * (rank + 1)
-            self._generators[device] = torch.Generator(device=device).manual_seed(seed)
+            generator = torch.Generator(device=device).manual_seed(seed)
+            saved = self._generator_states.pop(str(device), None)
+            if saved is not None:
+                generator.set_state(saved)
+            self._generators[device] = generator
         return self._generators[device]
 
     def transform_images(self, images: Tensor, train: bool) -> Tensor:
@@ -301,8 +316,30 @@ class CIFAR10DataModule(LightningDataModule):
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        training = self.trainer is not None and self.trainer.training
+        trainer = self.trainer
+        training = trainer is not None and trainer.training
+        if trainer is not None and training:
+            epoch, consumed = self._position
+            current = trainer.current_epoch
+            self._position = (current, consumed + 1 if epoch == current else 1)
         return self.transform_batch(batch, train=training)
+
+    # ------------------------------------------------------------------------------------------------- resuming
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands, for an exact mid-epoch resume: the epoch, the training batches that reached the
+        model in it, and the augmentation's random state (single process; with several, each rank's stream
+        restarts from its seed, so the pixels after a resume differ from an uninterrupted run's)."""
+        state: dict[str, Any] = {"epoch": self._position[0], "batches_consumed": self._position[1]}
+        if self.trainer is None or self.trainer.world_size == 1:
+            state["augmentation_generators"] = {str(d): g.get_state() for d, g in self._generators.items()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._position = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
+        self._resume_position = self._position
+        self._generator_states = dict(state_dict.get("augmentation_generators", {}))
 
 
 def balanced_subset(indices: Tensor, labels: Tensor, size: int) -> Tensor:
