@@ -9,15 +9,19 @@ Any other LightningModule or LightningDataModule can be named by its import path
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 # Imported for their side effect too: jsonargparse resolves short class names among the imported subclasses.
 import stabilize.callbacks
@@ -63,6 +67,49 @@ class StabilizeCLI(LightningCLI):
             if cause is None:
                 raise
             self.parser.error(str(cause))
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Read the model's hyperparameters from ``--ckpt_path`` (as Lightning does), also from checkpoints saved in
+        Python, which carry no class path, and refuse a checkpoint of another class than ``--model`` names."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        saved = hparams.pop("_class_path", None)
+        model = self.config[subcommand].get("model")
+        given = model.get("class_path") if model is not None else None
+        if saved and given and _import_class(saved) is not _import_class(given):
+            raise ConfigurationError(
+                f"{ckpt_path} holds a {saved.rsplit('.', 1)[-1]}, but --model is {given.rsplit('.', 1)[-1]}: drop"
+                " --model (the checkpoint names its class) or pass the matching one."
+            )
+        class_path = saved or given
+        if class_path is None:
+            raise ConfigurationError(f"{ckpt_path} does not name its model class: pass it with --model.")
+        update = {subcommand: {"model": {"class_path": class_path, "init_args": hparams}}}
+        try:
+            self.config = self.parser.parse_object(update, self.config)
+        except SystemExit as error:
+            raise ConfigurationError(
+                f"The hyperparameters saved in {ckpt_path} do not fit {class_path.rsplit('.', 1)[-1]} (the message"
+                " above names the argument): is it a checkpoint of another model?"
+            ) from error
+
+
+def _import_class(class_path: str) -> object:
+    module, _, name = class_path.rpartition(".")
+    for candidate in (module, "stabilize.models"):
+        try:
+            return getattr(importlib.import_module(candidate), name)
+        except (ImportError, AttributeError, ValueError):
+            continue
+    return class_path
 
 
 def _configuration_error(error: BaseException | None) -> ConfigurationError | None:

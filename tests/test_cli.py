@@ -168,3 +168,67 @@ def test_print_config_and_module_entry_point(tmp_path: Path) -> None:
     assert "class_path: stabilize.models.ResNet" in result.stdout
     assert "depth: 56" in result.stdout
     assert "seed_everything: 42" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def python_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ResNet-8 checkpoint saved from Python (no class path among its hyperparameters)."""
+    from stabilize.models import ResNet
+    from tests.helpers.data import SyntheticImages
+    from tests.helpers.trainer import quiet_trainer
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    trainer = quiet_trainer(folder, max_steps=1, limit_val_batches=0)
+    trainer.fit(ResNet(depth=8, scheduler="constant"), SyntheticImages(num=16, batch_size=8))
+    trainer.save_checkpoint(folder / "resnet8.ckpt")
+    return folder / "resnet8.ckpt"
+
+
+def test_test_from_a_checkpoint_saved_in_python(python_checkpoint: Path, tiny_cifar: Path, tmp_path: Path) -> None:
+    result = stabilize_command(
+        "test", "--model", "ResNet", *tiny_data_args(tiny_cifar), f"--ckpt_path={python_checkpoint}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test/acc" in result.stdout + result.stderr
+
+
+def test_checkpoint_of_another_model_class_is_refused_by_name(
+    python_checkpoint: Path, tiny_cifar: Path, tmp_path: Path
+) -> None:
+    result = stabilize_command(
+        "test", "--model", "FixupResNet", *tiny_data_args(tiny_cifar), f"--ckpt_path={python_checkpoint}", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "do not fit FixupResNet" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_is_one_message_not_a_traceback(tmp_path: Path) -> None:
+    result = stabilize_command(
+        "fit", "--model=ResNet", "--data=CIFAR10DataModule", f"--data.data_dir={tmp_path / 'nowhere'}", cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert "CIFAR-10 not found" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("(set STABILIZE_DEBUG=1")
+
+
+def test_python_m_stabilize_names_itself_stabilize(tmp_path: Path) -> None:
+    result = stabilize_command("--help", cwd=tmp_path)
+    assert result.stdout.startswith("usage: stabilize")
+
+
+def test_checkpoint_naming_its_class_refuses_a_different_model(
+    python_checkpoint: Path, tiny_cifar: Path, tmp_path: Path
+) -> None:
+    checkpoint = torch.load(python_checkpoint, weights_only=True)
+    checkpoint["hyper_parameters"]["_class_path"] = "stabilize.models.resnet.ResNet"  # as LightningCLI saves it
+    torch.save(checkpoint, tmp_path / "cli.ckpt")
+    result = stabilize_command(
+        "test",
+        "--model",
+        "FixupResNet",
+        *tiny_data_args(tiny_cifar),
+        f"--ckpt_path={tmp_path / 'cli.ckpt'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "holds a ResNet, but --model is FixupResNet" in result.stderr
