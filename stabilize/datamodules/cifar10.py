@@ -153,13 +153,28 @@ class CIFAR10DataModule(LightningDataModule):
         )
 
     def load_tensors(self) -> dict[str, Tensor]:
-        """All images and labels as tensors, from ``cache_file`` when it exists, else from the pickles."""
+        """All images and labels as tensors, from ``cache_file`` when it was built from this ``data_dir``, else from
+        the pickles (then written to ``cache_file``)."""
         cache = Path(self.hparams["cache_file"]).expanduser() if self.hparams["cache_file"] else None
+        folder = find_batches_folder(self.data_dir)
+        if cache is not None:
+            _check_cache_path(cache)
         if cache is not None and cache.is_file():
             tensors = torch.load(cache, weights_only=True)
             _check_cached(tensors, cache)
-            return tensors
-        folder = find_batches_folder(self.data_dir)
+            source = str(tensors.pop("source", ""))
+            candidates = {str(p.resolve()) for p in (self.data_dir, self.data_dir / FOLDER)}
+            if source in candidates:
+                return tensors
+            if folder is None:
+                raise DataNotFoundError(
+                    f"The cache {cache} was built from {source or 'an unknown folder'}, not from data_dir"
+                    f" {self.data_dir.resolve()}, which holds no CIFAR-10 either. Point data_dir at {source or 'the'}"
+                    " data the cache came from, or at a CIFAR-10 copy to rebuild it."
+                )
+            warnings.warn(
+                f"Rebuilding the cache {cache}: it was built from {source}, not {folder.resolve()}.", stacklevel=2
+            )
         if folder is None:
             if self.hparams["download"]:
                 self._download()
@@ -172,7 +187,7 @@ class CIFAR10DataModule(LightningDataModule):
         tensors = load_cifar10(folder)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(tensors, cache)
+            torch.save({**tensors, "source": str(folder.resolve())}, cache)
         return tensors
 
     @override
@@ -372,8 +387,19 @@ def _check_val_size(val_size: int | float) -> None:
         raise ConfigurationError(f"val_size={val_size} is not smaller than the {NUM_TRAIN} CIFAR-10 training images.")
 
 
-def _check_cached(tensors: dict[str, Tensor], path: Path) -> None:
+def _check_cached(tensors: dict[str, Any], path: Path) -> None:
     for split in ("train", "test"):
         x, y = tensors.get(f"{split}_x"), tensors.get(f"{split}_y")
         if x is None or y is None or x.dtype != torch.uint8 or x.shape[1:] != IMAGE_SHAPE or len(x) != len(y):
             raise DataError(f"{path}: not a CIFAR-10 cache written by CIFAR10DataModule (bad '{split}' tensors).")
+        if y.dtype != torch.int64 or (len(y) and (int(y.min()) < 0 or int(y.max()) >= len(CLASSES))):
+            raise DataError(f"{path}: the cached '{split}' labels must be int64 in 0..9; delete the cache to rebuild.")
+
+
+def _check_cache_path(path: Path) -> None:
+    """Fail before reading anything when the cache can be neither read nor written."""
+    if path.exists() and not path.is_file():
+        raise ConfigurationError(f"cache_file {path} is not a file (a folder?): name a .pt file.")
+    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if not path.exists() and (parent is None or not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise ConfigurationError(f"cache_file {path} cannot be created: {parent} is not a writable folder.")

@@ -366,15 +366,43 @@ def test_val_size_larger_than_the_data_found_fails_at_setup(tiny_cifar: Path) ->
 
 
 # ------------------------------------------------------------------------------------------------ cache and device
-def test_cache_file_round_trip(tiny_cifar: Path, tmp_path: Path) -> None:
+def test_cache_file_round_trip_is_keyed_to_its_source(tiny_cifar_copy: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache" / "cifar10.pt"
-    first = make(tiny_cifar, cache_file=str(cache))
+    first = make(tiny_cifar_copy, cache_file=str(cache))
     assert cache.is_file()
-    second = make(tmp_path / "no-pickles-here", cache_file=str(cache))  # loads from the cache alone
+    for pickle_file in (tiny_cifar_copy / "cifar-10-batches-py").glob("*_batch*"):
+        pickle_file.unlink()
+    second = make(tiny_cifar_copy, cache_file=str(cache))  # same data_dir: the cache alone suffices
     torch.testing.assert_close(second.split("train")[0], first.split("train")[0])
-    torch.save({"train_x": torch.zeros(3)}, cache)
-    with pytest.raises(ValueError, match="not a CIFAR-10 cache"):
+    with pytest.raises(FileNotFoundError, match=r"built from .*tiny|built from .*data"):
+        make(tmp_path / "elsewhere", cache_file=str(cache))  # another, empty data_dir: not silently the cache
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"train_x": torch.zeros(3)}, "not a CIFAR-10 cache"),
+        (
+            {
+                "train_x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+                "train_y": torch.tensor([0, 10]),
+                "test_x": torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
+                "test_y": torch.tensor([0]),
+            },
+            "labels must be int64 in 0..9",
+        ),
+    ],
+)
+def test_a_bad_cache_names_the_file(tiny_cifar: Path, tmp_path: Path, content: dict, message: str) -> None:
+    cache = tmp_path / "cifar10.pt"
+    torch.save(content, cache)
+    with pytest.raises(ValueError, match=message):
         make(tiny_cifar, cache_file=str(cache))
+
+
+def test_an_unusable_cache_path_is_named_before_reading_the_data(tiny_cifar: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=f"cache_file {tmp_path} is not a file"):
+        make(tiny_cifar, cache_file=str(tmp_path))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on machines without a GPU")
