@@ -202,10 +202,17 @@ def test_nonfinite_skip_leaves_weights_and_optimizer_state_untouched(tmp_path: P
     assert not torch.equal(snapshots[5][0]["head.weight"], snapshots[4][0]["head.weight"])
 
 
-def test_nonfinite_raise_names_the_step_and_layers(tmp_path: Path) -> None:
-    health = GradientHealthCallback(on_nonfinite="raise", verbose=False)
-    with pytest.raises(FloatingPointError, match=r"optimizer step 3 in 4 layer\(s\): body\.0, body\.1, body\.3, head"):
-        trainer(tmp_path, [health], steps=6).fit(TinyMLP(loss_scale_at=NAN_AT))
+def test_nonfinite_raise_names_the_step_and_layers_after_the_diagnosis_so_far(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    health = GradientHealthCallback(on_nonfinite="raise", log_every_n_steps=10)
+    model = TinyMLP(lr=1e-9, loss_scale_at={1: 1e6, **NAN_AT})
+    with (
+        caplog.at_level("INFO"),
+        pytest.raises(FloatingPointError, match=r"optimizer step 3 in 4 layer\(s\): body\.0, body\.1, body\.3, head"),
+    ):
+        trainer(tmp_path, [health], steps=6).fit(model)
+    assert "EXPLODING: 1 step(s) with a gradient norm spike (steps 1;" in caplog.text  # counted before the NaN
 
 
 # ----------------------------------------------------------------------------------------------- cost contract
@@ -410,6 +417,11 @@ def test_diagnosis_is_printed_at_the_end_of_fit(tmp_path: Path, caplog: pytest.L
         ({"log_every_n_steps": 0}, "log_every_n_steps must be positive"),
         ({"histogram_every_n_steps": -1}, "histogram_every_n_steps must be a non-negative integer"),
         ({"saturation_threshold": 0.2}, "saturation_threshold"),
+        ({"log_every_n_steps": float("nan")}, "log_every_n_steps must be a non-negative integer"),
+        ({"log_every_n_steps": 2.5}, "log_every_n_steps must be a non-negative integer"),
+        ({"log_every_n_steps": True}, "log_every_n_steps must be a non-negative integer"),
+        ({"median_window": 10**9}, "median_window must be an integer from 3 to 100000"),
+        ({"figure_min_interval_s": -1}, "figure_min_interval_s must be a non-negative number of seconds"),
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs: dict, message: str) -> None:

@@ -223,3 +223,22 @@ def test_num_classes_mismatch_with_the_datamodule_fails_at_setup(tiny_cifar, tmp
     model = ResNet(depth=8, num_classes=5)
     with pytest.raises(ValueError, match=r"CIFAR10DataModule has 10 classes .* num_classes=5"):
         quiet_trainer(tmp_path, max_steps=1).fit(model, CIFAR10DataModule(str(tiny_cifar), val_size=40))
+
+
+def test_nan_pixels_stop_the_run_before_a_checkpoint_is_written(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from stabilize.errors import DataError
+
+    model = ResNet(depth=8, scheduler="constant")
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=1, log_every_n_steps=50, limit_val_batches=0, callbacks=[saver], enable_checkpointing=True
+    )
+    with pytest.raises(DataError, match="NaN or Inf pixels"):
+        trainer.fit(model, NaNAtBatch())
+    written = list((tmp_path / "ckpt").glob("*.ckpt"))
+    assert len(written) < 8  # the run stopped at the batch with the NaN pixel
+    for path in written:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), path.name
