@@ -132,6 +132,8 @@ def diagnosis_lines(
         remedies.append(
             "clip gradients (Trainer(gradient_clip_val=1.0)), lower the learning rate or add a learning-rate warm-up"
         )
+        if traits is not None and not traits.normalization:
+            remedies.append("add normalization (e.g. BatchNorm), which undoes the gain of each layer")
         remedies += [hints["exploding"]] if "exploding" in hints else []
     else:
         lines.append("  Exploding: none.")

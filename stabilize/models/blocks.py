@@ -265,16 +265,21 @@ class FixupBasicBlock(nn.Module):
         return self.act2(out + identity)
 
 
-def init_weights(module: nn.Module, scheme: str, activation: str = "relu") -> None:
-    """Initialise every conv and linear weight of ``module`` in place.
+def init_weights(module: nn.Module, scheme: str, activation: str = "relu", scale: float = 1.0) -> None:
+    """Initialise every conv and linear weight of ``module`` in place, then multiply it by ``scale``.
 
     - ``kaiming``: He normal, fan-in, with the gain of ``activation``; biases zero.
     - ``xavier``: Glorot normal with the gain of ``activation``; biases zero.
     - ``default``: leave PyTorch's own initialisation (Kaiming uniform with a=sqrt(5)) untouched.
     - ``small_normal``: N(0, 0.01^2), the "naive" init of early deep nets; biases zero. With sigmoid or tanh and
       some depth this is the textbook way to make gradients vanish.
+
+    A ``scale`` above 1 makes every layer amplify its input, so a deep plain net's activations and gradients grow
+    geometrically with depth: the textbook way to make gradients explode.
     """
     if scheme == "default":
+        if scale != 1.0:
+            raise ConfigurationError("init='default' keeps PyTorch's initialisation; it cannot be scaled.")
         return
     nonlinearity = _INIT_NONLINEARITY.get(activation, "relu")
     for layer in module.modules():
@@ -288,6 +293,9 @@ def init_weights(module: nn.Module, scheme: str, activation: str = "relu") -> No
             nn.init.normal_(layer.weight, mean=0.0, std=0.01)
         else:
             raise ConfigurationError(f"Unknown init {scheme!r}; expected one of {list(get_args(InitName))}.")
+        if scale != 1.0:
+            with torch.no_grad():
+                layer.weight.mul_(scale)
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
 

@@ -103,6 +103,8 @@ class DeepPlainCNN(ImageClassifier):
         activation: Nonlinearity after every convolution.
         init: Weight initialisation scheme.
         width: Multiplier of the stage widths 16/32/64.
+        init_scale: Multiply the initial weights by this; above 1 every layer amplifies its input, so gradients
+            explode with depth (``configs/exploding_relu.yaml``: 1.5 at depth 20).
         **kwargs: Optimizer, scheduler and loss settings of :class:`ImageClassifier`.
 
     Raises:
@@ -115,12 +117,15 @@ class DeepPlainCNN(ImageClassifier):
         activation: ActivationName = "relu",
         init: InitName = "kaiming",
         width: int = 1,
+        init_scale: float = 1.0,
         **kwargs: Any,
     ) -> None:
         if depth < MIN_PLAIN_DEPTH:
             raise ConfigurationError(f"depth must be at least {MIN_PLAIN_DEPTH} (stem + 3 stages + head), got {depth}.")
         if width < 1:
             raise ConfigurationError(f"width must be a positive integer, got {width}.")
+        if not 0 < init_scale < 100:
+            raise ConfigurationError(f"init_scale must be in (0, 100), got {init_scale}.")
         super().__init__(**kwargs)
 
     def normalization(self) -> NormLayer | None:
@@ -143,7 +148,7 @@ class DeepPlainCNN(ImageClassifier):
         network = plain_network(
             hp["depth"], hp["in_channels"], hp["num_classes"], hp["activation"], self.normalization(), hp["width"]
         )
-        init_weights(network, hp["init"], hp["activation"])
+        init_weights(network, hp["init"], hp["activation"], hp["init_scale"])
         return network
 
 

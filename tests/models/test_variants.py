@@ -206,3 +206,15 @@ def test_a_fit_that_diverges_raises_instead_of_ending_quietly(tmp_path) -> None:
     model = DeepPlainCNN(depth=8, lr=50.0, scheduler="constant")
     with pytest.raises(TrainingDivergedError, match="NaN/Inf after 8 optimizer steps"):
         quiet_trainer(tmp_path, max_steps=8, limit_val_batches=0).fit(model, SyntheticImages(num=64, batch_size=8))
+
+
+def test_init_scale_above_one_makes_a_deep_plain_net_explode_and_batchnorm_undoes_it() -> None:
+    torch.manual_seed(0)
+    images, labels = prototype_images(32)
+
+    def gradient_norm(model: ImageClassifier) -> float:
+        F.cross_entropy(model(images), labels).backward()
+        return torch.sqrt(sum(p.grad.square().sum() for p in model.parameters())).item()
+
+    assert gradient_norm(DeepPlainCNN(depth=20, init_scale=1.5)) > 1e3 * gradient_norm(DeepPlainCNN(depth=20))
+    assert gradient_norm(BatchNormCNN(depth=20, init_scale=1.5)) < 100
