@@ -4,6 +4,7 @@ import functools
 import hashlib
 import http.server
 import pickle
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -273,14 +274,27 @@ def make_archive(tiny: Path, target: Path) -> tuple[Path, str]:
     return archive, hashlib.md5(archive.read_bytes()).hexdigest()
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+class QuietServer(http.server.ThreadingHTTPServer):
+    """A client that hangs up early (the downloader probing the URL) is normal here, not a traceback on stderr."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def http_root(tmp_path: Path):
     """Serve ``tmp_path / "www"`` on a loopback port; yields (folder, base URL)."""
     root = tmp_path / "www"
     root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = QuietServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
