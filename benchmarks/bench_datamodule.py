@@ -170,7 +170,13 @@ def main() -> None:
     parser.add_argument("--baseline-batches", type=int, default=60)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny fake data, one round: checks the script runs")
+    parser.add_argument(
+        "--augmentation-only", action="store_true", help="only the integer-shift fast path vs the resampling matrices"
+    )
     args = parser.parse_args()
+    if args.augmentation_only:
+        print_augmentation_paths(torch.device(args.device), args.batch_size, args.rounds)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             args.data_dir = str(random_cifar10_folder(Path(tmp), num_train=320, num_test=64))
@@ -189,9 +195,13 @@ def main() -> None:
         )
     for result in results:
         print(json.dumps(result))
-    paths = time_augmentation_paths(torch.device(args.device), args.batch_size, args.rounds)
+    print_augmentation_paths(torch.device(args.device), args.batch_size, args.rounds)
+
+
+def print_augmentation_paths(device: torch.device, batch_size: int, rounds: int) -> None:
+    paths = time_augmentation_paths(device, batch_size, rounds)
     ratio = paths["integer_shift_fast_path"] / paths["resampling_matrices"]
-    print(f"augmentation alone, translate 4 + flip, batch {args.batch_size}: {paths} img/s ({ratio:.2f}x)")
+    print(f"augmentation alone, translate 4 + flip, batch {batch_size}, {device}: {paths} img/s ({ratio:.2f}x)")
     print(json.dumps({"augmentation_only": paths, "fast_path_ratio": round(ratio, 2)}))
 
 
