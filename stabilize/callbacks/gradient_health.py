@@ -85,7 +85,7 @@ class GradientHealthCallback(Callback):
         verbose: Print the diagnosis (rank zero) when ``fit`` ends.
 
     Raises:
-        ValueError: If a threshold is negative, NaN or the vanishing and exploding thresholds are inverted, an
+        ConfigurationError: (a ValueError) If a threshold is negative, NaN or the thresholds are inverted, an
             interval is negative or not an integer, or ``on_nonfinite`` is unknown.
 
     Example::
