@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from typing_extensions import override
 
 from stabilize.callbacks import GradientHealthCallback
 from stabilize.health.records import jsonable
@@ -82,7 +84,11 @@ def _train(grid: Grid, run: RunSpec, budget: Budget, out: Path, data_dir: str | 
     _save_config(run, budget, trainer_args, model, datamodule, run_dir / "config.yaml")
     trainer = Trainer(
         logger=TensorBoardLogger(out, name=run.name, version="tensorboard"),
-        callbacks=[health, recorder],
+        callbacks=[
+            health,
+            recorder,
+            *([_RunProgressBar(run.name)] if trainer_args.get("enable_progress_bar", True) else []),
+        ],
         default_root_dir=run_dir,
         **trainer_args,
     )
@@ -94,6 +100,22 @@ def _train(grid: Grid, run: RunSpec, budget: Budget, out: Path, data_dir: str | 
     model_name = f"{type(model).__module__}.{type(model).__qualname__}"
     train_accuracy = float(train_acc) if train_acc is not None else None
     return collect(run.name, model_name, recorder, health, train_accuracy, test_acc, trainer.global_step)
+
+
+class _RunProgressBar(TQDMProgressBar):
+    """Lightning's bar, labelled with the run's name instead of the logger's version."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.run_name = name
+
+    @override
+    def get_metrics(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> dict[str, int | str | float | dict[str, float]]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return {"run": self.run_name, **metrics}
 
 
 def _save_config(run: RunSpec, budget: Budget, trainer_args: dict[str, Any], model: Any, data: Any, path: Path) -> None:
