@@ -33,4 +33,5 @@ def study_main(args: Sequence[str]) -> None:
     options = study_parser().parse_args(list(args))
     grid = load_grid(options.config)
     out = Path(options.out or Path("studies") / f"{grid.name}-{options.budget}")
-    run_study(grid, options.budget, out, data_dir=options.data_dir, accelerator=options.accelerator)
+    command = " ".join(["stabilize study", *args])
+    run_study(grid, options.budget, out, data_dir=options.data_dir, accelerator=options.accelerator, command=command)

@@ -35,7 +35,9 @@ def table(results: Sequence[RunResult], markdown: bool = True) -> str:
     return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows)
 
 
-def write_report(grid: Grid, budget_name: str, budget: Budget, results: Sequence[RunResult], out: Path) -> None:
+def write_report(
+    grid: Grid, budget_name: str, budget: Budget, results: Sequence[RunResult], out: Path, command: str | None = None
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(jsonable(list(results)), indent=1, allow_nan=False))
     with open(out / "results.csv", "w", newline="") as file:
@@ -55,6 +57,7 @@ def write_report(grid: Grid, budget_name: str, budget: Budget, results: Sequence
         "",
         f"Budget: {budget.max_epochs} epoch(s), training images: {subset}, validation: {budget.val_size:,},"
         f" test: the full test set. Seed {grid.seed}. Machine: {machine}. Date: {date.today().isoformat()}.",
+        *([f"Command: `{command}`."] if command else []),
         "",
         table(results),
         "",

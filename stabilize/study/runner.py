@@ -30,6 +30,7 @@ def run_study(
     data_dir: str | None = None,
     accelerator: str = "auto",
     echo: Callable[[str], None] = print,
+    command: str | None = None,
 ) -> list[RunResult]:
     """Train every run of ``grid`` at ``budget_name`` into ``out/<run>/`` and write the report into ``out``.
 
@@ -56,7 +57,7 @@ def run_study(
                 f" gradients: {result['verdict']}"
             )
         results.append(result)
-    write_report(grid, budget_name, budget, results, out)
+    write_report(grid, budget_name, budget, results, out, command)
     echo("\n" + table(results, markdown=False))
     echo(f"\nReport: {out / 'report.md'}; gradient-flow plot: {out / 'gradient_flow.png'}")
     echo(f"TensorBoard: tensorboard --logdir {out}")
