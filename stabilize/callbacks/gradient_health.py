@@ -6,7 +6,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from stabilize.callbacks.gradient_health_output import HealthOutput
+from stabilize.callbacks.nonfinite_policy import NonFiniteGuard, NonFinitePolicy
 from stabilize.errors import ConfigurationError
 from stabilize.health import GradientMonitor, HealthCriteria, HealthSummary, LayerIndex, StepRecord, flow_figure
 from stabilize.health.activations import ActivationProbe
@@ -25,9 +26,6 @@ from stabilize.health.diagnosis import report
 from stabilize.health.layers import ForwardOrder
 from stabilize.health.monitor import Observation
 from stabilize.health.records import jsonable, record_metrics
-from stabilize.health.snapshot import BufferSnapshot
-
-NonFinitePolicy = Literal["warn", "skip", "raise"]
 
 
 class GradientHealthCallback(Callback):
@@ -145,8 +143,7 @@ class GradientHealthCallback(Callback):
         self.criteria = HealthCriteria(
             vanishing_threshold, vanishing_ratio, exploding_threshold, exploding_factor, median_window
         )
-        if on_nonfinite not in ("warn", "skip", "raise"):
-            raise ConfigurationError(f"on_nonfinite must be 'warn', 'skip' or 'raise', got {on_nonfinite!r}.")
+        self._nonfinite = NonFiniteGuard(on_nonfinite)
         if not (isinstance(saturation_threshold, (int, float)) and 0.5 < saturation_threshold < 1):
             raise ConfigurationError(f"saturation_threshold must be in (0.5, 1), got {saturation_threshold!r}.")
         HealthOutput.check_cadence(
@@ -175,8 +172,6 @@ class GradientHealthCallback(Callback):
         self._fit_steps: dict[int, int] = {}
         self._forward_order = ForwardOrder()
         self._activations = ActivationProbe(saturation_threshold)
-        self._buffers = BufferSnapshot()
-        self._snapshot_due = True
         self._step_hooks: dict[int, RemovableHandle] = {}
         self._every = 1
         self._output = HealthOutput(0, 0, 0.0, 0.0)
@@ -215,9 +210,7 @@ class GradientHealthCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.on_nonfinite == "skip" and self._snapshot_due:
-            self._buffers.take(pl_module)  # at the first micro-batch after a step: the state a skip returns to
-            self._snapshot_due = False
+        self._nonfinite.before_batch(pl_module)
         upcoming = self._step_index(trainer, 0)
         if self.track_activations and self._is_logging_step(upcoming) and not self._activations.attached:
             self._activations.attach(pl_module)
@@ -276,7 +269,7 @@ class GradientHealthCallback(Callback):
                     lambda *args, **kwargs: self._on_optimizer_stepped(index)
                 )
         monitor.discard_snapshot()  # a snapshot whose step the GradScaler skipped is stale
-        self._snapshot_due = True
+        self._nonfinite.before_step()
         self._flush_metrics(trainer, index)
         scaler = _grad_scaler(trainer)
         # Fused optimizers unscale inside .step(), after this hook: their gradients are still scaled here.
@@ -289,41 +282,10 @@ class GradientHealthCallback(Callback):
         if observation is None:
             return
         self._fit_steps[index] = self._fit_steps.get(index, 0) + 1
-        if self.on_nonfinite != "warn" and scaler is None and bool(observation.tensor_nonfinite.any()):
-            self._handle_nonfinite_now(trainer, pl_module, monitor, observation, step)  # the one sync of these
+        if self._nonfinite.must_act(observation, amp=scaler is not None):
+            self._nonfinite.act(trainer, pl_module, monitor, observation, step, lambda: self.diagnosis(pl_module))
         elif logging_step:
             self._record(trainer, index, observation, step, amp=scaler is not None)
-
-    def _handle_nonfinite_now(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        monitor: GradientMonitor,
-        observation: Observation,
-        step: int,
-    ) -> None:
-        bad = monitor.nonfinite_layers(observation)
-        listed = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        if self.on_nonfinite == "raise":
-            monitor.flush()
-            if trainer.is_global_zero:  # the spikes before the NaN are the most useful part
-                rank_zero_info(self.diagnosis(pl_module))
-            raise FloatingPointError(
-                f"Non-finite (NaN/Inf) gradients at optimizer step {step} in {len(bad)} layer(s): {listed}."
-                " Lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)) or check the loss for"
-                " log(0) / division by zero."
-            )
-        monitor.skip(step)
-        self._buffers.restore()
-        if trainer.is_global_zero:
-            rank_zero_warn(f"GradientHealthCallback skipped optimizer step {step}: non-finite gradients in {listed}.")
-        state = [*pl_module.parameters(), *pl_module.buffers()]
-        finite = torch.stack([t.detach().isfinite().all() for t in state if t.is_floating_point()]).all()
-        if not bool(finite):
-            raise FloatingPointError(
-                f"Optimizer step {step} was skipped, but the model already holds NaN/Inf weights or buffers that a"
-                " skip cannot repair (they were non-finite before this step). Restart from an earlier checkpoint."
-            )
 
     # --------------------------------------------------------------------------------------------- logging steps
     def _record(self, trainer: Trainer, index: int, observation: Observation, step: int, amp: bool) -> None:

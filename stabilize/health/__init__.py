@@ -2,10 +2,11 @@
 diagnosis and the figures. :class:`~stabilize.callbacks.GradientHealthCallback` is the Lightning plumbing over it."""
 
 from stabilize.health.counters import DeviceCounters
+from stabilize.health.criteria import HealthCriteria
 from stabilize.health.diagnosis import ModelTraits, diagnosis_lines, model_hints, verdict
 from stabilize.health.figures import flow_figure, gradient_histograms
 from stabilize.health.layers import LayerIndex
-from stabilize.health.monitor import GradientMonitor, HealthCriteria
+from stabilize.health.monitor import GradientMonitor
 from stabilize.health.records import (
     DepthRatio,
     ExplosionEvent,
