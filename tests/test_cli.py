@@ -136,7 +136,14 @@ def test_every_config_parses_and_builds(config: Path, tmp_path: Path, monkeypatc
     monkeypatch.chdir(tmp_path)
     cli = StabilizeCLI(args=["--config", str(config), "--data.data_dir", str(tmp_path)], run=False)
     assert cli.model.__class__.__module__.startswith("stabilize.models")
-    assert cli.trainer.max_epochs >= 1
+    assert (cli.trainer.max_epochs or 0) >= 1 or cli.trainer.max_steps > 0
+    from stabilize.callbacks import GradientHealthCallback, InterruptCheckpoint
+
+    health = [c for c in cli.trainer.callbacks if isinstance(c, GradientHealthCallback)]
+    assert len(health) == 1, "every experiment config attaches GradientHealthCallback"
+    interval = health[0].log_every_n_steps or cli.trainer.log_every_n_steps
+    assert cli.trainer.max_steps > 2 * interval or (cli.trainer.max_epochs or 0) >= 1  # more than one record
+    assert any(isinstance(c, InterruptCheckpoint) for c in cli.trainer.callbacks)
 
 
 @pytest.mark.parametrize(
