@@ -1,31 +1,30 @@
-"""The base class of every model: everything but the network."""
+"""ImageClassifier: the base class of the image models, everything but the network."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from stabilize.errors import ConfigurationError, DataError, DataTypeError, TrainingDivergedError
+from stabilize.errors import ConfigurationError, DataError, DataTypeError
+from stabilize.models.recipe import (
+    OptimizerName,
+    SchedulerName,
+    TrainingRecipe,
+    cosine_with_warmup,
+    triangular,
+)
 
-OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
-SchedulerName = Literal["cosine", "onecycle", "triangular", "constant"]
 Stage = Literal["train", "val", "test"]
 
-# One-cycle needs a warm-up phase; this is PyTorch's own default when none is given.
-ONECYCLE_DEFAULT_WARMUP = 0.3
 
-
-class ImageClassifier(LightningModule):
-    """Base LightningModule of the collection: optimizers, LR schedules, loss, metrics and input checks.
+class ImageClassifier(TrainingRecipe):
+    """Base LightningModule of the image models: the optimizers and schedules of :class:`TrainingRecipe`, plus the
+    classification loss, metrics and input checks.
 
     A variant supplies only its network by overriding :meth:`build_network`; the arguments of the variant's
     ``__init__`` are available there through ``self.hparams``, because :meth:`save_hyperparameters` records the
@@ -78,20 +77,15 @@ class ImageClassifier(LightningModule):
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
-        super().__init__()
-        _check_arguments(
-            num_classes,
-            in_channels,
-            optimizer,
-            lr,
-            momentum,
-            betas,
-            weight_decay,
-            scheduler,
-            warmup_fraction,
-            label_smoothing,
-        )
-        self.save_hyperparameters()
+        checks = [
+            (num_classes >= 2, f"num_classes must be at least 2, got {num_classes}."),
+            (in_channels >= 1, f"in_channels must be positive, got {in_channels}."),
+            (0 <= label_smoothing < 1, f"label_smoothing must be in [0, 1), got {label_smoothing}."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigurationError(message)
+        super().__init__(optimizer, lr, momentum, nesterov, betas, weight_decay, scheduler, warmup_fraction)
         self.network = self.build_network()
         if not isinstance(self.network, nn.Module):
             raise TypeError(f"{type(self).__name__}.build_network() must return an nn.Module, got {self.network!r}.")
@@ -112,12 +106,6 @@ class ImageClassifier(LightningModule):
         Override this in a subclass; read the subclass's own ``__init__`` arguments from ``self.hparams``.
         """
         raise NotImplementedError(f"{type(self).__name__} must override build_network() to return its network.")
-
-    def gradient_health_hints(self) -> dict[str, str]:
-        """Advice specific to this collection that :class:`~stabilize.callbacks.GradientHealthCallback` adds to its
-        generic remedies (keys ``"vanishing"``, ``"exploding"``, ``"nonfinite"``)."""
-        warmup = "with the stabilize command, --model.warmup_fraction 0.05 adds a warm-up"
-        return {"exploding": warmup, "nonfinite": warmup}
 
     # ----------------------------------------------------------------------------------------------------- forward
     def check_input(self, x: Tensor) -> None:
@@ -244,19 +232,6 @@ class ImageClassifier(LightningModule):
         self._raise_on_nonfinite_inputs()
 
     @override
-    def on_train_end(self) -> None:
-        # One host read per fit: a run that diverged must not end as if it had trained.
-        finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
-        if not bool(finite):
-            step = self.trainer.global_step if self._trainer is not None else "?"
-            raise TrainingDivergedError(
-                f"{type(self).__name__}'s weights are NaN/Inf after {step} optimizer steps: training diverged."
-                " Lower the learning rate or add a warm-up (--model.lr, --model.warmup_fraction), clip gradients"
-                " (--trainer.gradient_clip_val 1.0), or drop such steps with"
-                " GradientHealthCallback(on_nonfinite='skip')."
-            )
-
-    @override
     def on_validation_epoch_end(self) -> None:
         self._raise_on_nonfinite_inputs()
 
@@ -279,126 +254,5 @@ class ImageClassifier(LightningModule):
                 " the model, is broken: check the dataset files and the normalization (a zero std divides by zero)."
             )
 
-    # ------------------------------------------------------------------------------------------------ optimizers
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """Split the trainable parameters into weight-decayed weights and non-decayed norm weights and biases.
 
-        Parameters with fewer than two dimensions (norm scales and shifts, biases, scalar gains) get no weight
-        decay: decaying them only fights the normalization. Override to add groups with their own learning rate.
-        """
-        decay: list[Tensor] = []
-        no_decay: list[Tensor] = []
-        for param in self.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
-        return [
-            {"params": decay, "weight_decay": self.hparams["weight_decay"]},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-
-    @override
-    def configure_optimizers(self) -> OptimizerLRScheduler:
-        optimizer = self._build_optimizer(self.parameter_groups())
-        scheduler = self._build_scheduler(optimizer)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-    def _build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        hp = self.hparams
-        if hp["optimizer"] == "sgd":
-            nesterov = hp["nesterov"] and hp["momentum"] > 0
-            return torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], nesterov=nesterov)
-        if hp["optimizer"] == "adam":
-            return torch.optim.Adam(groups, lr=hp["lr"], betas=tuple(hp["betas"]))
-        if hp["optimizer"] == "adamw":
-            return torch.optim.AdamW(groups, lr=hp["lr"], betas=tuple(hp["betas"]))
-        return torch.optim.RMSprop(groups, lr=hp["lr"], momentum=hp["momentum"])
-
-    def total_steps(self) -> int:
-        """Optimizer steps of the whole fit, as the Trainer estimates them (needed by the decaying schedules)."""
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total <= 0:
-            raise ConfigurationError(
-                f"scheduler={self.hparams['scheduler']!r} needs a finite training length: set the Trainer's max_epochs"
-                " or max_steps, or use scheduler='constant'."
-            )
-        return int(total)
-
-    def _build_scheduler(self, optimizer: torch.optim.Optimizer) -> LRScheduler | None:
-        hp = self.hparams
-        if hp["scheduler"] == "constant":
-            return None
-        total = self.total_steps()
-        if hp["scheduler"] == "onecycle":
-            return OneCycleLR(
-                optimizer,
-                max_lr=[group["lr"] for group in optimizer.param_groups],
-                total_steps=total,
-                pct_start=hp["warmup_fraction"] or ONECYCLE_DEFAULT_WARMUP,
-                # Cycling momentum needs a momentum to cycle; RMSprop without one must stay without one.
-                cycle_momentum=hp["optimizer"] != "rmsprop" or hp["momentum"] > 0,
-            )
-        warmup = round(hp["warmup_fraction"] * total)
-        if hp["scheduler"] == "triangular":
-            return LambdaLR(optimizer, triangular(total, warmup))
-        return LambdaLR(optimizer, cosine_with_warmup(total, warmup))
-
-
-def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Any:
-    """LR multiplier: linear warm-up over ``warmup_steps``, then a cosine from 1 to 0 at ``total_steps``."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
-def triangular(total_steps: int, peak_step: int, start: float = 0.2, end: float = 0.07) -> Any:
-    """LR multiplier: linear from ``start`` to 1 at ``peak_step``, then linear to ``end`` at ``total_steps``."""
-
-    def multiplier(step: int) -> float:
-        if step < peak_step:
-            return start + (1.0 - start) * step / peak_step
-        progress = min((step - peak_step) / max(total_steps - peak_step, 1), 1.0)
-        return 1.0 + (end - 1.0) * progress
-
-    return multiplier
-
-
-def _check_arguments(
-    num_classes: int,
-    in_channels: int,
-    optimizer: str,
-    lr: float,
-    momentum: float,
-    betas: tuple[float, float],
-    weight_decay: float,
-    scheduler: str,
-    warmup_fraction: float,
-    label_smoothing: float,
-) -> None:
-    checks = [
-        (num_classes >= 2, f"num_classes must be at least 2, got {num_classes}."),
-        (in_channels >= 1, f"in_channels must be positive, got {in_channels}."),
-        (
-            optimizer in get_args(OptimizerName),
-            f"optimizer must be one of {', '.join(get_args(OptimizerName))}; got {optimizer!r}.",
-        ),
-        (math.isfinite(lr) and lr > 0, f"lr must be a positive finite number, got {lr}."),
-        (0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}."),
-        (len(betas) == 2 and all(0 <= b < 1 for b in betas), f"betas must be two numbers in [0, 1), got {betas}."),
-        (weight_decay >= 0, f"weight_decay must be non-negative, got {weight_decay}."),
-        (
-            scheduler in get_args(SchedulerName),
-            f"scheduler must be one of {', '.join(get_args(SchedulerName))}; got {scheduler!r}.",
-        ),
-        (0 <= warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {warmup_fraction}."),
-        (0 <= label_smoothing < 1, f"label_smoothing must be in [0, 1), got {label_smoothing}."),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigurationError(message)
+__all__ = ["ImageClassifier", "OptimizerName", "SchedulerName", "cosine_with_warmup", "triangular"]

@@ -234,6 +234,7 @@ class FastCNN(ImageClassifier):
         if self._slow_weights is not None:
             torch._foreach_copy_(self._trainable(), self._slow_weights)
             self._slow_weights = None
+        super().on_train_end()  # the final (slow) weights must be finite
 
     # ------------------------------------------------------------------------------------ test-time augmentation
     @override
