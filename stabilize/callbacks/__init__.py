@@ -1,6 +1,7 @@
 """Lightning callbacks that watch the health of the gradients."""
 
+from stabilize.callbacks.gradient_clipping import GradientClipping
 from stabilize.callbacks.gradient_health import GradientHealthCallback
 from stabilize.callbacks.interrupt_checkpoint import InterruptCheckpoint
 
-__all__ = ["GradientHealthCallback", "InterruptCheckpoint"]
+__all__ = ["GradientClipping", "GradientHealthCallback", "InterruptCheckpoint"]

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from stabilize.callbacks.gradient_health_output import HealthOutput
 from stabilize.callbacks.nonfinite_policy import NonFiniteGuard, NonFinitePolicy
+from stabilize.callbacks.optimizers import optimizer_index
 from stabilize.errors import ConfigurationError
 from stabilize.health import GradientMonitor, HealthCriteria, HealthSummary, LayerIndex, StepRecord, flow_figure
 from stabilize.health.activations import ActivationProbe
@@ -258,7 +259,7 @@ class GradientHealthCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        index = _optimizer_index(trainer, optimizer)
+        index = optimizer_index(trainer, optimizer)
         monitor = self._monitor(trainer, index)
         if monitor.layers is None:
             self._forward_order.stop()
@@ -407,13 +408,6 @@ class GradientHealthCallback(Callback):
                 f" {event['first_step']} and {event['last_step']}, in {', '.join(event['layers'][:10])}. Use"
                 " on_nonfinite='skip' to drop such steps or 'raise' to stop at the first one."
             )
-
-
-def _optimizer_index(trainer: Trainer, optimizer: torch.optim.Optimizer) -> int:
-    for index, candidate in enumerate(trainer.optimizers):
-        if candidate is optimizer or getattr(candidate, "optimizer", None) is optimizer:
-            return index
-    return 0
 
 
 def _grad_scaler(trainer: Trainer) -> Any:

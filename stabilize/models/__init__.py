@@ -3,6 +3,18 @@
 from stabilize.models.base import ImageClassifier
 from stabilize.models.fast import FastCNN
 from stabilize.models.plain import BatchNormCNN, DeepPlainCNN, PlainCNN
+from stabilize.models.recipe import TrainingRecipe
+from stabilize.models.recurrent import RecurrentNet
 from stabilize.models.resnet import FixupResNet, ResNet
 
-__all__ = ["BatchNormCNN", "DeepPlainCNN", "FastCNN", "FixupResNet", "ImageClassifier", "PlainCNN", "ResNet"]
+__all__ = [
+    "BatchNormCNN",
+    "DeepPlainCNN",
+    "FastCNN",
+    "FixupResNet",
+    "ImageClassifier",
+    "PlainCNN",
+    "RecurrentNet",
+    "ResNet",
+    "TrainingRecipe",
+]

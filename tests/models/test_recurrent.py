@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stabilize.callbacks import GradientHealthCallback
+from stabilize.datamodules import AddingProblemDataModule, CopyMemoryDataModule
+from stabilize.models import RecurrentNet
+from stabilize.models.recurrent import init_recurrent
+from tests.helpers.trainer import quiet_trainer
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+def test_every_cell_trains_on_the_adding_problem(cell: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    data = AddingProblemDataModule(seq_len=20, batch_size=32, train_batches=6, val_size=64, test_size=64)
+    model = RecurrentNet(cell=cell, hidden_size=16, lr=1e-2)
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, data)
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+    assert model.recurrent_states is not None and model.recurrent_states.shape[-1] == 16
+
+
+def test_identity_init_is_the_irnn_and_the_gain_scales_every_gate() -> None:
+    torch.manual_seed(0)
+    rnn = RecurrentNet(cell="rnn_relu", init="identity", recurrent_gain=1.5, hidden_size=8).network.layers[0]
+    torch.testing.assert_close(rnn.weight_hh_l0, 1.5 * torch.eye(8))
+    assert rnn.bias_hh_l0.abs().max() == 0 and rnn.weight_ih_l0.std() < 0.01
+    lstm = torch.nn.LSTM(4, 8, batch_first=True)
+    init_recurrent(lstm, "orthogonal", 1.0)
+    for gate in lstm.weight_hh_l0.split(8):
+        torch.testing.assert_close(gate @ gate.T, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def test_a_relu_rnn_with_a_large_recurrent_gain_is_flagged_exploding(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = AddingProblemDataModule(seq_len=50, batch_size=32, train_batches=4, val_size=0, test_size=0)
+    model = RecurrentNet(cell="rnn_relu", init="identity", recurrent_gain=1.2, hidden_size=32)
+    health = GradientHealthCallback(log_every_n_steps=1, verbose=False)
+    quiet_trainer(tmp_path, max_steps=4, limit_val_batches=0, callbacks=[health]).fit(model, data)
+    assert health.summary()["optimizer_0"]["explosions"], health.history[0]["global_norm"]
+    assert ("exploding" in health.summary() and True) or "EXPLODING" in health.diagnosis(model)
+
+
+def test_sequence_output_for_the_copy_task_and_bad_input_is_one_message() -> None:
+    data = CopyMemoryDataModule(delay=5)
+    x, _ = data.generate(4, torch.Generator().manual_seed(0))
+    model = RecurrentNet(input_size=10, output_size=10, output="sequence", cell="gru", hidden_size=8)
+    assert model(x).shape == (4, 25, 10)
+    with pytest.raises(ValueError, match=r"expects float sequences of shape \(N, T, 10\)"):
+        model(x[..., :3])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cell": "transformer"}, "Unknown cell"),
+        ({"init": "zeros"}, "Unknown init"),
+        ({"output": "classification", "output_size": 1}, "at least 2 classes"),
+        ({"recurrent_gain": 0.0}, "recurrent_gain"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RecurrentNet(**kwargs)
