@@ -134,7 +134,8 @@ def test_default_logger_is_tensorboard_and_everything_is_seeded(
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_config_parses_and_builds(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cli = StabilizeCLI(args=["--config", str(config), "--data.data_dir", str(tmp_path)], run=False)
+    data_dir = ["--data.data_dir", str(tmp_path)] if "CIFAR10DataModule" in config.read_text() else []
+    cli = StabilizeCLI(args=["--config", str(config), *data_dir], run=False)
     assert cli.model.__class__.__module__.startswith("stabilize.models")
     assert (cli.trainer.max_epochs or 0) >= 1 or cli.trainer.max_steps > 0
     from stabilize.callbacks import GradientHealthCallback, InterruptCheckpoint
@@ -239,3 +240,29 @@ def test_checkpoint_naming_its_class_refuses_a_different_model(
     )
     assert result.returncode == 2
     assert "holds a ResNet, but --model is FixupResNet" in result.stderr
+
+
+SEQUENCE_CONFIGS = [c for c in CONFIGS if "CIFAR10DataModule" not in c.read_text()]
+
+
+@pytest.mark.parametrize("config", SEQUENCE_CONFIGS, ids=[c.stem for c in SEQUENCE_CONFIGS])
+def test_every_recurrent_config_trains_a_few_steps(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = StabilizeCLI(
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--model.hidden_size=16",
+            "--data.train_batches=3",
+            "--data.val_size=50",
+            "--data.test_size=50",
+            "--trainer.max_steps=3",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    assert cli.trainer.global_step == 3
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_step"])
