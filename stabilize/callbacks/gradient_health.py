@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
@@ -27,6 +27,7 @@ from stabilize.health.diagnosis import report
 from stabilize.health.layers import ForwardOrder
 from stabilize.health.monitor import Observation
 from stabilize.health.records import jsonable, record_metrics
+from stabilize.health.temporal import TemporalProbe
 
 
 class GradientHealthCallback(Callback):
@@ -172,6 +173,7 @@ class GradientHealthCallback(Callback):
         self._monitors: dict[int, GradientMonitor] = {}
         self._fit_steps: dict[int, int] = {}
         self._forward_order = ForwardOrder()
+        self._temporal = TemporalProbe()
         self._activations = ActivationProbe(saturation_threshold)
         self._step_hooks: dict[int, RemovableHandle] = {}
         self._every = 1
@@ -215,6 +217,14 @@ class GradientHealthCallback(Callback):
         upcoming = self._step_index(trainer, 0)
         if self.track_activations and self._is_logging_step(upcoming) and not self._activations.attached:
             self._activations.attach(pl_module)
+
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        # A model that keeps its recurrent states (``recurrent_states``, (N, T, H)) gets the gradient over time too,
+        # hooked on logging steps only.
+        states = getattr(pl_module, "recurrent_states", None)
+        if isinstance(states, Tensor) and self._is_logging_step(self._step_index(trainer, 0)):
+            self._temporal.watch(states)
 
     @override
     def on_train_batch_end(
@@ -293,7 +303,12 @@ class GradientHealthCallback(Callback):
         monitor = self._monitors[index]
         reported = len(monitor.nonfinite)
         record, activation_values = monitor.record(
-            step, observation, self._activations.tensors(), amp=amp, snapshot_weights=self.track_update_ratio
+            step,
+            observation,
+            self._activations.tensors(),
+            amp=amp,
+            snapshot_weights=self.track_update_ratio,
+            temporal=self._temporal.take(),
         )
         self._warn_nonfinite(trainer, monitor, reported)
         if record is not None and trainer.is_global_zero:

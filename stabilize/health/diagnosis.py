@@ -120,6 +120,17 @@ def diagnosis_lines(
             f"  Worst depth ratio (first layer / last layer gradient norm): {ratio['ratio']:.2e} at step"
             f" {ratio['step']} ({_depth_ratio_meaning(ratio['ratio'])})."
         )
+    temporal = summary.get("worst_temporal_ratio")
+    if temporal is not None:
+        lines.append(
+            f"  Temporal: the gradient at t=0 is {temporal['ratio']:.1e} of the gradient at the last step"
+            f" (step {temporal['step']}){_temporal_meaning(temporal['ratio'])}."
+        )
+        if temporal["ratio"] < 1e-3:
+            remedies.append(
+                "long-range credit assignment is lost: gated cells (LSTM, GRU) or an orthogonal/identity recurrent"
+                " init keep the gradient alive over time"
+            )
     if summary["explosions"]:
         explosions = summary["explosions"]
         spans = ", ".join(
@@ -187,6 +198,14 @@ def vanishing_remedies(traits: ModelTraits | None, dead_layers: int = 0) -> list
     elif not dead_layers:
         remedies.append("check the initialisation: He (kaiming) scaling for ReLU-like activations")
     return remedies
+
+
+def _temporal_meaning(ratio: float) -> str:
+    if ratio < 1e-3:
+        return ": long-range credit assignment is lost"
+    if ratio > 1e3:
+        return ": the gradient grows backward through time, the signature of exploding recurrent gradients"
+    return ": credit reaches the first steps"
 
 
 def _depth_ratio_meaning(ratio: float) -> str:

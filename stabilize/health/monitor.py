@@ -62,6 +62,7 @@ class GradientMonitor:
     skipped_steps: list[int] = field(default_factory=list)
     amp_skipped: int = 0
     worst_depth_ratio: tuple[float, int] | None = None
+    worst_temporal_ratio: tuple[float, int] | None = None
     steps: int = 0
     # Device state between logging steps, and its host copy while no device state exists (checkpoint, new fit).
     counters: DeviceCounters | None = None
@@ -152,8 +153,12 @@ class GradientMonitor:
         extras: Sequence[Tensor] = (),
         amp: bool = False,
         snapshot_weights: bool = False,
+        temporal: Tensor | None = None,
     ) -> tuple[StepRecord | None, list[float]]:
         """Read the step's layer statistics, the counters and ``extras`` (scalars) in one host transfer.
+
+        ``temporal``: the gradient norm at each time step of a recurrent layer's output (see
+        :class:`~stabilize.health.temporal.TemporalProbe`), read in the same transfer.
 
         Returns the record (``None`` for a step the GradScaler skipped: its overflowed norms say nothing about
         the model) and the host values of ``extras``.
@@ -173,11 +178,12 @@ class GradientMonitor:
             layer_weight,
             torch.stack([observation.total, observation.median]),
             counters.pack(),
+            temporal.to(device) if temporal is not None else torch.zeros(0, device=device),
             *[value.detach().float().to(device).reshape(1) for value in extras],
         ]
         values = torch.cat(parts).tolist()  # the one host transfer of a logging step
-        grad_values, weight_values, (total, median), counter_values, extra_values = _split(
-            values, [len(part) for part in parts[:4]]
+        grad_values, weight_values, (total, median), counter_values, temporal_values, extra_values = _split(
+            values, [len(part) for part in parts[:5]]
         )
         if amp and not math.isfinite(total):
             # The counters stay on the device for the next record; this step's numbers are overflow, not data.
@@ -210,6 +216,13 @@ class GradientMonitor:
                 layers.names[i]: {"grad_norm": grad_values[i], "weight_norm": weight_values[i]} for i in present
             },
         }
+        if temporal_values:
+            first, last = temporal_values[0], temporal_values[-1]
+            ratio = first / last if last > 0 else math.inf
+            record["temporal_grad_norms"] = temporal_values
+            record["temporal_ratio"] = ratio
+            if math.isfinite(ratio) and (self.worst_temporal_ratio is None or ratio < self.worst_temporal_ratio[0]):
+                self.worst_temporal_ratio = (ratio, step)
         self.history.append(record)
         return record, extra_values
 
@@ -243,7 +256,7 @@ class GradientMonitor:
     # ------------------------------------------------------------------------------------------------ results
     def summary(self) -> HealthSummary:
         last = self.history[-1] if self.history else None
-        worst = self.worst_depth_ratio
+        worst, temporal = self.worst_depth_ratio, self.worst_temporal_ratio
         return {
             "steps": self.steps,
             "logged_steps": len(self.history),
@@ -256,6 +269,7 @@ class GradientMonitor:
             "skipped_steps": list(self.skipped_steps),
             "amp_skipped_steps": self.amp_skipped,
             "worst_depth_ratio": None if worst is None else {"ratio": worst[0], "step": worst[1]},
+            "worst_temporal_ratio": None if temporal is None else {"ratio": temporal[0], "step": temporal[1]},
             "last_global_norm": last["global_norm"] if last else None,
             "num_layers": len(self.layers.names) if self.layers is not None else len(last["layers"] if last else {}),
         }
@@ -281,6 +295,7 @@ class GradientMonitor:
             "skipped_steps": self.skipped_steps,
             "amp_skipped": self.amp_skipped,
             "worst_depth_ratio": self.worst_depth_ratio,
+            "worst_temporal_ratio": self.worst_temporal_ratio,
             "steps": self.steps,
             "norm_history": self.recent_norms(),
             "counters": counters,
@@ -288,7 +303,7 @@ class GradientMonitor:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], criteria: HealthCriteria) -> GradientMonitor:
-        worst = state["worst_depth_ratio"]
+        worst, temporal = state["worst_depth_ratio"], state.get("worst_temporal_ratio")
         return cls(
             criteria=criteria,
             prefix=state["prefix"],
@@ -300,6 +315,7 @@ class GradientMonitor:
             skipped_steps=state["skipped_steps"],
             amp_skipped=state["amp_skipped"],
             worst_depth_ratio=(worst[0], worst[1]) if worst else None,
+            worst_temporal_ratio=(temporal[0], temporal[1]) if temporal else None,
             steps=state["steps"],
             _saved_norms=list(state["norm_history"]),
             _saved_counters=state.get("counters"),

@@ -33,6 +33,10 @@ class StepRecord(TypedDict):
     amp_skipped: int
     #: Layers in forward order.
     layers: dict[str, LayerStats]
+    #: Gradient norm at each time step of a recurrent model's ``recurrent_states`` (t = 0 first).
+    temporal_grad_norms: NotRequired[list[float]]
+    #: ``temporal_grad_norms[0] / temporal_grad_norms[-1]``.
+    temporal_ratio: NotRequired[float]
 
 
 class ExplosionEvent(TypedDict):
@@ -72,6 +76,8 @@ class HealthSummary(TypedDict):
     skipped_steps: list[int]
     amp_skipped_steps: int
     worst_depth_ratio: DepthRatio | None
+    #: Smallest gradient ratio between the first and the last time step (recurrent models).
+    worst_temporal_ratio: DepthRatio | None
     last_global_norm: float | None
     num_layers: int
 
@@ -88,6 +94,8 @@ def record_metrics(record: StepRecord, prefix: str = "") -> dict[str, float]:
         f"grad_health/{prefix}nonfinite": float(record["nonfinite_tensors"]),
         f"grad_health/{prefix}amp_skipped": float(record["amp_skipped"]),
     }
+    if "temporal_ratio" in record:
+        metrics[f"grad_health/{prefix}temporal_ratio"] = record["temporal_ratio"]
     for name, stats in record["layers"].items():
         metrics[f"grad_norm/{prefix}{name}"] = stats["grad_norm"]
         if stats["weight_norm"] > 0:

@@ -20,6 +20,7 @@ def summary(**overrides) -> HealthSummary:
         "skipped_steps": [],
         "amp_skipped_steps": 0,
         "worst_depth_ratio": {"ratio": 663.0, "step": 4},
+        "worst_temporal_ratio": None,
         "last_global_norm": 1.0,
         "num_layers": 4,
     }

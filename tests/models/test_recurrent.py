@@ -63,3 +63,18 @@ def test_sequence_output_for_the_copy_task_and_bad_input_is_one_message() -> Non
 def test_bad_arguments_name_themselves(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RecurrentNet(**kwargs)
+
+
+def test_the_gradient_over_time_is_recorded_and_diagnosed(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = AddingProblemDataModule(seq_len=60, batch_size=32, train_batches=3, val_size=0, test_size=0)
+    model = RecurrentNet(cell="rnn_tanh", hidden_size=16, init="default", recurrent_gain=0.5)
+    health = GradientHealthCallback(log_every_n_steps=2, verbose=False)
+    quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[health]).fit(model, data)
+    record = health.history[0]
+    norms = record["temporal_grad_norms"]
+    assert len(norms) == 60 and [r["step"] for r in health.history] == [0, 2]
+    assert norms[-1] > 0 and record["temporal_ratio"] == pytest.approx(norms[0] / norms[-1])
+    assert record["temporal_ratio"] < 1e-3  # a contracting tanh RNN forgets: credit never reaches t = 0
+    report = health.diagnosis(model)
+    assert "Temporal: the gradient at t=0 is" in report and "long-range credit assignment is lost" in report
