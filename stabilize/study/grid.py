@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
+import stabilize.callbacks
 import stabilize.datamodules
 import stabilize.models
 from stabilize.errors import ConfigurationError
@@ -53,6 +55,8 @@ class RunSpec:
     data_class: type[LightningDataModule]
     data_args: dict[str, Any]
     trainer_args: dict[str, Any] = field(default_factory=dict)
+    #: Extra callbacks of this run, as (class, arguments); GradientHealthCallback is always there.
+    callbacks: list[tuple[type[Callback], dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -111,18 +115,32 @@ def check_runs(grid: Grid, budget: Budget, data_dir: str | None) -> None:
         try:
             run.model_class(**run.model_args)
             run.data_class(**data_arguments(run, budget, data_dir))
+            for callback_class, arguments in run.callbacks:
+                callback_class(**arguments)
         except (ConfigurationError, TypeError, ValueError) as error:
             raise ConfigurationError(f"grid {grid.name!r}, run {run.name!r}: {error}") from error
 
 
 def data_arguments(run: RunSpec, budget: Budget, data_dir: str | None) -> dict[str, Any]:
-    """The datamodule arguments of ``run`` under ``budget`` (the run's own settings win over the budget's)."""
+    """The datamodule arguments of ``run`` under ``budget`` (the run's own settings win over the budget's); budget
+    fields the datamodule does not take (a synthetic task has no ``data_dir`` or ``train_subset``) are left out."""
     args: dict[str, Any] = {"train_subset": budget.train_subset, "val_size": budget.val_size}
     if budget.batch_size is not None:
         args["batch_size"] = budget.batch_size
     if data_dir is not None:
         args["data_dir"] = data_dir
-    return {**args, **run.data_args}
+    accepted = _init_arguments(run.data_class)
+    return {**{k: v for k, v in args.items() if k in accepted}, **run.data_args}
+
+
+def _init_arguments(cls: type) -> set[str]:
+    """Names the ``__init__`` chain of ``cls`` accepts (subclasses pass ``**kwargs`` on to their bases)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {p for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs")}
+    return names
 
 
 def _run_spec(name: str, entry: dict[str, Any]) -> RunSpec:
@@ -135,6 +153,10 @@ def _run_spec(name: str, entry: dict[str, Any]) -> RunSpec:
     data_class = _resolve(data.get("class_path", "CIFAR10DataModule"), stabilize.datamodules, LightningDataModule)
     if not isinstance(trainer, dict):
         raise ConfigurationError("trainer must be a mapping of Trainer arguments.")
+    callbacks = [
+        (_resolve(c.get("class_path", ""), stabilize.callbacks, Callback), dict(c.get("init_args") or {}))
+        for c in entry.get("callbacks") or []
+    ]
     return RunSpec(
         name,
         model_class,
@@ -142,6 +164,7 @@ def _run_spec(name: str, entry: dict[str, Any]) -> RunSpec:
         data_class,
         dict(data.get("init_args") or {}),
         dict(trainer),
+        callbacks,
     )
 
 

@@ -87,7 +87,11 @@ class StudyRecorder(Callback):
                 batch = datamodule.on_before_batch_transfer(batch, 0)
                 batch = datamodule.transfer_batch_to_device(batch, pl_module.device, 0)
                 x, y = datamodule.on_after_batch_transfer(batch, 0)
-                correct += (predict(x).argmax(-1) == y).sum()
+                logits = predict(x)
+                if logits.ndim != 2 or y.ndim != 1 or y.is_floating_point():
+                    break  # not a classifier of one label per example: no accuracy curve
+                correct += (logits.argmax(-1) == y).sum()
                 total += len(y)
         pl_module.train(was_training)
-        self.test_acc.append((trainer.global_step, correct.item() / max(total, 1)))
+        if total:
+            self.test_acc.append((trainer.global_step, correct.item() / total))

@@ -20,6 +20,7 @@ class RunResult(TypedDict):
     best_val_acc: float | None
     best_epoch: int | None
     test_acc: float | None
+    test_loss: float | None
     wall_time_s: float
     steps: int
     median_grad_norm: float | None
@@ -39,6 +40,7 @@ COLUMNS = (
     ("train_acc", "train acc", "{:.1%}"),
     ("val_acc", "val acc", "{:.1%}"),
     ("test_acc", "test acc", "{:.1%}"),
+    ("test_loss", "test loss", "{:.3g}"),
     ("best_epoch", "best epoch", "{}"),
     ("wall_time_s", "time", "{:.0f} s"),
     ("steps", "steps", "{}"),
@@ -59,6 +61,7 @@ def collect(
     train_acc: float | None,
     test_acc: float | None,
     steps: int,
+    test_loss: float | None = None,
 ) -> RunResult:
     summary = health.summary().get("optimizer_0")
     history = health.history
@@ -76,6 +79,7 @@ def collect(
         "best_val_acc": best[2] if best else None,
         "best_epoch": best[1] if best else None,
         "test_acc": test_acc,
+        "test_loss": test_loss,
         "wall_time_s": recorder.wall_time,
         "steps": steps,
         "median_grad_norm": statistics.median(norms) if norms else None,

@@ -87,6 +87,7 @@ def _train(grid: Grid, run: RunSpec, budget: Budget, out: Path, data_dir: str | 
         logger=TensorBoardLogger(out, name=run.name, version="tensorboard"),
         callbacks=[
             health,
+            *(callback_class(**arguments) for callback_class, arguments in run.callbacks),
             recorder,
             *([_RunProgressBar(run.name)] if trainer_args.get("enable_progress_bar", True) else []),
         ],
@@ -97,10 +98,13 @@ def _train(grid: Grid, run: RunSpec, budget: Budget, out: Path, data_dir: str | 
     train_acc = trainer.callback_metrics.get("train/acc_epoch")
     tested = trainer.test(model, datamodule, verbose=False)
     test_acc = tested[0].get("test/acc") if tested else None
+    test_loss = tested[0].get("test/loss") if tested else None
     health.save_json(run_dir / "gradient_health.json")
     model_name = f"{type(model).__module__}.{type(model).__qualname__}"
     train_accuracy = float(train_acc) if train_acc is not None else None
-    return collect(run.name, model_name, recorder, health, train_accuracy, test_acc, trainer.global_step)
+    return collect(
+        run.name, model_name, recorder, health, train_accuracy, test_acc, trainer.global_step, test_loss=test_loss
+    )
 
 
 class _RunProgressBar(TQDMProgressBar):
@@ -128,6 +132,13 @@ def _save_config(run: RunSpec, budget: Budget, trainer_args: dict[str, Any], mod
         },
         "data": {"class_path": f"{type(data).__module__}.{type(data).__qualname__}", "init_args": dict(data.hparams)},
         "trainer": trainer_args,
+        "callbacks": [
+            {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": arguments}
+            for cls, arguments in [
+                (GradientHealthCallback, {"log_every_n_steps": budget.log_every_n_steps}),
+                *run.callbacks,
+            ]
+        ],
         "budget": budget.__dict__,
     }
     path.write_text(yaml.safe_dump(jsonable(config), sort_keys=False))

@@ -107,3 +107,23 @@ def test_every_shipped_grid_loads_and_its_runs_build(grid: Path, tiny_cifar: Pat
     loaded = load_grid(grid)
     check_runs(loaded, dataclasses.replace(TINY), str(tiny_cifar))
     assert loaded.budget("cpu-small").max_epochs >= 1 and loaded.budget("full").train_subset is None
+
+
+def test_a_recurrent_grid_with_a_clipping_callback_runs_on_synthetic_data(tmp_path: Path) -> None:
+    text = """
+name: tiny-rnn
+defaults:
+  model: {class_path: RecurrentNet, init_args: {hidden_size: 8}}
+  data: {class_path: AddingProblemDataModule, init_args: {seq_len: 10, train_batches: 3, test_size: 64}}
+budgets:
+  tiny: {max_epochs: 1, train_subset: null, val_size: 64, batch_size: 16, log_every_n_steps: 1}
+runs:
+  - name: irnn-autoclip
+    model: {init_args: {cell: rnn_relu, init: identity, recurrent_gain: 1.2}}
+    callbacks: [{class_path: GradientClipping, init_args: {method: autoclip}}]
+"""
+    grid = load_grid(write_grid(tmp_path, text))
+    results = run_study(grid, "tiny", tmp_path / "out", accelerator="cpu", echo=lambda line: None)
+    assert results[0]["steps"] == 3 and results[0]["test_acc"] is None and results[0]["test_loss"] > 0
+    config = (tmp_path / "out" / "irnn-autoclip" / "config.yaml").read_text()
+    assert "stabilize.callbacks.gradient_clipping.GradientClipping" in config and "method: autoclip" in config
