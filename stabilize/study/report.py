@@ -44,7 +44,7 @@ def write_report(
         writer = csv.writer(file)
         writer.writerow([key for key, _, _ in COLUMNS] + ["best_val_acc", "model"])
         for result in results:
-            values = [result[key] for key, _, _ in COLUMNS]  # type: ignore[literal-required]
+            values = [result.get(key) for key, _, _ in COLUMNS]
             writer.writerow([*values, result["best_val_acc"], result["model"]])
     for filename, draw in PLOTS.items():
         draw(results, out / filename)

@@ -103,7 +103,7 @@ def collect(
 
 
 def cell(result: RunResult, key: str, form: str) -> str:
-    value = result[key]  # type: ignore[literal-required]
+    value = result.get(key)
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return form.format(value)
