@@ -51,9 +51,13 @@ def run_study(
         else:
             result = _train(grid, run, budget, out, data_dir, accelerator)
             saved.write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
-            accuracy = "n/a" if result["test_acc"] is None else f"{result['test_acc']:.1%}"
+            if result["test_acc"] is not None:
+                score = f"test accuracy {result['test_acc']:.1%}"
+            else:
+                loss = result.get("test_loss")
+                score = "test loss n/a" if loss is None else f"test loss {loss:.4g}"
             echo(
-                f"run {number}/{len(grid.runs)} {run.name}: test accuracy {accuracy}, {result['wall_time_s']:.0f} s,"
+                f"run {number}/{len(grid.runs)} {run.name}: {score}, {result['wall_time_s']:.0f} s,"
                 f" gradients: {result['verdict']}"
             )
         results.append(result)
