@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from tensorboard.compat.proto.summary_pb2 import Summary
 
 from stabilize.errors import ConfigurationError
-from stabilize.health.figures import Histogram, gradient_histograms
+from stabilize.health.figures import Histogram, gradient_histograms, temporal_figure
 from stabilize.health.layers import LayerIndex
 from stabilize.health.records import StepRecord
 
@@ -124,3 +124,6 @@ class HealthOutput:
             names = list(record["layers"])
             figure = draw(names, [record["layers"][name]["grad_norm"] for name in names])
             self.write_figure(writers, f"grad_health/{prefix}flow", figure, step)
+            if "temporal_grad_norms" in record:
+                temporal = temporal_figure(record["temporal_grad_norms"])
+                self.write_figure(writers, f"grad_health/{prefix}temporal", temporal, step)

@@ -61,6 +61,21 @@ def flow_figure(
     return figure
 
 
+def temporal_figure(norms: Sequence[float], title: str = "Gradient over time steps") -> Figure:
+    """‖∂L/∂h_t‖ against the time step t on a log axis: flat when credit reaches the first steps, falling toward
+    t = 0 by orders of magnitude when long-range credit assignment is lost, rising when it explodes."""
+    figure = Figure(figsize=(6.0, 3.5), dpi=80)
+    figure.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.15)
+    axis = figure.add_subplot()
+    steps = [t for t, n in enumerate(norms) if math.isfinite(n) and n > 0]
+    axis.plot(steps, [norms[t] for t in steps], linewidth=1.2, color="#1f77b4")
+    axis.set_yscale("log")
+    axis.set_xlabel("time step t")
+    axis.set_ylabel("gradient norm of the state h_t")
+    axis.set_title(title)
+    return figure
+
+
 class Histogram(NamedTuple):
     """A layer's gradient histogram in TensorBoard's raw form."""
 

@@ -78,3 +78,19 @@ def test_the_gradient_over_time_is_recorded_and_diagnosed(tmp_path) -> None:
     assert record["temporal_ratio"] < 1e-3  # a contracting tanh RNN forgets: credit never reaches t = 0
     report = health.diagnosis(model)
     assert "Temporal: the gradient at t=0 is" in report and "long-range credit assignment is lost" in report
+
+
+def test_the_temporal_figure_reaches_tensorboard(tmp_path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = AddingProblemDataModule(seq_len=30, batch_size=16, train_batches=2, val_size=0, test_size=0)
+    health = GradientHealthCallback(log_every_n_steps=1, figure_every_n_steps=1, figure_min_interval_s=0, verbose=False)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[health], logger=logger).fit(
+        RecurrentNet(hidden_size=8), data
+    )
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert "grad_health/temporal" in events.Tags()["images"]
+    assert "grad_health/temporal_ratio" in events.Tags()["scalars"]
