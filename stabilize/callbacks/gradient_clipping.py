@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
@@ -92,6 +93,7 @@ class GradientClipping(Callback):
         self._states: dict[int, ClipState] = {}
         self._saved: dict[int, dict[str, Any]] = {}
         self._since_log: dict[int, int] = {}
+        self._warned_fused = False
 
     @override
     def on_before_optimizer_step(
@@ -100,6 +102,17 @@ class GradientClipping(Callback):
         index = optimizer_index(trainer, optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
+            return
+        plugin = trainer.precision_plugin
+        if (
+            isinstance(plugin, MixedPrecision)
+            and plugin.scaler is not None
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+        ):
+            # A fused optimizer unscales inside step(), after this hook: its gradients are still scaled here.
+            if not self._warned_fused:
+                rank_zero_warn("GradientClipping does not clip fused optimizers under fp16 AMP; use fused=False.")
+                self._warned_fused = True
             return
         state = self._state(index, params[0].device)
         if self.skip_spikes is not None and state.position >= 3:

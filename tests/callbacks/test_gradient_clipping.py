@@ -92,3 +92,22 @@ def test_skip_spikes_leaves_weights_and_optimizer_state_unchanged(tmp_path) -> N
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GradientClipping(**kwargs)
+
+
+def test_manual_optimization_with_two_optimizers_clips_each(tmp_path) -> None:
+    from tests.callbacks.test_gradient_health import TwoOptimizers
+
+    seed_everything(0)
+    model = TwoOptimizers()
+    model.loss_scale_at = {}
+    seen: list[tuple[int, float]] = []
+
+    class Probe(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            seen.append((id(optimizer), torch.sqrt(sum(g.square().sum() for g in grads)).item()))
+
+    clipper = GradientClipping(method="norm", max_norm=1e-3)
+    quiet_trainer(tmp_path, max_steps=4, callbacks=[clipper, Probe()]).fit(model)
+    assert set(clipper._states) == {0, 1} and len({optimizer for optimizer, _ in seen}) == 2
+    assert all(norm <= 1e-3 * (1 + 1e-4) for _, norm in seen)
