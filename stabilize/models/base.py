@@ -33,19 +33,8 @@ class ImageClassifier(TrainingRecipe):
     Args:
         num_classes: Number of classes (size of the logits).
         in_channels: Channels of the input images.
-        optimizer: ``"sgd"`` (with ``momentum`` and ``nesterov``), ``"adam"``, ``"adamw"`` or ``"rmsprop"``.
-        lr: Peak learning rate (reached after the warm-up).
-        momentum: Momentum of SGD and RMSprop.
-        nesterov: Nesterov momentum for SGD.
-        betas: Adam/AdamW coefficients.
-        weight_decay: L2 penalty (decoupled for AdamW). Never applied to normalization weights or biases, i.e. to
-            any parameter with fewer than two dimensions.
-        scheduler: ``"cosine"`` (linear warm-up, then cosine decay to zero), ``"onecycle"``
-            (:class:`~torch.optim.lr_scheduler.OneCycleLR`), ``"triangular"`` (linear from 0.2x up to the peak at
-            the end of the warm-up, then linearly down to 0.07x, as in the CIFAR-10 speed runs) or ``"constant"``.
-            All step once per optimizer step.
-        warmup_fraction: Fraction of the total optimizer steps spent warming up (cosine, one-cycle and
-            triangular, whose peak it places; one-cycle uses 0.3 when this is 0).
+        optimizer, lr, momentum, nesterov, betas, weight_decay, scheduler, warmup_fraction: The optimizer and the
+            learning-rate schedule, see :class:`~stabilize.models.recipe.TrainingRecipe`.
         label_smoothing: Label smoothing of the training loss. Validation and test losses are plain
             cross-entropy so that they stay comparable across runs.
         channels_last: Run the network in ``torch.channels_last`` memory format (faster convolutions on GPUs).
