@@ -7,13 +7,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from stabilize.callbacks.optimizers import optimizer_index
+from stabilize.callbacks.optimizers import optimizer_index, pending_grad_scaler
 from stabilize.errors import ConfigurationError
-from stabilize.health.clipping import ClipMethod, ClipRule, ClipState
+from stabilize.health.clipping import ClipMethod, ClipRule, ClipState, total_norm
 
 
 class GradientClipping(Callback):
@@ -103,20 +102,14 @@ class GradientClipping(Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return
-        plugin = trainer.precision_plugin
-        if (
-            isinstance(plugin, MixedPrecision)
-            and plugin.scaler is not None
-            and getattr(optimizer, "_step_supports_amp_scaling", False)
-        ):
-            # A fused optimizer unscales inside step(), after this hook: its gradients are still scaled here.
+        if pending_grad_scaler(trainer, optimizer) is not None:
             if not self._warned_fused:
                 rank_zero_warn("GradientClipping does not clip fused optimizers under fp16 AMP; use fused=False.")
                 self._warned_fused = True
             return
         state = self._state(index, params[0].device)
+        total = total_norm(params)
         if self.skip_spikes is not None and state.position >= 3:
-            total = torch.stack([p.grad.detach().float().norm() for p in params]).norm()
             median = torch.nanmedian(state.history)
             if bool(total > self.skip_spikes * median):  # the one host sync of skip_spikes
                 for group in optimizer.param_groups:
@@ -127,7 +120,7 @@ class GradientClipping(Callback):
                     f"GradientClipping dropped step {trainer.global_step}: norm above {self.skip_spikes}x median."
                 )
                 return
-        pre, post = self.rule.clip(params, state)
+        pre, post = self.rule.clip(params, state, total)
         self._since_log[index] = self._since_log.get(index, 0) + 1
         every = self.log_every_n_steps or max(getattr(trainer, "log_every_n_steps", 1), 1)
         if trainer.global_step % every == 0 and trainer.is_global_zero:

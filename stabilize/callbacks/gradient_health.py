@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -19,7 +18,7 @@ from typing_extensions import override
 
 from stabilize.callbacks.gradient_health_output import HealthOutput
 from stabilize.callbacks.nonfinite_policy import NonFiniteGuard, NonFinitePolicy
-from stabilize.callbacks.optimizers import optimizer_index
+from stabilize.callbacks.optimizers import grad_scaler, optimizer_index, pending_grad_scaler
 from stabilize.errors import ConfigurationError
 from stabilize.health import GradientMonitor, HealthCriteria, HealthSummary, LayerIndex, StepRecord, flow_figure
 from stabilize.health.activations import ActivationProbe
@@ -282,11 +281,8 @@ class GradientHealthCallback(Callback):
         monitor.discard_snapshot()  # a snapshot whose step the GradScaler skipped is stale
         self._nonfinite.before_step()
         self._flush_metrics(trainer, index)
-        scaler = _grad_scaler(trainer)
-        # Fused optimizers unscale inside .step(), after this hook: their gradients are still scaled here.
-        scale = (
-            scaler._scale if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False) else None
-        )
+        scaler, pending = grad_scaler(trainer), pending_grad_scaler(trainer, optimizer)
+        scale = pending._scale if pending is not None else None
         logging_step = self._is_logging_step(self._step_index(trainer, index))
         step = trainer.global_step
         observation = monitor.observe(step, scale, amp=scaler is not None)
@@ -423,11 +419,6 @@ class GradientHealthCallback(Callback):
                 f" {event['first_step']} and {event['last_step']}, in {', '.join(event['layers'][:10])}. Use"
                 " on_nonfinite='skip' to drop such steps or 'raise' to stop at the first one."
             )
-
-
-def _grad_scaler(trainer: Trainer) -> Any:
-    plugin = trainer.precision_plugin
-    return plugin.scaler if isinstance(plugin, MixedPrecision) else None
 
 
 def _holds_compiled_module(module: nn.Module) -> bool:

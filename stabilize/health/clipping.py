@@ -14,6 +14,11 @@ from stabilize.health.layers import foreach_norms
 ClipMethod = Literal["norm", "autoclip", "zclip", "agc"]
 
 
+def total_norm(params: list[Tensor]) -> Tensor:
+    """The L2 norm of all gradients of ``params``, as a device scalar (one fused kernel)."""
+    return foreach_norms([p.grad for p in params if p.grad is not None]).square().sum().sqrt()
+
+
 @dataclass
 class ClipState:
     """What one optimizer's clipping remembers: recent total norms (a ring on the device), ZClip's moving mean and
@@ -30,9 +35,13 @@ class ClipState:
 
     @classmethod
     def empty(cls, window: int, device: torch.device) -> ClipState:
-        zero = torch.zeros((), device=device)
-        return cls(torch.full((window,), math.nan, device=device), 0, zero.clone(), zero.clone(), 0, zero.clone(), 0,
-                   torch.full((), math.inf, device=device))  # fmt: skip
+        return cls(
+            history=torch.full((window,), math.nan, device=device),
+            mean=torch.zeros((), device=device),
+            var=torch.zeros((), device=device),
+            clipped=torch.zeros((), device=device),
+            threshold=torch.full((), math.inf, device=device),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -82,15 +91,16 @@ class ClipRule:
     warmup_steps: int = 25
     agc_clip: float = 0.01
 
-    def clip(self, params: list[Tensor], state: ClipState) -> tuple[Tensor, Tensor]:
+    def clip(self, params: list[Tensor], state: ClipState, total: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Clip the gradients of ``params`` in place; returns the total norm before and after (device scalars).
-        A non-finite total (an fp16 overflow the GradScaler will skip) is left alone and not remembered."""
+        ``total`` is the total norm when the caller has it already. A non-finite total (an fp16 overflow the
+        GradScaler will skip) is left alone and not remembered."""
         grads = [p.grad for p in params if p.grad is not None]
-        total = foreach_norms(grads).square().sum().sqrt()
+        total = total_norm(params) if total is None else total
         finite = torch.isfinite(total)
         if self.method == "agc":
             self._agc(params)
-            post = foreach_norms([p.grad for p in params if p.grad is not None]).square().sum().sqrt()
+            post = total_norm(params)
             state.threshold = torch.full((), self.agc_clip, device=total.device)
         else:
             state.threshold = self._threshold(state, total.device)
