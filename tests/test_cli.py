@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,18 +7,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from stabilize.cli import DEFAULT_SEED, StabilizeCLI, main
+from tests.helpers.commands import stabilize_command
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 FAST = ["--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-
-
-def stabilize_command(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the installed console script (falling back to ``python -m stabilize``) in a subprocess."""
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "stabilize", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
-    )
 
 
 def tiny_data_args(tiny_cifar: Path) -> list[str]:

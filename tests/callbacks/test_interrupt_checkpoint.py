@@ -1,21 +1,11 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def stabilize(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "stabilize", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+from tests.helpers.commands import stabilize_command
 
 
 def fit_args(tiny_cifar: Path, *extra: str) -> list[str]:
@@ -41,7 +31,7 @@ def fit_args(tiny_cifar: Path, *extra: str) -> list[str]:
 def test_sigterm_writes_a_resumable_checkpoint_prints_the_diagnosis_and_exits_non_zero(
     tiny_cifar: Path, tmp_path: Path
 ) -> None:
-    killed = stabilize(
+    killed = stabilize_command(
         *fit_args(tiny_cifar, "--trainer.callbacks+=tests.helpers.signals.SignalAtStep", "--trainer.callbacks.step=5"),
         cwd=tmp_path,
     )
@@ -52,7 +42,9 @@ def test_sigterm_writes_a_resumable_checkpoint_prints_the_diagnosis_and_exits_no
     assert f"--ckpt_path {checkpoint}" in killed.stderr + killed.stdout
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 5
 
-    resumed = stabilize(*fit_args(tiny_cifar, f"--ckpt_path={checkpoint}"), cwd=tmp_path)  # same folder, no logger
+    resumed = stabilize_command(
+        *fit_args(tiny_cifar, f"--ckpt_path={checkpoint}"), cwd=tmp_path
+    )  # same folder, no logger
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "max_steps=12` reached" in resumed.stderr + resumed.stdout
 
