@@ -7,13 +7,16 @@ bilinear resampling of image ``n`` separates into a row matrix and a column matr
     out[n, c] = Wy[n] @ img[n, c] @ Wx[n].T        (Wy: H x H, Wx: W x W, one pair per image)
 
 Two batched matrix products resample the whole batch, with zero (black) padding where the shifted or shrunken
-image leaves the frame. With scale 1 the interpolation weights are exactly 0 or 1, so integer shifts and flips move
-pixels without blurring them.
+image leaves the frame, or with the image mirrored at its border (``padding="reflect"``, as the speed runs
+crop). With scale 1 the interpolation weights are exactly 0 or 1, so integer shifts and flips move pixels without
+blurring them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -23,13 +26,22 @@ from stabilize.errors import ConfigurationError
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+PaddingMode = Literal["zeros", "reflect"]
+
+
+@functools.lru_cache(maxsize=32)
+def channel_constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(1, C, 1, 1)`` tensor of per-channel constants, made once per device: building it from Python floats is a
+    host-to-device copy, which would synchronise every training step on a GPU."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
+
 
 def normalize_(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
     """In place ``(x - mean) / std`` per channel of a float ``(N, C, H, W)`` batch; a no-op when not given."""
     if mean is None or std is None:
         return x
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    mean_t = channel_constants(tuple(float(m) for m in mean), x.dtype, x.device)
+    std_t = channel_constants(tuple(float(s) for s in std), x.dtype, x.device)
     return x.sub_(mean_t).div_(std_t)
 
 
@@ -38,12 +50,22 @@ def to_float(images: Tensor, mean: Sequence[float] | None, std: Sequence[float] 
     return normalize_(images.float().div_(255.0), mean, std)
 
 
-def resampling_matrices(size: int, scale: Tensor, shift: Tensor, flip: Tensor | None = None) -> Tensor:
+def reflect_positions(positions: Tensor, size: int) -> Tensor:
+    """Fold positions outside ``[0, size - 1]`` back into the image, mirrored at the border pixel (torch's
+    ``"reflect"`` padding: -1 reads 1, ``size`` reads ``size - 2``)."""
+    last = size - 1
+    return last - (last - positions.abs()).abs()
+
+
+def resampling_matrices(
+    size: int, scale: Tensor, shift: Tensor, flip: Tensor | None = None, reflect: bool = False
+) -> Tensor:
     """Bilinear resampling matrices ``(N, size, size)`` for one axis.
 
     Output pixel ``i`` of image ``n`` reads the input at ``(i' - c) / scale[n] + c - shift[n]`` with
     ``c = (size - 1) / 2`` and ``i' = size - 1 - i`` where ``flip[n]`` (else ``i``): the content is zoomed by
-    ``scale`` about the centre, moved by ``shift`` pixels (positive: towards higher indices) and mirrored.
+    ``scale`` about the centre, moved by ``shift`` pixels (positive: towards higher indices) and mirrored. Outside
+    the image it reads zeros, or with ``reflect`` the image mirrored at its border.
     """
     positions = torch.arange(size, device=scale.device, dtype=scale.dtype)
     out = positions.expand(len(scale), size)
@@ -51,22 +73,29 @@ def resampling_matrices(size: int, scale: Tensor, shift: Tensor, flip: Tensor | 
         out = torch.where(flip[:, None], (size - 1) - out, out)
     centre = (size - 1) / 2
     source = (out - centre) / scale[:, None] + centre - shift[:, None]
+    if reflect:
+        source = reflect_positions(source, size)
     # Tent kernel: weight 1 - |distance| to the two nearest input pixels, 0 beyond (and outside the image).
     return (1.0 - (source[:, :, None] - positions[None, None, :]).abs()).clamp_(min=0.0)
 
 
-def shift_and_flip(images: Tensor, shift: Tensor, flip: Tensor | None, max_shift: int) -> Tensor:
-    """Move image ``n`` by ``shift[:, n]`` whole pixels (rows, columns), zero-filling what enters the frame, and
-    mirror it where ``flip[n]``: exactly what :func:`resampling_matrices` computes at scale 1, by two gathers from
-    a copy padded by ``max_shift`` (at least ``shift.abs().max()``)."""
+def shift_and_flip(images: Tensor, shift: Tensor, flip: Tensor | None, max_shift: int, reflect: bool = False) -> Tensor:
+    """Move image ``n`` by ``shift[:, n]`` whole pixels (rows, columns), zero-filling what enters the frame (or
+    mirroring the image there, with ``reflect``), and mirror it where ``flip[n]``: exactly what
+    :func:`resampling_matrices` computes at scale 1, by two gathers (from a copy zero-padded by ``max_shift``, at
+    least ``shift.abs().max()``; reflection needs no copy, only folded indices)."""
     n, channels, height, width = images.shape
-    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
-    rows = torch.arange(height, device=images.device).expand(n, height) - shift[0][:, None] + max_shift
+    pad = 0 if reflect else max_shift
+    source = images if reflect else torch.nn.functional.pad(images, (pad,) * 4)
+    rows = torch.arange(height, device=images.device).expand(n, height) - shift[0][:, None]
     cols = torch.arange(width, device=images.device).expand(n, width)
     if flip is not None:
         cols = torch.where(flip[:, None], (width - 1) - cols, cols)
-    cols = cols - shift[1][:, None] + max_shift
-    out = padded.gather(2, rows[:, None, :, None].expand(n, channels, height, padded.shape[-1]))
+    cols = cols - shift[1][:, None]
+    if reflect:
+        rows, cols = reflect_positions(rows, height), reflect_positions(cols, width)
+    rows, cols = rows + pad, cols + pad
+    out = source.gather(2, rows[:, None, :, None].expand(n, channels, height, source.shape[-1]))
     return out.gather(3, cols[:, None, None, :].expand(n, channels, height, width))
 
 
@@ -96,6 +125,8 @@ class BatchAugment:
         std: Per-channel standard deviation for normalization.
         image_size: Side of the images, which bounds ``translate`` (below it) and ``cutout`` (at most it);
             ``None`` accepts any size.
+        padding: What scaled or shifted images show beyond their border: ``"zeros"`` (black before
+            normalization) or ``"reflect"`` (the image mirrored at its edge, as the speed runs' padded crops).
 
     Raises:
         ValueError: If a range is inverted, a size negative or beyond ``image_size``, or ``mean``/``std`` bad.
@@ -110,6 +141,7 @@ class BatchAugment:
         mean: Sequence[float] | None = CIFAR10_MEAN,
         std: Sequence[float] | None = CIFAR10_STD,
         image_size: int | None = None,
+        padding: PaddingMode = "zeros",
     ) -> None:
         if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
             raise ConfigurationError(f"scale must be (low, high) with 0 < low <= high, got {scale}.")
@@ -122,12 +154,15 @@ class BatchAugment:
             raise ConfigurationError("mean and std must both be given or both be None.")
         if std is not None and any(s <= 0 for s in std):
             raise ConfigurationError(f"std must be positive, got {std}.")
+        if padding not in get_args(PaddingMode):
+            raise ConfigurationError(f"padding must be 'zeros' or 'reflect', got {padding!r}.")
         self.scale = None if scale is None or tuple(scale) == (1.0, 1.0) else (float(scale[0]), float(scale[1]))
         self.translate = int(translate)
         self.flip = flip
         self.cutout = int(cutout)
         self.mean = mean
         self.std = std
+        self.reflect = padding == "reflect"
 
     @property
     def is_identity(self) -> bool:
@@ -148,7 +183,7 @@ class BatchAugment:
             # Integer shifts and mirroring move whole pixels: index a zero-padded uint8 copy instead of resampling.
             shift = torch.randint(-self.translate, self.translate + 1, (2, n), generator=generator, device=device)
             flip = torch.rand(n, generator=generator, device=device) < 0.5 if self.flip else None
-            x = shift_and_flip(images, shift, flip, self.translate).float().div_(255.0)
+            x = shift_and_flip(images, shift, flip, self.translate, self.reflect).float().div_(255.0)
         elif self.scale is not None:
             x = images.float().div_(255.0)
             low, high = self.scale
@@ -156,8 +191,8 @@ class BatchAugment:
             shift = torch.randint(-self.translate, self.translate + 1, (2, n), generator=generator, device=device)
             shift = shift.to(x.dtype)
             flip = torch.rand(n, generator=generator, device=device) < 0.5 if self.flip else None
-            rows = resampling_matrices(height, scale, shift[0])
-            cols = resampling_matrices(width, scale, shift[1], flip)
+            rows = resampling_matrices(height, scale, shift[0], reflect=self.reflect)
+            cols = resampling_matrices(width, scale, shift[1], flip, reflect=self.reflect)
             channels = x.shape[1]
             # Columns first, as one bmm over the (N, C*H, W) view (no copy); then rows, broadcast over channels.
             x = x.view(n, channels * height, width).bmm(cols.transpose(1, 2)).view(n, channels, height, width)

@@ -128,7 +128,10 @@ class ResumableDataLoader(ResumeByDataModule, DataLoader):
 
 class DeviceBatchLoader(ResumeByDataModule):
     """Iterable of batches of a :class:`TensorBatches` whose tensors already live on the accelerator: no
-    DataLoader, no worker and no host-to-device copy. Exposes ``sampler`` so that Lightning sets its epoch."""
+    DataLoader, no worker and no host-to-device copy. Exposes ``sampler`` so that Lightning sets its epoch, and
+    ``batch_sampler = None`` as a DataLoader without one does (Lightning reads it before validation and test)."""
+
+    batch_sampler = None
 
     def __init__(self, batches: TensorBatches, sampler: BatchPermutationSampler) -> None:
         self.dataset = batches

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.utils import download_and_extract_archive
 from typing_extensions import override
 
-from stabilize.datamodules.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment
+from stabilize.datamodules.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment, PaddingMode
 from stabilize.datamodules.batching import (
     BatchPermutationSampler,
     DeviceBatchLoader,
@@ -67,6 +67,8 @@ class CIFAR10DataModule(LightningDataModule):
         alternate_flip: Instead of random flips, flip a random half of the images in even epochs and exactly
             the other half in odd epochs (every image is seen both ways every two epochs).
         cutout: Side of a square zeroed at a random place in each image; 0 disables it.
+        padding: What a shifted or scaled image shows beyond its border: ``"zeros"`` (black) or ``"reflect"``
+            (the image mirrored at its edge, like the speed runs' reflect-padded crops).
         cache_file: Optional ``.pt`` file holding all tensors: written after the first read, loaded afterwards.
         train_subset: Train on this many images only: a seeded, class-balanced subset of the training images left
             after the validation split (quick studies on a CPU). ``None`` uses them all.
@@ -101,6 +103,7 @@ class CIFAR10DataModule(LightningDataModule):
         flip: bool = True,
         alternate_flip: bool = False,
         cutout: int = 0,
+        padding: PaddingMode = "zeros",
         cache_file: str | None = None,
         device: str | None = None,
         train_subset: int | None = None,
@@ -122,7 +125,14 @@ class CIFAR10DataModule(LightningDataModule):
         stats = (CIFAR10_MEAN, CIFAR10_STD) if normalize else (None, None)
         random_flip = flip and not alternate_flip
         self.augmentation = BatchAugment(
-            scale, translate, random_flip, cutout, mean=stats[0], std=stats[1], image_size=IMAGE_SHAPE[-1]
+            scale,
+            translate,
+            random_flip,
+            cutout,
+            mean=stats[0],
+            std=stats[1],
+            image_size=IMAGE_SHAPE[-1],
+            padding=padding,
         )
         self._splits: dict[str, TensorBatches] = {}
         self._generators: dict[torch.device, torch.Generator] = {}

@@ -80,7 +80,8 @@ class ImageClassifier(TrainingRecipe):
             raise TypeError(f"{type(self).__name__}.build_network() must return an nn.Module, got {self.network!r}.")
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Validating the targets (torch.unique) reads them on the host: not in the training hot path.
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         size = self.expected_image_size or 32
@@ -179,7 +180,7 @@ class ImageClassifier(TrainingRecipe):
             loss.detach(),
             on_step=on_step,
             on_epoch=True,
-            prog_bar=on_step,
+            prog_bar=on_step and self.trainer.progress_bar_callback is not None,
             batch_size=len(y),
             sync_dist=not on_step,
         )

@@ -13,9 +13,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def run_smoke(script: str, tmp_path: Path) -> list[str]:
+def run_smoke(script: str, tmp_path: Path, *args: str) -> list[str]:
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--smoke"],
+        [sys.executable, str(BENCHMARKS / script), "--smoke", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -49,7 +49,33 @@ def test_bench_callback_overhead(tmp_path: Path) -> None:
 
 
 def test_bench_time_to_accuracy(tmp_path: Path) -> None:
-    figures = json.loads(run_smoke("bench_time_to_accuracy.py", tmp_path)[-1])
-    assert 0.0 <= figures["lightning_fast94"]["accuracy_mean"] <= 1.0
-    assert set(figures["throughput"]) == {"resnet20", "resnet56"}
-    assert "skipped" in figures["airbench94"] or "time_ratio" in figures
+    run_smoke("bench_time_to_accuracy.py", tmp_path, "--part", "fast94", "--json", str(tmp_path / "fast94.json"))
+    figures = json.loads((tmp_path / "fast94.json").read_text())["fast94_lightning"]
+    assert 0.0 <= figures["accuracy_mean"] <= 1.0 and len(figures["times_s"]) == 1 and figures["first_run_s"] > 0
+    lines = run_smoke("bench_time_to_accuracy.py", tmp_path, "--part", "profile", "--rows", "3")
+    assert any("top ops" in line for line in lines)
+
+
+def test_bench_gpu_throughput(tmp_path: Path) -> None:
+    run_smoke("bench_gpu_throughput.py", tmp_path, "--part", "throughput", "--json", str(tmp_path / "t.json"))
+    figures = json.loads((tmp_path / "t.json").read_text())["throughput"]["resnet20"]
+    assert set(figures["images_per_s"]) == {"lightning", "lightning_callback", "raw"}
+    assert figures["lightning_over_raw_time"] > 0
+    run_smoke("bench_gpu_throughput.py", tmp_path, "--part", "augment", "--json", str(tmp_path / "a.json"))
+    augment = json.loads((tmp_path / "a.json").read_text())["augment"]
+    assert augment["augment_fraction_of_step"] > 0 and augment["resnet20_step_ms"] > 0
+
+
+def test_gpu_suite_dry_run_writes_each_part(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "SUITE_PARTS": "fast94 augment"}
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--smoke"],
+        cwd=BENCHMARKS.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert {"fast94.json", "augment.json", "suite.log"} <= {p.name for p in tmp_path.iterdir()}
+    assert "== fast94: exit 0" in (tmp_path / "suite.log").read_text()

@@ -470,18 +470,42 @@ def test_protocol_5_pickles_are_read(tiny_cifar_copy: Path) -> None:
     assert torch.equal(x.reshape(40, -1), torch.from_numpy(images)) and y.tolist() == [i % 10 for i in range(40)]
 
 
+@pytest.mark.parametrize("reflect", [False, True])
 @pytest.mark.parametrize("flip", [False, True])
-def test_integer_shift_fast_path_equals_the_resampling_matrices(flip: bool) -> None:
+def test_integer_shift_fast_path_equals_the_resampling_matrices(flip: bool, reflect: bool) -> None:
     from stabilize.datamodules.augment import resampling_matrices, shift_and_flip
 
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     shift = torch.randint(-4, 5, (2, 16), generator=torch.Generator().manual_seed(1))
     mirror = torch.rand(16, generator=torch.Generator().manual_seed(2)) < 0.5 if flip else None
     ones = torch.ones(16)
-    rows = resampling_matrices(32, ones, shift[0].float())
-    cols = resampling_matrices(32, ones, shift[1].float(), mirror)
+    rows = resampling_matrices(32, ones, shift[0].float(), reflect=reflect)
+    cols = resampling_matrices(32, ones, shift[1].float(), mirror, reflect=reflect)
     expected = torch.matmul(rows.unsqueeze(1), images.float() @ cols.transpose(1, 2).unsqueeze(1))
-    torch.testing.assert_close(shift_and_flip(images, shift, mirror, 4).float(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(shift_and_flip(images, shift, mirror, 4, reflect).float(), expected, rtol=0, atol=0)
+
+
+def test_reflect_padding_equals_a_crop_of_the_reflect_padded_image() -> None:
+    """The speed runs' augmentation: pad by 2 with torch's reflect mode, take a random 32x32 crop."""
+    from stabilize.datamodules.augment import shift_and_flip
+
+    images = torch.rand(8, 3, 32, 32)
+    shift = torch.randint(-2, 3, (2, 8), generator=torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
+    crops = [padded[n, :, 2 - dy : 34 - dy, 2 - dx : 34 - dx] for n, (dy, dx) in enumerate(shift.T.tolist())]
+    torch.testing.assert_close(shift_and_flip(images, shift, None, 2, reflect=True), torch.stack(crops))
+
+
+@pytest.mark.parametrize("scale", [None, (0.9, 1.1)])
+def test_reflect_padding_shows_no_black_border(tiny_cifar: Path, scale: tuple[float, float] | None) -> None:
+    images = make(tiny_cifar).split("train")[0][:64].clamp(min=1)  # no black pixel of their own
+    black = {}
+    for padding in ("zeros", "reflect"):
+        datamodule = make(tiny_cifar, scale=scale, translate=2, padding=padding, normalize=False)
+        black[padding] = int((datamodule.transform_images(images, train=True) == 0).sum())
+    assert black["zeros"] > 0 and black["reflect"] == 0
+    with pytest.raises(ValueError, match="padding must be"):
+        make(tiny_cifar, padding="edge")
 
 
 def test_train_subset_is_class_balanced_seeded_and_disjoint_from_validation(tiny_cifar: Path) -> None:

@@ -70,8 +70,8 @@ def test_lookahead_pulls_weights_to_the_slow_copy_and_ends_on_it(tmp_path: Path)
     def spy(outputs, batch, batch_idx):
         original(outputs, batch, batch_idx)
         if model.trainer.global_step % 2 == 0:
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            slow_history.append(all(torch.equal(a, b) for a, b in zip(trainable, model._slow_weights)))
+            averaged = model._lookahead_tensors()
+            slow_history.append(all(torch.equal(a, b) for a, b in zip(averaged, model._slow_weights)))
 
     model.on_train_batch_end = spy
     quiet_trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(model, SyntheticImages(num=64, batch_size=16))
@@ -79,13 +79,27 @@ def test_lookahead_pulls_weights_to_the_slow_copy_and_ends_on_it(tmp_path: Path)
     assert model._slow_weights is None  # handed over at the end of training
 
 
-@pytest.mark.parametrize("tta", ["flip", "flip_shift"])
-def test_test_time_augmentation_is_mirror_invariant(tta: str) -> None:
-    model = FastCNN(**SMALL, tta=tta).eval()
+def test_flip_test_time_augmentation_is_mirror_invariant() -> None:
+    model = FastCNN(**SMALL, tta="flip").eval()
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.evaluation_logits(images), model.evaluation_logits(images.flip(-1)))
         assert not torch.allclose(model(images), model(images.flip(-1)))
+
+
+def test_flip_shift_test_time_augmentation_weights_the_views_as_the_speed_runs() -> None:
+    """Half the mirror pair, a quarter each mirror pair of the reflect-padded crops one pixel up-left/down-right."""
+    model = FastCNN(**SMALL, tta="flip_shift").eval()
+    images = torch.randn(4, 3, 32, 32)
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    with torch.no_grad():
+
+        def mirrored(x: torch.Tensor) -> torch.Tensor:
+            return 0.5 * (model(x) + model(x.flip(-1)))
+
+        shifted = 0.5 * (mirrored(padded[..., :32, :32]) + mirrored(padded[..., 2:, 2:]))
+        expected = 0.5 * mirrored(images) + 0.5 * shifted
+        torch.testing.assert_close(model.evaluation_logits(images), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_triangular_schedule() -> None:
@@ -164,7 +178,8 @@ def test_lookahead_checkpoints_hold_the_slow_weights_and_resume_keeps_them(tmp_p
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
     for key, value in model.state_dict().items():  # the model after fit ended on the slow weights
         torch.testing.assert_close(last["state_dict"][key], value, rtol=0, atol=0)
-    assert set(last["lookahead_fast_weights"]) == {n for n, p in model.named_parameters() if p.requires_grad}
+    averaged = list(model._lookahead_state())  # floating-point parameters and buffers (BatchNorm statistics)
+    assert set(last["lookahead_fast_weights"]) == set(averaged) and "network.2.2.running_mean" in averaged
 
     resumed = FastCNN(**SMALL, lookahead_every=2, lookahead_decay=0.5, scheduler="constant", lr=0.05)
     slow_at_start = []
@@ -177,7 +192,57 @@ def test_lookahead_checkpoints_hold_the_slow_weights_and_resume_keeps_them(tmp_p
     quiet_trainer(tmp_path, max_steps=4, limit_val_batches=0, callbacks=[Spy()]).fit(
         resumed, data, ckpt_path=tmp_path / "last.ckpt"
     )
-    keys = [n for n, p in resumed.named_parameters() if p.requires_grad]
+    keys = list(resumed._lookahead_state())
     assert len(slow_at_start) == len(keys)
     for key, slow in zip(keys, slow_at_start):
         torch.testing.assert_close(slow, last["state_dict"][key], rtol=0, atol=0)
+
+
+def test_dirac_init_starts_each_3x3_convolution_as_the_identity_on_its_inputs() -> None:
+    model = FastCNN(**SMALL)
+    convs = [m for m in model.network.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    for conv in convs:
+        x, kept = torch.randn(2, conv.in_channels, 6, 6), min(conv.in_channels, conv.out_channels)
+        torch.testing.assert_close(conv(x)[:, :kept], x[:, :kept])
+    assert not torch.equal(FastCNN(**SMALL, conv_init="default").network[2][0].weight, convs[0].weight)
+
+
+def test_whitening_bias_freezes_after_its_epochs_and_filters_come_from_the_datamodule(
+    tiny_cifar: Path, tmp_path: Path
+) -> None:
+    seed_everything(0)
+    datamodule = CIFAR10DataModule(str(tiny_cifar), val_size=0, batch_size=50, scale=None, translate=2)
+    model = FastCNN(**SMALL, whiten_images=120, whiten_bias_epochs=1, scheduler="constant", lr=0.05)
+    bias_by_epoch = []
+
+    class Spy(Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            bias_by_epoch.append(pl_module.network[0].bias.detach().clone())
+
+    quiet_trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[Spy()]).fit(model, datamodule)
+    assert not model.network[0].bias.requires_grad
+    assert not torch.equal(bias_by_epoch[0], model.network[0].weight.new_zeros(24))  # trained in epoch 0
+    torch.testing.assert_close(bias_by_epoch[1], bias_by_epoch[2], rtol=0, atol=0)  # frozen from epoch 1 on
+    # Filters fitted on the first 120 unaugmented training images, not on the first (augmented) batch of 50.
+    images = datamodule.transform_images(datamodule.split("train")[0][:120], train=False)
+    reference = FastCNN(**SMALL)
+    reference.init_whitening(images)
+    torch.testing.assert_close(model.network[0].weight, reference.network[0].weight)
+
+
+def test_lookahead_decay_ramps_up_cubically_to_its_final_value(tmp_path: Path) -> None:
+    model = FastCNN(**SMALL, lookahead_every=1, lookahead_decay=0.8, scheduler="constant", lr=0.01)
+    quiet_trainer(tmp_path, max_steps=10, limit_val_batches=0).fit(model, SyntheticImages(num=64, batch_size=16))
+    assert model.lookahead_decay_at(0) == 0.0
+    assert model.lookahead_decay_at(5) == pytest.approx(0.8 * 0.5**3)
+    assert model.lookahead_decay_at(10) == pytest.approx(0.8)
+    assert FastCNN(**SMALL, lookahead_ramp=0, lookahead_decay=0.8).lookahead_decay_at(3) == 0.8
+
+
+def test_whitening_is_fitted_in_float32_inside_autocast() -> None:
+    images = torch.randn(64, 3, 32, 32)
+    plain, mixed = FastCNN(**SMALL), FastCNN(**SMALL)
+    plain.init_whitening(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed.init_whitening(images)
+    torch.testing.assert_close(mixed.network[0].weight, plain.network[0].weight)
