@@ -1,40 +1,42 @@
 """Time to 94%: FastCNN under Lightning (with GradientHealthCallback) versus airbench94, same GPU, same data.
 
-Part 1, time to accuracy. For each seed: ``configs/fast94.yaml`` (FastCNN + CIFAR10DataModule with the whole
-uint8 dataset on the GPU) trains under Lightning's Trainer with GradientHealthCallback attached; the clock runs from
-the start of ``fit`` to the end of ``test`` (the final test accuracy), with the data already on the GPU. A first,
-short run compiles and warms up; its time is reported separately. Then airbench94 (PyPI ``airbench`` 0.1.8, carried
-as a wheel to the GPU machine) trains on the very same tensors, written in its own ``train.pt``/``test.pt`` format,
-timed the same way after its own warm-up. Reported: mean and standard deviation of test accuracy and of wall time,
-and the time ratio (ours / airbench).
+``--part fast94``: for each seed, ``configs/fast94.yaml`` (FastCNN + CIFAR10DataModule with the whole uint8 dataset
+on the GPU) trains under Lightning's Trainer with GradientHealthCallback attached; the clock runs from the start of
+``fit`` to the end of ``test`` (the final test accuracy, with test-time augmentation). A first full run compiles
+every graph (training with and without the whitening bias, evaluation) and is reported separately.
 
-Part 2, throughput: ResNet-20 and ResNet-56 training images/s in bf16 with channels_last under Lightning versus a
-raw PyTorch loop over the same GPU-resident, augmented batches.
+``--part airbench``: airbench94 (PyPI ``airbench`` 0.1.8, carried as a wheel to the GPU machine) on the very same
+tensors, written in its own ``cifar10/{train,test}.pt`` format; the clock runs from the start of ``train94`` to the
+end of its test-time-augmented evaluation, after one warm-up run. Run it in its own process: importing airbench
+switches ``torch.backends.cudnn.benchmark`` on for the whole process.
 
-    STABILIZE_CIFAR10_DIR=/tmp/cifar10 python benchmarks/bench_time_to_accuracy.py --seeds 5      # on a GPU
-    python benchmarks/bench_time_to_accuracy.py --smoke                                           # CPU, seconds
+``--part profile``: torch.profiler's top CUDA ops for one epoch of each (after a warm-up run).
+
+    STABILIZE_CIFAR10_DIR=/tmp/cifar10 python benchmarks/bench_time_to_accuracy.py --part fast94 --seeds 5
+    python benchmarks/bench_time_to_accuracy.py --part fast94 --smoke          # CPU, tiny fake data, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from stabilize.callbacks import GradientHealthCallback
 from stabilize.datamodules import CIFAR10DataModule
-from stabilize.models import FastCNN, ResNet
+from stabilize.models import FastCNN
 from stabilize.testing import random_cifar10_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,83 +45,6 @@ REPO = Path(__file__).resolve().parents[1]
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def fast94_settings(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    config = yaml.safe_load(path.read_text())
-    return config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
-
-
-def make_trainer(args: argparse.Namespace, trainer_config: dict[str, Any], **overrides: Any) -> Trainer:
-    settings = {
-        "accelerator": args.accelerator,
-        "devices": 1,
-        "precision": args.precision,
-        "max_epochs": trainer_config["max_epochs"],
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-        "callbacks": [GradientHealthCallback(verbose=False)],
-    }
-    return Trainer(**{**settings, **overrides})
-
-
-def lightning_run(
-    seed: int,
-    args: argparse.Namespace,
-    datamodule: CIFAR10DataModule,
-    model_args: dict[str, Any],
-    trainer_config: dict[str, Any],
-    **overrides: Any,
-) -> tuple[float, float]:
-    seed_everything(seed, verbose=False)
-    model = FastCNN(**model_args)
-    trainer = make_trainer(args, trainer_config, **overrides)
-    synchronize()
-    start = time.perf_counter()
-    trainer.fit(model, datamodule)
-    result = trainer.test(model, datamodule, verbose=False)
-    synchronize()
-    return result[0]["test/acc"], time.perf_counter() - start
-
-
-def airbench_runs(args: argparse.Namespace, tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, Any]:
-    try:
-        import airbench
-    except ImportError:
-        return {"skipped": "airbench is not installed (pip install airbench==0.1.8)"}
-    if not torch.cuda.is_available():
-        return {"skipped": "airbench94 needs a CUDA GPU"}
-    classes = list(CIFAR10DataModule.classes)
-    for split in ("train", "test"):  # airbench's own cache format: uint8 NHWC images
-        torch.save(
-            {
-                "images": tensors[f"{split}_x"].permute(0, 2, 3, 1).contiguous(),
-                "labels": tensors[f"{split}_y"],
-                "classes": classes,
-            },
-            folder / f"{split}.pt",
-        )
-    loader = airbench.CifarLoader(
-        str(folder), train=True, batch_size=1024, aug={"flip": True, "translate": 2}, altflip=True
-    )
-    start = time.perf_counter()
-    airbench.warmup94(loader, verbose=False)
-    synchronize()
-    warmup = time.perf_counter() - start
-    accuracies, times = [], []
-    for seed in range(args.seeds):
-        torch.manual_seed(seed)
-        synchronize()
-        start = time.perf_counter()
-        accuracy = airbench.train94(loader, run=seed, verbose=False)
-        synchronize()
-        times.append(time.perf_counter() - start)
-        accuracies.append(float(accuracy))
-    return {"warmup_s": warmup, **describe(accuracies, times)}
 
 
 def describe(accuracies: list[float], times: list[float]) -> dict[str, Any]:
@@ -134,147 +59,216 @@ def describe(accuracies: list[float], times: list[float]) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------------------------- throughput
-class ImagesPerSecond(Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.images, self.start = warmup, 0, 0.0
+class Setup:
+    """The fast94 configuration, the datamodule and the Trainer settings, shared by the parts."""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
-            synchronize()
-            self.start = time.perf_counter()
-        if batch_idx >= self.warmup:
-            self.images += len(batch[1])
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        config = yaml.safe_load(Path(args.config).read_text())
+        self.model_args: dict[str, Any] = config["model"]["init_args"]
+        data_args: dict[str, Any] = config["data"]["init_args"]
+        trainer_config = config["trainer"]
+        self.trainer_args: dict[str, Any] = {
+            "accelerator": "gpu" if torch.cuda.is_available() else "cpu",
+            "devices": 1,
+            "precision": trainer_config["precision"],
+            "max_epochs": trainer_config["max_epochs"],
+            "max_steps": trainer_config.get("max_steps", -1),
+            "benchmark": True,
+        }
+        if args.smoke:
+            args.data_dir = str(random_cifar10_folder(tmp / "fake", num_train=640, num_test=128))
+            args.seeds = 1
+            self.trainer_args.update(accelerator="cpu", precision="32-true", max_steps=14, max_epochs=2)
+            self.model_args = {**self.model_args, "widths": [8, 16, 16], "compile": False, "whiten_bias_epochs": 1}
+            data_args = {**data_args, "batch_size": 64}
+        elif not args.data_dir:
+            raise SystemExit("no CIFAR-10: pass --data-dir or set STABILIZE_CIFAR10_DIR (or use --smoke)")
+        self.datamodule = CIFAR10DataModule(**{**data_args, "data_dir": args.data_dir})
+        self.datamodule.setup()
+        self.info = {
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+            "data_on": str(self.datamodule.split("train")[0].device),
+            "precision": self.trainer_args["precision"],
+            "train_images": len(self.datamodule.split("train")[1]),
+        }
 
-    def rate(self) -> float:
+    def trainer(self, **overrides: Any) -> Trainer:
+        settings = {
+            **self.trainer_args,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "callbacks": [GradientHealthCallback(verbose=False)],
+        }
+        return Trainer(**{**settings, **overrides})
+
+    def run(self, seed: int, **overrides: Any) -> tuple[float, float]:
+        """Test accuracy and seconds from the start of ``fit`` to the end of ``test``."""
+        seed_everything(seed, verbose=False)
+        model = FastCNN(**self.model_args)
+        trainer = self.trainer(**overrides)
         synchronize()
-        return self.images / (time.perf_counter() - self.start)
+        start = time.perf_counter()
+        trainer.fit(model, self.datamodule)
+        result = trainer.test(model, self.datamodule, verbose=False)
+        synchronize()
+        return result[0]["test/acc"], time.perf_counter() - start
 
 
-def throughput(args: argparse.Namespace, datamodule: CIFAR10DataModule, depth: int) -> dict[str, float]:
-    steps, warmup = args.throughput_steps, args.throughput_warmup
-    seed_everything(0, verbose=False)
-    counter = ImagesPerSecond(warmup)
-    trainer = Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        max_steps=steps + warmup,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[counter],
+def fast94(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
+    accuracy, seconds = setup.run(100)
+    results: dict[str, Any] = {"first_run_s": seconds, "first_run_accuracy": accuracy}
+    print(f"fast94 first run (compiles): test acc {accuracy:.4f} in {seconds:.2f} s", flush=True)
+    accuracies, times = [], []
+    for seed in range(args.seeds):
+        accuracy, seconds = setup.run(seed)
+        accuracies.append(accuracy)
+        times.append(seconds)
+        print(f"fast94 seed {seed}: test acc {accuracy:.4f} in {seconds:.2f} s", flush=True)
+    return {**results, **describe(accuracies, times)}
+
+
+@contextlib.contextmanager
+def airbench_folder(setup: Setup, tmp: Path) -> Iterator[Any]:
+    """airbench reads ``./cifar10/{train,test}.pt`` (uint8 NHWC images) relative to the working directory."""
+    import airbench
+
+    folder = tmp / "airbench"
+    (folder / "cifar10").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        images, labels = setup.datamodule.split(split)
+        payload = {
+            "images": images.permute(0, 2, 3, 1).contiguous().cpu(),
+            "labels": labels.cpu(),
+            "classes": list(CIFAR10DataModule.classes),
+        }
+        torch.save(payload, folder / "cifar10" / f"{split}.pt")
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield airbench
+    finally:
+        os.chdir(previous)
+
+
+def airbench_loaders(airbench: Any) -> tuple[Any, Any]:
+    train = airbench.CifarLoader(
+        "cifar10", train=True, batch_size=1024, aug={"flip": True, "translate": 2}, altflip=True
     )
-    trainer.fit(ResNet(depth=depth, channels_last=True, scheduler="constant"), datamodule)
-    lightning_rate = counter.rate()
+    return train, airbench.CifarLoader("cifar10", train=False, batch_size=2000)
 
-    seed_everything(0, verbose=False)
-    device = torch.device("cuda" if args.accelerator == "gpu" or torch.cuda.is_available() else "cpu")
-    network = ResNet(depth=depth).network.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    dtype = torch.bfloat16 if "bf16" in str(args.precision) else None
-    batches = iter(datamodule.train_dataloader())
-    images = 0
-    for step in range(steps + warmup):
-        if step == warmup:
+
+def airbench94(args: argparse.Namespace, setup: Setup, tmp: Path) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {"skipped": "airbench94 needs a CUDA GPU"}
+    with airbench_folder(setup, tmp) as airbench:
+        train_loader, test_loader = airbench_loaders(airbench)
+
+        def run(seed: int) -> tuple[float, float]:
+            torch.manual_seed(seed)
             synchronize()
             start = time.perf_counter()
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(datamodule.train_dataloader())
-            x, y = next(batches)
-        x, y = datamodule.transform_batch((x.to(device), y.to(device)), train=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(network(x.contiguous(memory_format=torch.channels_last)), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step >= warmup:
-            images += len(y)
-    synchronize()
-    raw_rate = images / (time.perf_counter() - start)
-    return {"lightning_images_per_s": lightning_rate, "raw_images_per_s": raw_rate, "ratio": lightning_rate / raw_rate}
+            model = airbench.train94(train_loader, run=seed, verbose=False)
+            accuracy = airbench.evaluate(model, test_loader, tta_level=2)
+            synchronize()
+            return float(accuracy), time.perf_counter() - start
+
+        accuracy, first_run_s = run(100)
+        print(f"airbench94 first run: test acc {accuracy:.4f} in {first_run_s:.2f} s", flush=True)
+        accuracies, times = [], []
+        for seed in range(args.seeds):
+            accuracy, seconds = run(seed)
+            accuracies.append(accuracy)
+            times.append(seconds)
+            print(f"airbench94 seed {seed}: test acc {accuracy:.4f} in {seconds:.2f} s", flush=True)
+    return {"first_run_s": first_run_s, **describe(accuracies, times)}
 
 
-# ------------------------------------------------------------------------------------------------------- main
+class ProfileOneEpoch(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.profiler = epoch, torch.profiler.profile(activities=profiler_activities())
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            synchronize()
+            self.profiler.__enter__()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            synchronize()
+            self.profiler.__exit__(None, None, None)
+
+
+def profiler_activities() -> list[torch.profiler.ProfilerActivity]:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
+def top_ops(profiler: torch.profiler.profile, rows: int) -> str:
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def profile(args: argparse.Namespace, setup: Setup, tmp: Path) -> dict[str, Any]:
+    """Top ops of one training epoch (the second: compiled graphs warm) of each, after a full warm-up run."""
+    setup.run(100)
+    spy = ProfileOneEpoch(epoch=1)
+    seed_everything(0, verbose=False)
+    setup.trainer(callbacks=[GradientHealthCallback(verbose=False), spy]).fit(
+        FastCNN(**setup.model_args), setup.datamodule
+    )
+    tables = {"fast94_lightning": top_ops(spy.profiler, args.rows)}
+    if torch.cuda.is_available():
+        with airbench_folder(setup, tmp) as airbench:
+            train_loader, _ = airbench_loaders(airbench)
+            airbench.train94(train_loader, run=100, verbose=False)
+            with torch.profiler.profile(activities=profiler_activities()) as profiler:
+                airbench.train94(train_loader, epochs=1, run=0, verbose=False)
+                synchronize()
+            tables["airbench94"] = top_ops(profiler, args.rows)
+    for name, table in tables.items():
+        print(f"\n== {name}: one epoch, top ops by self device time\n{table}", flush=True)
+    return tables
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["fast94", "airbench", "profile"], required=True)
     parser.add_argument("--data-dir", default=os.environ.get("STABILIZE_CIFAR10_DIR"))
     parser.add_argument("--config", default=str(REPO / "configs" / "fast94.yaml"))
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--accelerator", default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="bf16-mixed")
-    parser.add_argument("--throughput-steps", type=int, default=100)
-    parser.add_argument("--throughput-warmup", type=int, default=20)
-    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--rows", type=int, default=25, help="profile: rows of each top-ops table")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny fake data, a few steps: checks the script")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    model_args, data_args, trainer_config = fast94_settings(Path(args.config))
-    overrides: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.smoke:
-            args.data_dir = str(random_cifar10_folder(Path(tmp) / "fake", num_train=640, num_test=128))
-            args.seeds, args.accelerator, args.precision = 1, "cpu", "32-true"
-            args.throughput_steps, args.throughput_warmup = 2, 1
-            model_args = {**model_args, "widths": [8, 16, 16], "compile": False}
-            data_args = {**data_args, "batch_size": 16}
-            overrides = {"max_steps": 3}
-        elif not args.data_dir:
-            parser.error("no CIFAR-10: pass --data-dir or set STABILIZE_CIFAR10_DIR (or use --smoke)")
-        data_args = {**data_args, "data_dir": args.data_dir}
-        datamodule = CIFAR10DataModule(**data_args)
-        datamodule.setup()
-        device = str(datamodule._splits["train"].images.device)
-        results: dict[str, Any] = {
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__,
-            "data_on": device,
-            "precision": args.precision,
-        }
-
-        start = time.perf_counter()
-        lightning_run(0, args, datamodule, model_args, trainer_config, max_steps=overrides.get("max_steps", 10))
-        results["lightning_warmup_s"] = time.perf_counter() - start
-        accuracies, times = [], []
-        for seed in range(args.seeds):
-            accuracy, seconds = lightning_run(seed, args, datamodule, model_args, trainer_config, **overrides)
-            accuracies.append(accuracy)
-            times.append(seconds)
-            print(f"lightning FastCNN seed {seed}: test acc {accuracy:.4f} in {seconds:.2f} s", flush=True)
-        results["lightning_fast94"] = describe(accuracies, times)
-        results["airbench94"] = airbench_runs(args, datamodule.load_tensors(), Path(tmp))
-        if "time_mean_s" in results["airbench94"]:
-            results["time_ratio"] = results["lightning_fast94"]["time_mean_s"] / results["airbench94"]["time_mean_s"]
-        if not args.skip_throughput:
-            results["throughput"] = {f"resnet{d}": throughput(args, datamodule, d) for d in (20, 56)}
-
-    ours = results["lightning_fast94"]
-    print(
-        f"\nFastCNN under Lightning ({args.seeds} seeds, {results['device']}, data on {device}):"
-        f" acc {ours['accuracy_mean']:.4f} +- {ours['accuracy_std']:.4f},"
-        f" time {ours['time_mean_s']:.2f} +- {ours['time_std_s']:.2f} s (warm-up {results['lightning_warmup_s']:.1f} s)"
-    )
-    airbench = results["airbench94"]
-    if "skipped" in airbench:
-        print(f"airbench94: skipped ({airbench['skipped']})")
-    else:
-        print(
-            f"airbench94: acc {airbench['accuracy_mean']:.4f} +- {airbench['accuracy_std']:.4f},"
-            f" time {airbench['time_mean_s']:.2f} +- {airbench['time_std_s']:.2f} s;"
-            f" time ratio ours/airbench {results['time_ratio']:.2f}"
-        )
-    for name, figures in results.get("throughput", {}).items():
-        print(
-            f"{name} ({args.precision}, channels_last): Lightning {figures['lightning_images_per_s']:.0f} img/s,"
-            f" raw loop {figures['raw_images_per_s']:.0f} img/s, ratio {figures['ratio']:.3f}"
-        )
-    print(json.dumps(results))
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        setup = Setup(args, tmp)
+        results: dict[str, Any] = dict(setup.info)
+        if args.part == "fast94":
+            results["fast94_lightning"] = ours = fast94(args, setup)
+            print(
+                f"\nFastCNN fast94 under Lightning + GradientHealthCallback ({args.seeds} seeds, {results['device']}):"
+                f" acc {ours['accuracy_mean']:.4f} +- {ours['accuracy_std']:.4f},"
+                f" time {ours['time_mean_s']:.2f} +- {ours['time_std_s']:.2f} s (first run {ours['first_run_s']:.1f} s)"
+            )
+        elif args.part == "airbench":
+            results["airbench94"] = theirs = airbench94(args, setup, tmp)
+            if "skipped" not in theirs:
+                print(
+                    f"\nairbench94 ({args.seeds} seeds):"
+                    f" acc {theirs['accuracy_mean']:.4f} +- {theirs['accuracy_std']:.4f},"
+                    f" time {theirs['time_mean_s']:.2f} +- {theirs['time_std_s']:.2f} s"
+                )
+        else:
+            results["profile"] = profile(args, setup, tmp)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
