@@ -256,3 +256,23 @@ def test_every_recurrent_config_trains_a_few_steps(
     )
     assert cli.trainer.global_step == 3
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss_step"])
+
+
+GAN_CONFIGS = [REPO / "configs" / "dcgan.yaml", REPO / "configs" / "sngan.yaml"]
+
+
+@pytest.mark.parametrize("config", GAN_CONFIGS, ids=[c.stem for c in GAN_CONFIGS])
+def test_gan_configs_train_then_test_with_the_committed_classifier(
+    config: Path, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(config), "--model.ngf=8", "--model.ndf=8", f"--data.data_dir={tiny_cifar}"]
+    quiet = ["--trainer.enable_progress_bar=false", "--data.batch_size=20"]
+    fit = StabilizeCLI(args=["fit", *common, *quiet, "--trainer.max_steps=4", "--trainer.logger=false"])
+    assert fit.trainer.global_step == 4  # two batches: two steps of each network
+    checkpoint = next(tmp_path.rglob("*.ckpt"))
+    classifier = REPO / "docs" / "results" / "gan" / "resnet20-classifier.ckpt"
+    tested = StabilizeCLI(
+        args=["test", *common, *quiet, f"--model.fid_checkpoint={classifier}", f"--ckpt_path={checkpoint}"]
+    )
+    assert tested.trainer.callback_metrics["gan/classifier_fid"] > 0

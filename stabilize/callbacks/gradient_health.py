@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from stabilize.callbacks.gradient_health_output import HealthOutput
 from stabilize.callbacks.nonfinite_policy import NonFiniteGuard, NonFinitePolicy
-from stabilize.callbacks.optimizers import grad_scaler, optimizer_index, pending_grad_scaler
+from stabilize.callbacks.optimizers import grad_scaler, optimizer_index, optimizer_name, pending_grad_scaler
 from stabilize.errors import ConfigurationError
 from stabilize.health import GradientMonitor, HealthCriteria, HealthSummary, LayerIndex, StepRecord, flow_figure
 from stabilize.health.activations import ActivationProbe
@@ -98,8 +98,9 @@ class GradientHealthCallback(Callback):
         print(health.diagnosis())        # also printed at the end of fit
         health.save_json("gradient_health.json")
 
-    Logged metrics (with several optimizers every key gets an ``optimizer_<i>/`` segment after its family, e.g.
-    ``grad_health/optimizer_1/global_norm``):
+    Logged metrics (with several optimizers every key gets a segment naming the optimizer after its family: the
+    submodule that holds all its parameters, e.g. ``grad_health/discriminator/global_norm`` for a GAN, else
+    ``optimizer_<i>``, e.g. ``grad_health/optimizer_1/global_norm``; the diagnosis has one section per optimizer):
 
     ======================================  ============================================================
     key                                     value (at each logging step)
@@ -269,7 +270,7 @@ class GradientHealthCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         index = optimizer_index(trainer, optimizer)
-        monitor = self._monitor(trainer, index)
+        monitor = self._monitor(trainer, index, optimizer_name(pl_module, optimizer, index))
         if monitor.layers is None:
             self._forward_order.stop()
             params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -350,8 +351,11 @@ class GradientHealthCallback(Callback):
 
     # --------------------------------------------------------------------------------------------------- results
     def summary(self) -> dict[str, HealthSummary]:
-        """Everything the diagnosis says, as a dict (one entry per optimizer, keyed ``"optimizer_<i>"``)."""
-        return {f"optimizer_{index}": monitor.summary() for index, monitor in sorted(self._monitors.items())}
+        """Everything the diagnosis says, as a dict (one entry per optimizer, keyed by its name: see the key table)."""
+        return {self._name(index): monitor.summary() for index, monitor in sorted(self._monitors.items())}
+
+    def _name(self, index: int) -> str:
+        return self._monitors[index].prefix.rstrip("/") or f"optimizer_{index}"
 
     @property
     def history(self) -> list[StepRecord]:
@@ -366,7 +370,7 @@ class GradientHealthCallback(Callback):
         """Write the summary and the history of every optimizer to ``path`` as JSON."""
         payload = {
             "summary": self.summary(),
-            "history": {f"optimizer_{i}": m.history for i, m in sorted(self._monitors.items())},
+            "history": {self._name(i): m.history for i, m in sorted(self._monitors.items())},
         }
         Path(path).write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False))
 
@@ -393,10 +397,10 @@ class GradientHealthCallback(Callback):
         }
 
     # ------------------------------------------------------------------------------------------------- helpers
-    def _monitor(self, trainer: Trainer, index: int) -> GradientMonitor:
+    def _monitor(self, trainer: Trainer, index: int, name: str) -> GradientMonitor:
         self._trainer_ref = trainer
         if index not in self._monitors:
-            prefix = f"optimizer_{index}/" if len(trainer.optimizers) > 1 else ""
+            prefix = f"{name}/" if len(trainer.optimizers) > 1 else ""
             self._monitors[index] = GradientMonitor(self.criteria, prefix)
         return self._monitors[index]
 

@@ -28,3 +28,12 @@ def pending_grad_scaler(trainer: Trainer, optimizer: torch.optim.Optimizer) -> A
     fused optimizers unscale inside ``step()``, after that hook; the others are unscaled before it."""
     scaler = grad_scaler(trainer)
     return scaler if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False) else None
+
+
+def optimizer_name(module: torch.nn.Module, optimizer: torch.optim.Optimizer, index: int) -> str:
+    """A readable name for an optimizer: the direct submodule of ``module`` that holds all of its parameters (e.g.
+    ``generator`` and ``discriminator`` of a GAN), else ``optimizer_<index>``."""
+    owner = {id(p): name for name, child in module.named_children() for p in child.parameters()}
+    owners = {owner.get(id(p)) for group in optimizer.param_groups for p in group["params"]}
+    name = owners.pop() if len(owners) == 1 else None
+    return name if name is not None else f"optimizer_{index}"

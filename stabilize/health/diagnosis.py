@@ -47,14 +47,18 @@ class ModelTraits:
 
 
 def model_hints(module: nn.Module | None) -> dict[str, str]:
-    """The model's own ``gradient_health_hints()``, checked; empty when it defines none."""
+    """The model's own ``gradient_health_hints()``, checked; empty when it defines none. Keys are a kind of
+    :data:`HINT_KINDS`, or ``"<network>/<kind>"`` for the optimizer named ``<network>`` (see :func:`network_hints`)."""
     provider = getattr(module, "gradient_health_hints", None)
     if not callable(provider):
         return {}
     hints = dict(provider())
-    unknown = set(hints) - set(HINT_KINDS)
+    unknown = {key for key in hints if key.rsplit("/", 1)[-1] not in HINT_KINDS}
     if unknown:
-        raise ValueError(f"gradient_health_hints() returned unknown keys {sorted(unknown)}; use {HINT_KINDS}.")
+        raise ValueError(
+            f"gradient_health_hints() returned unknown keys {sorted(unknown)}; use {HINT_KINDS}, optionally"
+            " prefixed by a network name ('generator/vanishing')."
+        )
     return hints
 
 
@@ -78,11 +82,20 @@ def report(monitors: Mapping[int, GradientMonitor], every: int, module: nn.Modul
     hints = model_hints(module)
     lines = []
     for index, monitor in sorted(monitors.items()):
-        title = "Gradient health" + (f" (optimizer {index})" if len(monitors) > 1 else "")
+        name = monitor.prefix.rstrip("/") or f"optimizer {index}"
+        title = "Gradient health" + (f" of the {name}" if len(monitors) > 1 else "")
         lines.append(f"{title} after {monitor.steps} optimizer steps (details every {every}):")
         last = monitor.history[-1] if monitor.history else None
-        lines += diagnosis_lines(monitor.summary(), last, traits, hints)
+        lines += diagnosis_lines(monitor.summary(), last, traits, network_hints(hints, monitor.prefix))
     return "\n".join(lines)
+
+
+def network_hints(hints: Mapping[str, str], prefix: str) -> dict[str, str]:
+    """The hints for one optimizer: a model's ``"<network>/<kind>"`` hints (e.g. ``"generator/vanishing"``) replace
+    its plain ``"<kind>"`` ones for the optimizer named ``<network>``; other networks' hints are dropped."""
+    plain = {kind: text for kind, text in hints.items() if "/" not in kind}
+    own = {kind.split("/", 1)[1]: text for kind, text in hints.items() if prefix and kind.startswith(prefix)}
+    return {**plain, **own}
 
 
 def diagnosis_lines(

@@ -2,12 +2,14 @@
 
 from stabilize.models.base import ImageClassifier
 from stabilize.models.fast import FastCNN
+from stabilize.models.gan import DCGAN
 from stabilize.models.plain import BatchNormCNN, DeepPlainCNN, PlainCNN
 from stabilize.models.recipe import TrainingRecipe
 from stabilize.models.recurrent import RecurrentNet
 from stabilize.models.resnet import FixupResNet, ResNet
 
 __all__ = [
+    "DCGAN",
     "BatchNormCNN",
     "DeepPlainCNN",
     "FastCNN",

@@ -283,8 +283,18 @@ def test_manual_optimization_with_two_optimizers_prefixes_keys(tmp_path: Path) -
     assert list(health.history_of(0)[0]["layers"]) == ["body.0", "body.1", "body.3"]
     assert list(health.history_of(1)[0]["layers"]) == ["head"]
     header = csv_rows(logger)[0].keys()
-    assert "grad_health/optimizer_0/global_norm" in header and "grad_norm/optimizer_1/head" in header
-    assert "optimizer 1" in health.diagnosis()
+    # Each optimizer is named after the submodule holding its parameters.
+    assert "grad_health/body/global_norm" in header and "grad_norm/head/head" in header
+    assert "Gradient health of the head" in health.diagnosis() and set(health.summary()) == {"body", "head"}
+
+
+def test_optimizers_over_parts_of_one_submodule_keep_numbered_names() -> None:
+    from stabilize.callbacks.optimizers import optimizer_name
+
+    module = TwoOptimizers()
+    first, second = list(module.body.parameters())[:2], [*list(module.body.parameters())[2:], module.head.weight]
+    assert optimizer_name(module, torch.optim.SGD(first, lr=0.1), 0) == "body"
+    assert optimizer_name(module, torch.optim.SGD(second, lr=0.1), 1) == "optimizer_1"
 
 
 def test_works_with_lightnings_boring_model_and_logs_documented_keys(tmp_path: Path) -> None:

@@ -1,0 +1,259 @@
+"""DCGAN / SN-GAN on 32x32 images: two networks, two optimizers, manual optimization."""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics import Metric
+from torchvision.utils import make_grid
+from typing_extensions import override
+
+from stabilize.errors import ConfigurationError, DataError
+from stabilize.models.gan_networks import (
+    DCGANDiscriminator,
+    DCGANGenerator,
+    GANLoss,
+    discriminator_loss,
+    generator_loss,
+)
+
+
+class DCGAN(LightningModule):
+    """A DCGAN (Radford et al., 2016) for 32x32 images, with the SN-GAN discriminator as an option (Miyato et al.,
+    2018): the reference module for GANs in this collection, and the case where two networks' gradients fight.
+
+    Each training batch takes one discriminator step; every ``n_critic`` batches the generator takes one step too.
+    Optimization is manual (two Adam optimizers, generator first); Lightning's ``toggle_optimizer`` freezes the other
+    network while one steps, so :class:`~stabilize.callbacks.GradientHealthCallback` reads only the stepping
+    network's layers and names its keys ``generator/`` and ``discriminator/``.
+
+    Args:
+        latent_dim: Size of the noise vector.
+        ngf: Generator width (its last hidden layer; see :class:`~stabilize.models.gan_networks.DCGANGenerator`).
+        ndf: Discriminator width (its first layer).
+        loss: ``"minimax"`` (the original, saturating for the generator when the discriminator wins),
+            ``"non_saturating"`` (the DCGAN default) or ``"hinge"`` (SN-GAN). See
+            :func:`~stabilize.models.gan_networks.generator_loss`.
+        spectral_norm: Spectral normalization of every discriminator convolution.
+        generator_batch_norm: BatchNorm in the generator.
+        discriminator_batch_norm: BatchNorm in the discriminator (DCGAN); SN-GAN uses none.
+        n_critic: Discriminator steps per generator step.
+        lr_generator: Adam learning rate of the generator.
+        lr_discriminator: Adam learning rate of the discriminator.
+        betas: Adam betas of both: ``(0.5, 0.999)`` for DCGAN, ``(0.0, 0.9)`` for SN-GAN.
+        gradient_clip_val: Clip each network's gradient norm to this value (through ``self.clip_gradients``: the
+            Trainer's own ``gradient_clip_val`` does not apply under manual optimization). ``None``: no clipping.
+        sample_every_n_steps: Every this many generator steps, log a grid of images generated from a fixed noise
+            batch (``gan/samples``, TensorBoard). 0 disables it.
+        num_samples: Images in that grid (the fixed noise is part of the checkpoint).
+        fid_checkpoint: A checkpoint of a classifier trained here (e.g. ``configs/resnet20.yaml``): ``test`` then
+            logs ``gan/classifier_fid`` and ``gan/classifier_is`` on its features (see
+            :mod:`stabilize.metrics.classifier_features`: comparable only between runs with the same checkpoint).
+        fid_samples: Real test images (and as many generated ones) the classifier-FID uses.
+
+    Data: images in ``[0, 1]`` (``CIFAR10DataModule(normalize=False)``; labels are ignored); they are mapped to the
+    generator's ``[-1, 1]``.
+
+    Raises:
+        ConfigurationError: If an argument is out of range or names an unknown loss.
+
+    Logged keys (every training step unless noted): ``gan/d_loss``, ``gan/g_loss`` (generator steps), ``gan/d_real``
+    and ``gan/d_fake`` (mean ``sigmoid`` of the discriminator's logits on real and generated images: how sure it is),
+    ``gan/samples`` (image grid), ``gan/classifier_fid`` and ``gan/classifier_is`` (``test`` with ``fid_checkpoint``).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 100,
+        ngf: int = 64,
+        ndf: int = 64,
+        loss: GANLoss = "non_saturating",
+        spectral_norm: bool = False,
+        generator_batch_norm: bool = True,
+        discriminator_batch_norm: bool = True,
+        n_critic: int = 1,
+        lr_generator: float = 2e-4,
+        lr_discriminator: float = 2e-4,
+        betas: tuple[float, float] = (0.5, 0.999),
+        gradient_clip_val: float | None = None,
+        sample_every_n_steps: int = 500,
+        num_samples: int = 64,
+        fid_checkpoint: str | None = None,
+        fid_samples: int = 5000,
+    ) -> None:
+        super().__init__()
+        if loss not in get_args(GANLoss):
+            raise ConfigurationError(f"loss must be one of {', '.join(get_args(GANLoss))}; got {loss!r}.")
+        if min(latent_dim, ngf, ndf, n_critic, num_samples, fid_samples) < 1:
+            raise ConfigurationError("latent_dim, ngf, ndf, n_critic, num_samples and fid_samples must be positive.")
+        if lr_generator <= 0 or lr_discriminator <= 0 or not all(0 <= b < 1 for b in betas):
+            raise ConfigurationError("learning rates must be positive and betas in [0, 1).")
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ConfigurationError(f"gradient_clip_val must be positive or None, got {gradient_clip_val}.")
+        if sample_every_n_steps < 0:
+            raise ConfigurationError(f"sample_every_n_steps must be >= 0, got {sample_every_n_steps}.")
+        # Evaluation settings, not part of the model: kept out of the checkpoint, so that `stabilize test
+        # --ckpt_path ... --model.fid_checkpoint ...` uses the value given then, not the one saved in training.
+        self.save_hyperparameters(ignore=["fid_checkpoint", "fid_samples"])
+        self.fid_checkpoint, self.fid_samples = fid_checkpoint, fid_samples
+        self.automatic_optimization = False
+        self.generator = DCGANGenerator(latent_dim, ngf, batch_norm=generator_batch_norm)
+        self.discriminator = DCGANDiscriminator(ndf, batch_norm=discriminator_batch_norm, spectral_norm=spectral_norm)
+        self.fixed_noise: Tensor
+        self.register_buffer(
+            "fixed_noise", torch.randn(num_samples, latent_dim, generator=torch.Generator().manual_seed(0))
+        )
+        self.last_sample_grid: Tensor | None = None
+        self._input_checked = False
+        self._generator_steps = 0  # in this process (the sample cadence)
+        # Kept out of the registered modules: the classifier must not enter this model's checkpoints.
+        self._quality: dict[str, Metric] = {}
+        self._fid_images = 0
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Generated images in ``[-1, 1]`` for noise ``z`` of shape ``(N, latent_dim)``."""
+        return self.generator(z)
+
+    @torch.no_grad()
+    def sample(self, z: Tensor | None = None) -> Tensor:
+        """Images in ``[0, 1]`` from noise ``z`` (default: the fixed noise), generated in eval mode (BatchNorm with
+        its running statistics, so the same noise gives the same images)."""
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            images = self.generator(self.fixed_noise if z is None else z)
+        finally:
+            self.generator.train(was_training)
+        return images.add(1).div(2).clamp(0, 1)
+
+    def noise(self, n: int) -> Tensor:
+        return torch.randn(n, self.hparams["latent_dim"], device=self.device)
+
+    # ------------------------------------------------------------------------------------------------- training
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real = self._real_images(batch)
+        opt_generator, opt_discriminator = self.optimizers()  # type: ignore[attr-defined]
+        hp = self.hparams
+
+        self.toggle_optimizer(opt_discriminator)
+        fake = self.generator(self.noise(len(real)))
+        real_logits, fake_logits = self.discriminator(real), self.discriminator(fake.detach())
+        d_loss = discriminator_loss(hp["loss"], real_logits, fake_logits)
+        self._step(opt_discriminator, d_loss)
+        self.untoggle_optimizer(opt_discriminator)
+        self.log("gan/d_loss", d_loss.detach(), on_step=True, on_epoch=True, batch_size=len(real))
+        self.log("gan/d_real", torch.sigmoid(real_logits.detach()).mean(), on_step=True, batch_size=len(real))
+        self.log("gan/d_fake", torch.sigmoid(fake_logits.detach()).mean(), on_step=True, batch_size=len(real))
+
+        if (batch_idx + 1) % hp["n_critic"] == 0:
+            self.toggle_optimizer(opt_generator)
+            g_loss = generator_loss(hp["loss"], self.discriminator(self.generator(self.noise(len(real)))))
+            self._step(opt_generator, g_loss)
+            self.untoggle_optimizer(opt_generator)
+            self.log("gan/g_loss", g_loss.detach(), on_step=True, on_epoch=True, batch_size=len(real))
+            self._generator_steps += 1
+            every = hp["sample_every_n_steps"]
+            if every and (self._generator_steps - 1) % every == 0:
+                self.log_sample_grid()
+
+    def _step(self, optimizer: Any, loss: Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams["gradient_clip_val"] is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.hparams["gradient_clip_val"], gradient_clip_algorithm="norm"
+            )
+        optimizer.step()
+
+    def _real_images(self, batch: Any) -> Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not self._input_checked:  # one host read, at the first batch
+            low, high = float(images.min()), float(images.max())
+            if low < -1e-3 or high > 1 + 1e-3:
+                raise DataError(
+                    f"DCGAN expects images in [0, 1], got values in [{low:.2f}, {high:.2f}]: use"
+                    " CIFAR10DataModule(normalize=False) (--data.normalize false)."
+                )
+            self._input_checked = True
+        return images * 2 - 1
+
+    @torch.no_grad()
+    def log_sample_grid(self) -> Tensor:
+        """Log the images of the fixed noise as one grid (``gan/samples``) to every logger that takes images."""
+        grid = make_grid(self.sample(), nrow=8, padding=2)
+        self.last_sample_grid = grid.cpu()
+        for logger in self.loggers:
+            add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
+            if add_image is not None:
+                add_image("gan/samples", grid, self.global_step)
+        return grid
+
+    @override
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        betas = tuple(hp["betas"])
+        return [
+            torch.optim.Adam(self.generator.parameters(), lr=hp["lr_generator"], betas=betas),
+            torch.optim.Adam(self.discriminator.parameters(), lr=hp["lr_discriminator"], betas=betas),
+        ]
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    @override
+    def on_test_start(self) -> None:
+        checkpoint = self.fid_checkpoint
+        if checkpoint and not self._quality:
+            from stabilize.metrics import classifier_quality_metrics
+
+            self._quality = dict(classifier_quality_metrics(checkpoint))
+        for metric in self._quality.values():
+            metric.reset()
+            metric.to(self.device)
+        self._fid_images = 0
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        if not self._quality or self._fid_images >= self.fid_samples:
+            return
+        real = self._real_images(batch)[: self.fid_samples - self._fid_images].add(1).div(2)
+        fake = self.sample(self.noise(len(real)))
+        self._quality["classifier_fid"].update(real, real=True)
+        self._quality["classifier_fid"].update(fake, real=False)
+        self._quality["classifier_is"].update(fake)
+        self._fid_images += len(real)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        if not self._quality:
+            return
+        self.log("gan/classifier_fid", self._quality["classifier_fid"].compute().float())
+        self.log("gan/classifier_is", self._quality["classifier_is"].compute()[0].float())
+
+    # ------------------------------------------------------------------------------------------------ diagnosis
+    def gradient_health_hints(self) -> dict[str, str]:
+        """Per-network advice for :class:`~stabilize.callbacks.GradientHealthCallback` (keys ``"<network>/<kind>"``)."""
+        hp = self.hparams
+        better_loss = "--model.loss non_saturating" if hp["loss"] == "minimax" else None
+        spectral = None if hp["spectral_norm"] else "--model.spectral_norm true on the discriminator"
+        generator_vanishing = (
+            "the discriminator wins and the generator's loss gives it nothing to follow: "
+            + " or ".join(o for o in (better_loss, spectral, "a lower --model.lr_discriminator") if o)
+        )
+        discriminator_vanishing = (
+            "the discriminator is saturated (it separates real from fake too easily): "
+            + " or ".join(
+                o
+                for o in (spectral, "--model.loss hinge" if hp["loss"] != "hinge" else None, "fewer --model.n_critic")
+                if o
+            )
+        )
+        exploding = "clip with --model.gradient_clip_val 1.0" + (f" or {spectral}" if spectral else "")
+        return {
+            "generator/vanishing": generator_vanishing,
+            "discriminator/vanishing": discriminator_vanishing,
+            "discriminator/exploding": exploding,
+            "generator/exploding": "clip with --model.gradient_clip_val 1.0 or lower --model.lr_generator",
+        }

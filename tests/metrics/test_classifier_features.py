@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from stabilize.datamodules import CIFAR10DataModule
+from stabilize.errors import ConfigurationError
+from stabilize.metrics import ClassifierFeatures, classifier_quality_metrics
+from stabilize.models import DCGAN, ResNet
+from tests.helpers.trainer import quiet_trainer
+
+
+@pytest.fixture(scope="module")
+def classifier_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_cifar: Path) -> Path:
+    folder = tmp_path_factory.mktemp("classifier")
+    seed_everything(0)
+    saver = ModelCheckpoint(dirpath=folder, filename="resnet8")
+    data = CIFAR10DataModule(str(tiny_cifar), val_size=0, batch_size=50)
+    quiet_trainer(folder, max_steps=2, callbacks=[saver], enable_checkpointing=True).fit(ResNet(depth=8), data)
+    return folder / "resnet8.ckpt"
+
+
+def test_features_are_the_input_of_the_last_linear_layer(classifier_checkpoint: Path) -> None:
+    features = ClassifierFeatures.from_checkpoint(classifier_checkpoint)
+    logits = ClassifierFeatures.from_checkpoint(classifier_checkpoint, "logits")
+    images = torch.rand(6, 3, 32, 32)
+    out = features(images)
+    assert out.shape == (6, features.num_features) and features.num_features == 64
+    torch.testing.assert_close(logits(images), features.head(out))
+    assert not any(p.requires_grad for p in features.parameters()) and not features.train().training
+
+
+def test_classifier_fid_is_zero_for_the_same_images_and_grows_with_noise(classifier_checkpoint: Path) -> None:
+    torch.manual_seed(0)
+    images = torch.rand(200, 3, 32, 32)
+    scores = []
+    for noise in (0.0, 0.3):
+        fid = classifier_quality_metrics(classifier_checkpoint)["classifier_fid"]
+        fid.update(images, real=True)
+        fid.update((images + noise * torch.randn_like(images)).clamp(0, 1), real=False)
+        scores.append(float(fid.compute()))
+    assert abs(scores[0]) < 1e-3 and scores[1] > 100 * max(abs(scores[0]), 1e-6)
+
+
+def test_a_checkpoint_of_another_kind_is_refused(tmp_path: Path) -> None:
+    torch.save({"hyper_parameters": {"latent_dim": 8}, "state_dict": {}}, tmp_path / "gan.ckpt")
+    with pytest.raises(ConfigurationError, match="not a checkpoint of an image classifier"):
+        ClassifierFeatures.from_checkpoint(tmp_path / "gan.ckpt")
+
+
+def test_dcgan_test_logs_classifier_fid_and_score(
+    classifier_checkpoint: Path, tiny_cifar: Path, tmp_path: Path
+) -> None:
+    model = DCGAN(latent_dim=16, ngf=8, ndf=8, fid_checkpoint=str(classifier_checkpoint), fid_samples=30)
+    data = CIFAR10DataModule(str(tiny_cifar), val_size=0, batch_size=20, normalize=False, augment=False)
+    trainer = quiet_trainer(tmp_path, max_steps=2)
+    trainer.fit(model, data)
+    result = trainer.test(model, data, verbose=False)[0]
+    assert result["gan/classifier_fid"] > 0 and result["gan/classifier_is"] >= 1.0
+    assert model._fid_images == 30
+    assert not any(key.startswith("_quality") for key in model.state_dict())
