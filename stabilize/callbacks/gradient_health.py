@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +270,7 @@ class GradientHealthCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         index = optimizer_index(trainer, optimizer)
-        monitor = self._monitor(trainer, index, optimizer_name(pl_module, optimizer, index))
+        monitor = self._monitor(trainer, index, lambda: optimizer_name(pl_module, optimizer, index))
         if monitor.layers is None:
             self._forward_order.stop()
             params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -397,10 +397,10 @@ class GradientHealthCallback(Callback):
         }
 
     # ------------------------------------------------------------------------------------------------- helpers
-    def _monitor(self, trainer: Trainer, index: int, name: str) -> GradientMonitor:
+    def _monitor(self, trainer: Trainer, index: int, name: Callable[[], str]) -> GradientMonitor:
         self._trainer_ref = trainer
-        if index not in self._monitors:
-            prefix = f"{name}/" if len(trainer.optimizers) > 1 else ""
+        if index not in self._monitors:  # the name walks every parameter: once per optimizer, not per step
+            prefix = f"{name()}/" if len(trainer.optimizers) > 1 else ""
             self._monitors[index] = GradientMonitor(self.criteria, prefix)
         return self._monitors[index]
 
