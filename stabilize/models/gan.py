@@ -60,7 +60,15 @@ class DCGAN(LightningModule):
     Raises:
         ConfigurationError: If an argument is out of range or names an unknown loss.
 
-    Logged keys (every training step unless noted): ``gan/d_loss``, ``gan/g_loss`` (generator steps), ``gan/d_real``
+    Example::
+
+        model = DCGAN(loss="hinge", spectral_norm=True, discriminator_batch_norm=False, betas=(0.0, 0.9))
+        data = CIFAR10DataModule(normalize=False, augment=False, val_size=0)
+        Trainer(max_steps=20_000, callbacks=[GradientHealthCallback()]).fit(model, data)
+        images = model.sample()  # (64, 3, 32, 32) in [0, 1], from the fixed noise
+
+    Logged keys (every training step unless noted): ``gan/d_loss`` and ``gan/g_loss`` (generator steps; Lightning
+    adds ``_step`` and ``_epoch`` for the step values and the epoch means), ``gan/d_real``
     and ``gan/d_fake`` (mean ``sigmoid`` of the discriminator's logits on real and generated images: how sure it is),
     ``gan/samples`` (image grid), ``gan/classifier_fid`` and ``gan/classifier_is`` (``test`` with ``fid_checkpoint``).
     """
