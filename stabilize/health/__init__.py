@@ -1,6 +1,7 @@
 """Gradient-health maths in plain torch (no Trainer): per-layer statistics, device counters, records, the
 diagnosis and the figures. :class:`~stabilize.callbacks.GradientHealthCallback` is the Lightning plumbing over it."""
 
+from stabilize.health.collapse import gradient_collapse
 from stabilize.health.counters import DeviceCounters
 from stabilize.health.criteria import HealthCriteria
 from stabilize.health.diagnosis import ModelTraits, diagnosis_lines, model_hints, verdict
@@ -10,6 +11,7 @@ from stabilize.health.monitor import GradientMonitor
 from stabilize.health.records import (
     DepthRatio,
     ExplosionEvent,
+    GradientCollapse,
     HealthSummary,
     LayerStats,
     NonFiniteEvent,
@@ -20,6 +22,7 @@ __all__ = [
     "DepthRatio",
     "DeviceCounters",
     "ExplosionEvent",
+    "GradientCollapse",
     "GradientMonitor",
     "HealthCriteria",
     "HealthSummary",
@@ -30,6 +33,7 @@ __all__ = [
     "StepRecord",
     "diagnosis_lines",
     "flow_figure",
+    "gradient_collapse",
     "gradient_histograms",
     "model_hints",
     "verdict",

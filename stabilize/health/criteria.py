@@ -1,4 +1,4 @@
-"""HealthCriteria: when a layer's gradient is vanishing and a step's is exploding."""
+"""HealthCriteria: when a layer's gradient is vanishing, a step's is exploding, and a run's has collapsed."""
 
 from __future__ import annotations
 
@@ -22,7 +22,12 @@ class HealthCriteria:
       1e-10 and below);
     - a step is *exploding* when the total norm exceeds ``exploding_threshold`` (1e3: cross-entropy gradients of
       a healthy classifier are O(0.1-10)) or exceeds ``exploding_factor`` (10x) times the running median of the
-      last ``median_window`` (64) finite step norms.
+      last ``median_window`` (64) finite step norms;
+    - a run's gradient has *collapsed* when the median total norm of its latest records is ``collapse_factor``
+      (100x) below the largest such median earlier in the run, although no layer need be below the vanishing
+      floor: every layer got quieter together, as when a loss saturates (a GAN discriminator that wins outright
+      took the generator's gradient 736x down in 2,500 steps; healthy classifiers in this project's studies stay
+      within 5x, see :func:`~stabilize.health.collapse.gradient_collapse`).
 
     Raises:
         ValueError: If a value has the wrong type, lies out of range, or the thresholds are inverted.
@@ -33,6 +38,7 @@ class HealthCriteria:
     exploding_threshold: float = 1e3
     exploding_factor: float = 10.0
     median_window: int = 64
+    collapse_factor: float = 100.0
 
     def __post_init__(self) -> None:
         for name in ("vanishing_threshold", "exploding_threshold", "exploding_factor"):
@@ -50,6 +56,8 @@ class HealthCriteria:
             raise ConfigurationError(
                 f"exploding_factor must be above 1 (a jump over the median), got {self.exploding_factor}."
             )
+        if not (_is_number(self.collapse_factor) and self.collapse_factor > 1):
+            raise ConfigurationError(f"collapse_factor must be above 1, got {self.collapse_factor!r}.")
         if not (_is_int(self.median_window) and 3 <= self.median_window <= MAX_MEDIAN_WINDOW):
             raise ConfigurationError(
                 f"median_window must be an integer from 3 to {MAX_MEDIAN_WINDOW}, got {self.median_window!r}."

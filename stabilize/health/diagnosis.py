@@ -71,6 +71,9 @@ def verdict(summary: HealthSummary) -> str:
         findings.append(f"exploding ({sum(e['steps'] for e in summary['explosions'])} steps)")
     if summary["nonfinite"] or summary["skipped_steps"]:
         findings.append("non-finite gradients")
+    collapse = summary.get("gradient_collapse")
+    if collapse:
+        findings.append(f"gradient collapsed ({collapse['factor']:.0f}x down)")
     if not findings and summary["ever_vanished"]:
         findings.append("recovered from vanishing")
     return ", ".join(findings) if findings else "healthy"
@@ -127,6 +130,20 @@ def diagnosis_lines(
         lines.append(f"  Vanishing earlier but recovered: {', '.join(list(summary['ever_vanished'])[:5])}.")
     else:
         lines.append("  Vanishing: none.")
+    collapse = summary.get("gradient_collapse")
+    if collapse:
+        lines.append(
+            f"  COLLAPSED: the total gradient norm fell {collapse['factor']:,.0f}x, from {collapse['from_norm']:.2e}"
+            f" (around step {collapse['from_step']}) to {collapse['to_norm']:.2e}, and has stayed down since step"
+            f" {collapse['since_step']}: every layer gets little learning signal, although none is below the"
+            " vanishing floor."
+        )
+        remedies.append(
+            "a collapsed gradient usually means a saturated loss or output (a classifier already certain of its"
+            " outputs, sigmoid/softmax outputs pinned at 0 or 1, a GAN discriminator that wins outright): check"
+            " the loss and the outputs' range"
+        )
+        remedies += [hints["vanishing"]] if "vanishing" in hints else []
     ratio = summary["worst_depth_ratio"]
     if ratio is not None:
         lines.append(

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from stabilize.health.collapse import gradient_collapse
 from stabilize.health.counters import DeviceCounters
 from stabilize.health.criteria import HealthCriteria
 from stabilize.health.layers import LayerIndex, foreach_norms
@@ -272,6 +273,10 @@ class GradientMonitor:
             "worst_temporal_ratio": None if temporal is None else {"ratio": temporal[0], "step": temporal[1]},
             "last_global_norm": last["global_norm"] if last else None,
             "num_layers": len(self.layers.names) if self.layers is not None else len(last["layers"] if last else {}),
+            # After an explosion the norms fall back by construction: that is not a collapse.
+            "gradient_collapse": None
+            if self.explosions
+            else gradient_collapse(self.history, self.criteria.collapse_factor),
         }
 
     def recent_norms(self) -> list[float]:

@@ -62,6 +62,17 @@ class DepthRatio(TypedDict):
     step: int
 
 
+class GradientCollapse(TypedDict):
+    """How far a run's gradient fell: from ``from_norm`` (median of the records around ``from_step``) to
+    ``to_norm`` (median of the latest records), below the collapse threshold since ``since_step``."""
+
+    factor: float
+    from_norm: float
+    from_step: int
+    to_norm: float
+    since_step: int
+
+
 class HealthSummary(TypedDict):
     """One optimizer's gradient health over the whole run: what the diagnosis says, as data."""
 
@@ -80,6 +91,8 @@ class HealthSummary(TypedDict):
     worst_temporal_ratio: DepthRatio | None
     last_global_norm: float | None
     num_layers: int
+    #: The run's total gradient norm fell ``collapse_factor`` below its earlier level (runs without explosions).
+    gradient_collapse: GradientCollapse | None
 
 
 def record_metrics(record: StepRecord, prefix: str = "") -> dict[str, float]:
