@@ -60,6 +60,8 @@ class GradientHealthCallback(Callback):
         exploding_threshold: Absolute ceiling of the total gradient norm.
         exploding_factor: Ceiling relative to the running median of the total norm.
         median_window: Number of recent steps in the running median (3 to 100,000).
+        collapse_factor: The diagnosis reports a collapsed gradient when the run's total norm (median of its latest
+            records) is this many times below its earlier level (runs without explosions).
         on_nonfinite: What to do with NaN/Inf gradients (outside of fp16 AMP, where the GradScaler already skips
             such steps and they are counted as ``amp_skipped``, never as explosions). ``"warn"``: count them and warn
             at the next logging step. ``"skip"``: drop all gradients of that step, so the optimizer changes no weight
@@ -131,6 +133,7 @@ class GradientHealthCallback(Callback):
         exploding_threshold: float = 1e3,
         exploding_factor: float = 10.0,
         median_window: int = 64,
+        collapse_factor: float = 100.0,
         on_nonfinite: NonFinitePolicy = "warn",
         track_update_ratio: bool = True,
         track_activations: bool = False,
@@ -143,7 +146,7 @@ class GradientHealthCallback(Callback):
     ) -> None:
         super().__init__()
         self.criteria = HealthCriteria(
-            vanishing_threshold, vanishing_ratio, exploding_threshold, exploding_factor, median_window
+            vanishing_threshold, vanishing_ratio, exploding_threshold, exploding_factor, median_window, collapse_factor
         )
         self._nonfinite = NonFiniteGuard(on_nonfinite)
         if not (isinstance(saturation_threshold, (int, float)) and 0.5 < saturation_threshold < 1):
@@ -161,6 +164,7 @@ class GradientHealthCallback(Callback):
         self.exploding_threshold = exploding_threshold
         self.exploding_factor = exploding_factor
         self.median_window = median_window
+        self.collapse_factor = collapse_factor
         self.on_nonfinite = on_nonfinite
         self.track_update_ratio = track_update_ratio
         self.track_activations = track_activations
