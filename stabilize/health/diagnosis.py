@@ -35,6 +35,8 @@ class ModelTraits:
     normalization: bool = False
     saturating: bool = False
     relu_like: bool = False
+    #: A LightningModule with ``automatic_optimization = False``: the Trainer's gradient clipping does not apply.
+    manual_optimization: bool = False
 
     @classmethod
     def of(cls, module: nn.Module) -> ModelTraits:
@@ -43,6 +45,7 @@ class ModelTraits:
             normalization=any(isinstance(m, NORMALIZATION) for m in modules),
             saturating=any(isinstance(m, SATURATING) for m in modules),
             relu_like=any(isinstance(m, RELU_LIKE) for m in modules),
+            manual_optimization=getattr(module, "automatic_optimization", True) is False,
         )
 
 
@@ -170,9 +173,12 @@ def diagnosis_lines(
         peak = max(e["max_norm"] for e in explosions)
         steps = sum(e["steps"] for e in explosions)
         lines.append(f"  EXPLODING: {steps} step(s) with a gradient norm spike (steps {spans}; peak {peak:.3g}).")
-        remedies.append(
-            "clip gradients (Trainer(gradient_clip_val=1.0)), lower the learning rate or add a learning-rate warm-up"
+        clip = (
+            "self.clip_gradients(optimizer, 1.0) before each optimizer.step() (manual optimization)"
+            if traits is not None and traits.manual_optimization
+            else "Trainer(gradient_clip_val=1.0)"
         )
+        remedies.append(f"clip gradients ({clip}), lower the learning rate or add a learning-rate warm-up")
         if traits is not None and not traits.normalization:
             remedies.append("add normalization (e.g. BatchNorm), which undoes the gain of each layer")
         remedies += [hints["exploding"]] if "exploding" in hints else []

@@ -254,7 +254,11 @@ class DCGAN(LightningModule):
             "the discriminator is saturated (it separates real from fake too easily): "
             + " or ".join(
                 o
-                for o in (spectral, "--model.loss hinge" if hp["loss"] != "hinge" else None, "fewer --model.n_critic")
+                for o in (
+                    spectral,
+                    "--model.loss hinge" if hp["loss"] != "hinge" else None,
+                    "a lower --model.n_critic" if hp["n_critic"] > 1 else None,
+                )
                 if o
             )
         )

@@ -23,6 +23,7 @@ def summary(**overrides) -> HealthSummary:
         "worst_temporal_ratio": None,
         "last_global_norm": 1.0,
         "num_layers": 4,
+        "gradient_collapse": None,
     }
     return {**base, **overrides}  # type: ignore[typeddict-item]
 
@@ -34,6 +35,14 @@ def test_remedies_are_generic_and_model_hints_are_added() -> None:
     assert "--model." not in generic and "ResNet" not in generic
     hinted = "\n".join(diagnosis_lines(exploding, None, hints={"exploding": "use MyNet's warm-up flag"}))
     assert "use MyNet's warm-up flag" in hinted
+
+
+def test_manual_optimization_is_told_to_clip_in_its_training_step() -> None:
+    from stabilize.models import DCGAN
+
+    exploding = summary(explosions=[{"first_step": 3, "last_step": 3, "steps": 1, "max_norm": 5e4}])
+    lines = "\n".join(diagnosis_lines(exploding, None, ModelTraits.of(DCGAN(ngf=8, ndf=8))))
+    assert "self.clip_gradients" in lines and "Trainer(gradient_clip_val" not in lines
 
 
 def test_a_depth_ratio_far_above_one_is_explained() -> None:
