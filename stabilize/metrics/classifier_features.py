@@ -103,6 +103,41 @@ def classifier_quality_metrics(checkpoint: str | Path) -> dict[str, FrechetIncep
     }
 
 
+#: ``quality_metrics("inception")``: the standard metrics, on torch-fidelity's Inception-v3.
+STANDARD_INCEPTION = "inception"
+
+
+def quality_metrics(source: str | Path) -> dict[str, FrechetInceptionDistance | InceptionScore]:
+    """FID and Inception Score for images in ``[0, 1]``: on a classifier checkpoint of this project
+    (:func:`classifier_quality_metrics`: keys ``classifier_fid``, ``classifier_is``), or, for ``"inception"``, the
+    standard ones (keys ``fid``, ``inception_score``), which need the ``torch-fidelity`` package and its Inception
+    weights in the local torch hub cache (they cannot be downloaded offline).
+
+    Raises:
+        ConfigurationError: If the standard metrics are asked for but the package or the weights are missing.
+    """
+    if str(source) != STANDARD_INCEPTION:
+        return dict(classifier_quality_metrics(source))
+    offline = (
+        "Use a classifier of this project instead (e.g. --model.fid_checkpoint"
+        " docs/results/gan/resnet20-classifier.ckpt): its classifier-FID needs no download."
+    )
+    try:
+        return {
+            "fid": FrechetInceptionDistance(feature=2048, normalize=True),
+            "inception_score": InceptionScore(normalize=True),
+        }
+    except ModuleNotFoundError as error:
+        raise ConfigurationError(
+            f"The standard Inception FID needs torch-fidelity: pip install torch-fidelity. {offline}"
+        ) from error
+    except (OSError, RuntimeError) as error:  # the weights are fetched on first use
+        raise ConfigurationError(
+            f"The Inception weights of torch-fidelity are not in the local torch hub cache and cannot be fetched"
+            f" ({error}). {offline}"
+        ) from error
+
+
 def _classifier_class(checkpoint: dict, path: str | Path) -> type:
     import importlib
 

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import make_grid
 from typing_extensions import override
 
@@ -52,6 +53,8 @@ class DCGAN(LightningModule):
         fid_checkpoint: A checkpoint of a classifier trained here (e.g. ``configs/resnet20.yaml``): ``test`` then
             logs ``gan/classifier_fid`` and ``gan/classifier_is`` on its features (see
             :mod:`stabilize.metrics.classifier_features`: comparable only between runs with the same checkpoint).
+            ``"inception"``: the standard ``gan/fid`` and ``gan/inception_score`` instead, where torch-fidelity and
+            its Inception weights are present locally.
         fid_samples: Real test images (and as many generated ones) the classifier-FID uses.
 
     Data: images in ``[0, 1]`` (``CIFAR10DataModule(normalize=False)``; labels are ignored); they are mapped to the
@@ -212,11 +215,11 @@ class DCGAN(LightningModule):
     # ---------------------------------------------------------------------------------------------- evaluation
     @override
     def on_test_start(self) -> None:
-        checkpoint = self.fid_checkpoint
-        if checkpoint and not self._quality:
-            from stabilize.metrics import classifier_quality_metrics
+        source = self.fid_checkpoint
+        if source and not self._quality:
+            from stabilize.metrics import quality_metrics
 
-            self._quality = dict(classifier_quality_metrics(checkpoint))
+            self._quality = dict(quality_metrics(source))
         for metric in self._quality.values():
             metric.reset()
             metric.to(self.device)
@@ -228,17 +231,19 @@ class DCGAN(LightningModule):
             return
         real = self._real_images(batch)[: self.fid_samples - self._fid_images].add(1).div(2)
         fake = self.sample(self.noise(len(real)))
-        self._quality["classifier_fid"].update(real, real=True)
-        self._quality["classifier_fid"].update(fake, real=False)
-        self._quality["classifier_is"].update(fake)
+        for metric in self._quality.values():
+            if isinstance(metric, FrechetInceptionDistance):
+                metric.update(real, real=True)
+                metric.update(fake, real=False)
+            else:  # an Inception Score looks at the generated images only
+                metric.update(fake)
         self._fid_images += len(real)
 
     @override
     def on_test_epoch_end(self) -> None:
-        if not self._quality:
-            return
-        self.log("gan/classifier_fid", self._quality["classifier_fid"].compute().float())
-        self.log("gan/classifier_is", self._quality["classifier_is"].compute()[0].float())
+        for name, metric in self._quality.items():
+            value = metric.compute()
+            self.log(f"gan/{name}", (value if isinstance(value, Tensor) else value[0]).float())
 
     # ------------------------------------------------------------------------------------------------ diagnosis
     def gradient_health_hints(self) -> dict[str, str]:

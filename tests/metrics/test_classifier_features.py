@@ -63,3 +63,15 @@ def test_dcgan_test_logs_classifier_fid_and_score(
     assert result["gan/classifier_fid"] > 0 and result["gan/classifier_is"] >= 1.0
     assert model._fid_images == 30
     assert not any(key.startswith("_quality") for key in model.state_dict())
+
+
+def test_the_standard_inception_metrics_say_what_they_need_when_it_is_missing() -> None:
+    from stabilize.metrics import quality_metrics
+
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigurationError, match="torch-fidelity"):
+            quality_metrics("inception")
+    else:
+        pytest.skip("torch-fidelity is installed here")

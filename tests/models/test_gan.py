@@ -52,12 +52,16 @@ def test_sample_grid_and_losses_reach_tensorboard(tiny_cifar: Path, tmp_path: Pa
 
     model = DCGAN(**SMALL, sample_every_n_steps=2)
     logger = TensorBoardLogger(tmp_path, name="gan")
-    quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=4, logger=logger, log_every_n_steps=1).fit(
-        model, gan_data(tiny_cifar)
-    )
+    health = GradientHealthCallback(log_every_n_steps=1, verbose=False)
+    quiet_trainer(
+        tmp_path, max_epochs=1, limit_train_batches=4, logger=logger, log_every_n_steps=1, callbacks=[health]
+    ).fit(model, gan_data(tiny_cifar))
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload()
     assert len(events.Images("gan/samples")) == 2  # generator steps 1 and 3
-    assert {"gan/d_loss_step", "gan/g_loss_step", "gan/d_real", "gan/d_fake"} <= set(events.Tags()["scalars"])
+    scalars = set(events.Tags()["scalars"])
+    assert {"gan/d_loss_step", "gan/g_loss_step", "gan/d_real", "gan/d_fake"} <= scalars
+    assert {"grad_health/generator/global_norm", "grad_health/discriminator/global_norm"} <= scalars
+    assert "grad_norm/generator/generator.0" in scalars and "grad_norm/discriminator/discriminator.0" in scalars
 
 
 def test_checkpoint_round_trip_restores_both_optimizers_and_the_samples(tiny_cifar: Path, tmp_path: Path) -> None:
