@@ -28,10 +28,12 @@ from stabilize.datamodules.cifar10_files import (
     FOLDER,
     IMAGE_SHAPE,
     NUM_TRAIN,
+    check_cache_path,
+    check_cached_tensors,
     find_batches_folder,
     load_cifar10,
 )
-from stabilize.errors import ConfigurationError, DataError, DataNotFoundError
+from stabilize.errors import ConfigurationError, DataNotFoundError
 
 ENV_DATA_DIR = "STABILIZE_CIFAR10_DIR"
 #: Offsets the augmentation seed of each process rank; a prime, so rank seeds never coincide with ``seed + 1``
@@ -168,10 +170,10 @@ class CIFAR10DataModule(LightningDataModule):
         cache = Path(self.hparams["cache_file"]).expanduser() if self.hparams["cache_file"] else None
         folder = find_batches_folder(self.data_dir)
         if cache is not None:
-            _check_cache_path(cache)
+            check_cache_path(cache)
         if cache is not None and cache.is_file():
             tensors = torch.load(cache, weights_only=True)
-            _check_cached(tensors, cache)
+            check_cached_tensors(tensors, cache)
             source = str(tensors.pop("source", ""))
             candidates = {str(p.resolve()) for p in (self.data_dir, self.data_dir / FOLDER)}
             if source in candidates:
@@ -395,21 +397,3 @@ def _check_val_size(val_size: int | float) -> None:
         raise ConfigurationError(f"val_size must be a whole count or a fraction below 1, got {val_size}.")
     if val_size >= NUM_TRAIN:
         raise ConfigurationError(f"val_size={val_size} is not smaller than the {NUM_TRAIN} CIFAR-10 training images.")
-
-
-def _check_cached(tensors: dict[str, Any], path: Path) -> None:
-    for split in ("train", "test"):
-        x, y = tensors.get(f"{split}_x"), tensors.get(f"{split}_y")
-        if x is None or y is None or x.dtype != torch.uint8 or x.shape[1:] != IMAGE_SHAPE or len(x) != len(y):
-            raise DataError(f"{path}: not a CIFAR-10 cache written by CIFAR10DataModule (bad '{split}' tensors).")
-        if y.dtype != torch.int64 or (len(y) and (int(y.min()) < 0 or int(y.max()) >= len(CLASSES))):
-            raise DataError(f"{path}: the cached '{split}' labels must be int64 in 0..9; delete the cache to rebuild.")
-
-
-def _check_cache_path(path: Path) -> None:
-    """Fail before reading anything when the cache can be neither read nor written."""
-    if path.exists() and not path.is_file():
-        raise ConfigurationError(f"cache_file {path} is not a file (a folder?): name a .pt file.")
-    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
-    if not path.exists() and (parent is None or not parent.is_dir() or not os.access(parent, os.W_OK)):
-        raise ConfigurationError(f"cache_file {path} cannot be created: {parent} is not a writable folder.")

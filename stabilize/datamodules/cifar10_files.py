@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stabilize.errors import DataError
+from stabilize.errors import ConfigurationError, DataError
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -103,3 +104,22 @@ def load_cifar10(folder: Path) -> dict[str, Tensor]:
         "test_x": test_x,
         "test_y": test_y,
     }
+
+
+def check_cached_tensors(tensors: dict[str, Any], path: Path) -> None:
+    """Refuse a ``cache_file`` that does not hold the tensors CIFAR10DataModule writes."""
+    for split in ("train", "test"):
+        x, y = tensors.get(f"{split}_x"), tensors.get(f"{split}_y")
+        if x is None or y is None or x.dtype != torch.uint8 or x.shape[1:] != IMAGE_SHAPE or len(x) != len(y):
+            raise DataError(f"{path}: not a CIFAR-10 cache written by CIFAR10DataModule (bad '{split}' tensors).")
+        if y.dtype != torch.int64 or (len(y) and (int(y.min()) < 0 or int(y.max()) >= len(CLASSES))):
+            raise DataError(f"{path}: the cached '{split}' labels must be int64 in 0..9; delete the cache to rebuild.")
+
+
+def check_cache_path(path: Path) -> None:
+    """Fail before reading anything when the cache can be neither read nor written."""
+    if path.exists() and not path.is_file():
+        raise ConfigurationError(f"cache_file {path} is not a file (a folder?): name a .pt file.")
+    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if not path.exists() and (parent is None or not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise ConfigurationError(f"cache_file {path} cannot be created: {parent} is not a writable folder.")
