@@ -255,17 +255,18 @@ class DCGAN(LightningModule):
             "the discriminator wins and the generator's loss gives it nothing to follow: "
             + " or ".join(o for o in (better_loss, spectral, "a lower --model.lr_discriminator") if o)
         )
+        discriminator_options = [
+            o
+            for o in (
+                spectral,
+                "--model.loss hinge" if hp["loss"] != "hinge" else None,
+                "a lower --model.n_critic" if hp["n_critic"] > 1 else None,
+            )
+            if o
+        ] or ["a lower --model.lr_discriminator"]
         discriminator_vanishing = (
             "the discriminator is saturated (it separates real from fake too easily): "
-            + " or ".join(
-                o
-                for o in (
-                    spectral,
-                    "--model.loss hinge" if hp["loss"] != "hinge" else None,
-                    "a lower --model.n_critic" if hp["n_critic"] > 1 else None,
-                )
-                if o
-            )
+            + " or ".join(discriminator_options)
         )
         exploding = "clip with --model.gradient_clip_val 1.0" + (f" or {spectral}" if spectral else "")
         return {

@@ -168,3 +168,12 @@ def test_trainer_clipping_is_refused_and_the_module_clips(tiny_cifar: Path, tmp_
     model = DCGAN(**SMALL, gradient_clip_val=1e-3)
     quiet_trainer(tmp_path, fast_dev_run=2, callbacks=[Spy()]).fit(model, gan_data(tiny_cifar))
     assert seen and max(seen) <= 1e-3 * 1.0001
+
+
+@pytest.mark.parametrize("kwargs", [{"loss": "minimax"}, {"loss": "hinge", "spectral_norm": True}])
+def test_every_hint_ends_in_advice_that_fits_the_configuration(kwargs: dict) -> None:
+    hints = DCGAN(**SMALL, **kwargs).gradient_health_hints()
+    assert all(not text.endswith(": ") for text in hints.values())
+    offered = " ".join(hints.values())
+    assert ("--model.spectral_norm true" in offered) is not kwargs.get("spectral_norm", False)
+    assert ("--model.loss non_saturating" in offered) is (kwargs["loss"] == "minimax")
