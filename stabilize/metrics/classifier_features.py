@@ -64,7 +64,7 @@ class ClassifierFeatures(nn.Module):
         rebuild it; a ResNet-20 from ``configs/resnet20.yaml`` is the reference)."""
         from stabilize.models import ImageClassifier
 
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
         model_class = _classifier_class(checkpoint, path)
         # The stabilize command stores its own keys (``_class_path``, ...) beside the arguments.
         arguments = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
