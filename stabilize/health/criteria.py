@@ -24,10 +24,11 @@ class HealthCriteria:
       a healthy classifier are O(0.1-10)) or exceeds ``exploding_factor`` (10x) times the running median of the
       last ``median_window`` (64) finite step norms;
     - a run's gradient has *collapsed* when the median total norm of its latest records is ``collapse_factor``
-      (100x) below the largest such median earlier in the run, although no layer need be below the vanishing
-      floor: every layer got quieter together, as when a loss saturates (a GAN discriminator that wins outright
-      took the generator's gradient 736x down in 2,500 steps; healthy classifiers in this project's studies stay
-      within 5x, see :func:`~stabilize.health.collapse.gradient_collapse`).
+      (100x) below the largest such median earlier in the run (unless an explosion reached that level: norms
+      falling back after one are no collapse), although no layer need be below the vanishing floor: every layer
+      got quieter together, as when a loss saturates (a GAN discriminator that wins outright took the generator's
+      gradient 736x down in 2,500 steps; healthy classifiers in this project's studies stay within 5x, see
+      :func:`~stabilize.health.collapse.gradient_collapse`).
 
     Raises:
         ValueError: If a value has the wrong type, lies out of range, or the thresholds are inverted.

@@ -29,7 +29,7 @@ from stabilize.health.collapse import gradient_collapse
 from stabilize.health.counters import DeviceCounters
 from stabilize.health.criteria import HealthCriteria
 from stabilize.health.layers import LayerIndex, foreach_norms
-from stabilize.health.records import ExplosionEvent, HealthSummary, NonFiniteEvent, StepRecord
+from stabilize.health.records import ExplosionEvent, GradientCollapse, HealthSummary, NonFiniteEvent, StepRecord
 
 
 class Observation(NamedTuple):
@@ -273,11 +273,15 @@ class GradientMonitor:
             "worst_temporal_ratio": None if temporal is None else {"ratio": temporal[0], "step": temporal[1]},
             "last_global_norm": last["global_norm"] if last else None,
             "num_layers": len(self.layers.names) if self.layers is not None else len(last["layers"] if last else {}),
-            # After an explosion the norms fall back by construction: that is not a collapse.
-            "gradient_collapse": None
-            if self.explosions
-            else gradient_collapse(self.history, self.criteria.collapse_factor),
+            "gradient_collapse": self._collapse(),
         }
+
+    def _collapse(self) -> GradientCollapse | None:
+        collapse = gradient_collapse(self.history, self.criteria.collapse_factor)
+        # Norms falling back after an explosion is no collapse; small spikes within a collapsed run do not undo one.
+        if collapse and any(event["max_norm"] >= collapse["from_norm"] for event in self.explosions):
+            return None
+        return collapse
 
     def recent_norms(self) -> list[float]:
         """The finite total norms of the running-median window, oldest first (one host read)."""

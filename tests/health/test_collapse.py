@@ -61,3 +61,15 @@ def test_the_diagnosis_names_the_collapse_and_the_models_vanishing_hint() -> Non
     assert "COLLAPSED: the total gradient norm fell 736x" in lines and "since step 1001" in lines
     assert "the discriminator wins" in lines
     assert verdict(summary) == "gradient collapsed (736x down)"
+
+
+def test_small_spikes_inside_a_collapsed_run_do_not_hide_it_but_a_real_explosion_does() -> None:
+    from stabilize.health import GradientMonitor, HealthCriteria
+
+    monitor = GradientMonitor(HealthCriteria())
+    history = [{**r, "vanishing_layers": [], "layers": {}} for r in records([1.0] * 50 + [1e-3] * 50)]
+    monitor.history = history  # type: ignore[assignment]
+    monitor.explosions = [{"first_step": 900, "last_step": 900, "steps": 1, "max_norm": 0.02}]
+    assert monitor.summary()["gradient_collapse"] is not None
+    monitor.explosions = [{"first_step": 10, "last_step": 10, "steps": 1, "max_norm": 1e6}]
+    assert monitor.summary()["gradient_collapse"] is None
