@@ -180,7 +180,7 @@ class ImageClassifier(TrainingRecipe):
             loss.detach(),
             on_step=on_step,
             on_epoch=True,
-            prog_bar=on_step and self.trainer.progress_bar_callback is not None,
+            prog_bar=on_step and self.has_progress_bar,
             batch_size=len(y),
             sync_dist=not on_step,
         )

@@ -63,6 +63,12 @@ class TrainingRecipe(LightningModule):
         check_recipe(optimizer, lr, momentum, betas, weight_decay, scheduler, warmup_fraction)
         self.save_hyperparameters()
 
+    @property
+    def has_progress_bar(self) -> bool:
+        """Whether the Trainer shows a progress bar. Lightning reads every progress-bar value with ``.item()`` at
+        every step, a host sync on a GPU, so per-step values go to the bar only when there is one."""
+        return self._trainer is not None and self.trainer.progress_bar_callback is not None
+
     def gradient_health_hints(self) -> dict[str, str]:
         """Advice specific to this collection that :class:`~stabilize.callbacks.GradientHealthCallback` adds to its
         generic remedies (keys ``"vanishing"``, ``"exploding"``, ``"nonfinite"``)."""

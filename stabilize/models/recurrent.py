@@ -171,7 +171,8 @@ class RecurrentNet(TrainingRecipe):
         else:
             loss = F.cross_entropy(prediction, y)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss.detach(), on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        prog_bar = not on_step or self.has_progress_bar
+        self.log(f"{stage}/loss", loss.detach(), on_step=on_step, on_epoch=True, prog_bar=prog_bar, batch_size=len(y))
         if kind != "regression":
             correct = (prediction.argmax(-1) == y).float().mean()
             self.log(f"{stage}/acc", correct, on_step=on_step, on_epoch=True, batch_size=len(y))
