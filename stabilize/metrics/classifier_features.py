@@ -89,14 +89,13 @@ class ClassifierFeatures(nn.Module):
 
 def classifier_quality_metrics(checkpoint: str | Path) -> dict[str, FrechetInceptionDistance | InceptionScore]:
     """``{"classifier_fid": FID, "classifier_is": IS}`` on a classifier's features and logits; both take images in
-    ``[0, 1]``."""
+    ``[0, 1]``. The checkpoint is read once; both metrics share its network."""
+    features = ClassifierFeatures.from_checkpoint(checkpoint)
     return {
-        "classifier_fid": FrechetInceptionDistance(
-            feature=ClassifierFeatures.from_checkpoint(checkpoint), normalize=True
-        ),
+        "classifier_fid": FrechetInceptionDistance(feature=features, normalize=True),
         "classifier_is": InceptionScore(
             # normalize=False: with it, torchmetrics would turn the images into uint8 before our module sees them.
-            feature=ClassifierFeatures.from_checkpoint(checkpoint, "logits"),
+            feature=ClassifierFeatures(features.classifier, "logits", features.mean, features.std),
             normalize=False,
             splits=1,
         ),
