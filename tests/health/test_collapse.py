@@ -6,6 +6,7 @@ import pytest
 
 from stabilize.health import HealthCriteria, gradient_collapse
 from stabilize.health.diagnosis import diagnosis_lines, verdict
+from tests.helpers.health import health_summary
 
 
 def records(norms: list[float], every: int = 10) -> list[dict]:
@@ -42,21 +43,9 @@ def test_the_factor_is_a_criterion() -> None:
 
 def test_the_diagnosis_names_the_collapse_and_the_models_vanishing_hint() -> None:
     collapse = {"factor": 736.0, "from_norm": 1.12, "from_step": 1, "to_norm": 1.5e-3, "since_step": 1001}
-    summary = {
-        "steps": 2500,
-        "logged_steps": 100,
-        "vanishing_layers_now": {},
-        "ever_vanished": {},
-        "explosions": [],
-        "nonfinite": [],
-        "skipped_steps": [],
-        "amp_skipped_steps": 0,
-        "worst_depth_ratio": None,
-        "worst_temporal_ratio": None,
-        "last_global_norm": 1.5e-3,
-        "num_layers": 7,
-        "gradient_collapse": collapse,
-    }
+    summary = health_summary(
+        steps=2500, worst_depth_ratio=None, last_global_norm=1.5e-3, num_layers=7, gradient_collapse=collapse
+    )
     lines = "\n".join(diagnosis_lines(summary, None, None, {"vanishing": "the discriminator wins"}))
     assert "COLLAPSED: the total gradient norm fell 736x" in lines and "since step 1001" in lines
     assert "the discriminator wins" in lines

@@ -5,27 +5,9 @@ import sys
 import matplotlib
 from torch import nn
 
-from stabilize.health import HealthSummary, ModelTraits, diagnosis_lines, flow_figure, model_hints, verdict
+from stabilize.health import ModelTraits, diagnosis_lines, flow_figure, model_hints, verdict
 from stabilize.models import BatchNormCNN, DeepPlainCNN
-
-
-def summary(**overrides) -> HealthSummary:
-    base: HealthSummary = {
-        "steps": 10,
-        "logged_steps": 2,
-        "vanishing_layers_now": {},
-        "ever_vanished": {},
-        "explosions": [],
-        "nonfinite": [],
-        "skipped_steps": [],
-        "amp_skipped_steps": 0,
-        "worst_depth_ratio": {"ratio": 663.0, "step": 4},
-        "worst_temporal_ratio": None,
-        "last_global_norm": 1.0,
-        "num_layers": 4,
-        "gradient_collapse": None,
-    }
-    return {**base, **overrides}  # type: ignore[typeddict-item]
+from tests.helpers.health import health_summary as summary
 
 
 def test_remedies_are_generic_and_model_hints_are_added() -> None:
