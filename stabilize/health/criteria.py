@@ -27,7 +27,7 @@ class HealthCriteria:
       (100x) below the largest such median earlier in the run (unless an explosion reached that level: norms
       falling back after one are no collapse), although no layer need be below the vanishing floor: every layer
       got quieter together, as when a loss saturates (a GAN discriminator that wins outright took the generator's
-      gradient 736x down in 2,500 steps; healthy classifiers in this project's studies stay within 5x, see
+      gradient 736x down in 2,500 steps; the classifiers of this project's studies fell at most 5.1x, see
       :func:`~stabilize.health.collapse.gradient_collapse`).
 
     Raises:
