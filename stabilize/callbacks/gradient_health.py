@@ -45,8 +45,14 @@ class GradientHealthCallback(Callback):
     norms and ratios, classification, logging; all values reach the host in one transfer.
 
     A layer is *vanishing* when its gradient norm falls below ``vanishing_threshold`` or below ``vanishing_ratio``
-    times the step's largest layer norm; a step is *exploding* when the total norm exceeds ``exploding_threshold``
-    or ``exploding_factor`` times the running median (the defaults and why: :class:`stabilize.health.HealthCriteria`).
+    times the step's largest layer norm. A step is a *spike* when the total norm exceeds ``exploding_factor`` times
+    the running median, once ``warmup_steps`` norms are known; spikes are an *explosion* only with evidence that the
+    gradient is out of control: ``spike_persistence`` consecutive spikes, a training loss that never gets back below
+    its level before the spike, non-finite gradients after it, or a norm out of range (above
+    ``gradient_to_loss_ceiling`` times the loss, or an ``exploding_threshold`` you set) five steps in a row.
+    Other spikes are reported as transient, with their steps. The verdict does not depend on the loss's scale (the
+    defaults and why: :class:`stabilize.health.HealthCriteria` and :mod:`stabilize.health.explosions`). The loss
+    is read on the device from ``on_before_backward``; nothing reaches the host between logging steps.
 
     The remedies in the diagnosis are generic (normalization, residual connections, activations, initialisation,
     clipping, warm-up); a model adds its own by defining ``gradient_health_hints()`` (see
@@ -57,9 +63,17 @@ class GradientHealthCallback(Callback):
             ``log_every_n_steps``.
         vanishing_threshold: Absolute gradient-norm floor of a layer.
         vanishing_ratio: Relative floor: fraction of the largest layer norm of the same step.
-        exploding_threshold: Absolute ceiling of the total gradient norm.
-        exploding_factor: Ceiling relative to the running median of the total norm.
+        exploding_threshold: Absolute ceiling of the total gradient norm; a step above it is exploding whatever
+            follows. ``None`` (the default): no absolute ceiling, since no number is large for every model (a loss
+            multiplied by 1e3 multiplies every gradient by 1e3).
+        exploding_factor: A step is a spike above this many times the running median of the total norm.
         median_window: Number of recent steps in the running median (3 to 100,000).
+        warmup_steps: Steps in the running median before spikes are judged (at most ``median_window``).
+        spike_persistence: This many consecutive spikes are an explosion (32: half the default window; healthy
+            runs knocked off course by a hard batch have runs of up to ~20).
+        gradient_to_loss_ceiling: A step whose total norm exceeds this many times its training loss's magnitude
+            (``||grad log L||``, free of the loss's scale) is out of range; 5 such steps in a row are an explosion.
+            Healthy runs stay below ~40; ``None`` disables it.
         collapse_factor: The diagnosis reports a collapsed gradient when the run's total norm (median of its latest
             records) is this many times below its earlier level (runs without explosions).
         on_nonfinite: What to do with NaN/Inf gradients (outside of fp16 AMP, where the GradScaler already skips
@@ -108,11 +122,15 @@ class GradientHealthCallback(Callback):
     key                                     value (at each logging step)
     ======================================  ============================================================
     ``grad_health/global_norm``             L2 norm of all gradients of the optimizer
+    ``grad_health/global_norm_max``         largest global norm since the previous logging step (inclusive)
     ``grad_health/min_layer_norm``          smallest layer gradient norm
     ``grad_health/max_layer_norm``          largest layer gradient norm
     ``grad_health/depth_ratio``             first layer's gradient norm / last layer's (forward order)
     ``grad_health/vanishing_layers``        number of layers classified as vanishing
-    ``grad_health/exploding``               exploding steps since the previous logging step (inclusive)
+    ``grad_health/spikes``                  spikes (steps above ``exploding_factor`` x the running median)
+                                            since the previous logging step (inclusive)
+    ``grad_health/exploding``               spikes since the previous logging step that were part of a
+                                            persistent run or above ``exploding_threshold``
     ``grad_health/nonfinite``               non-finite gradient tensors since the previous logging step
     ``grad_health/amp_skipped``             steps the GradScaler skipped since the previous logging step
     ``grad_norm/<layer>``                   gradient L2 norm of the layer
@@ -130,10 +148,13 @@ class GradientHealthCallback(Callback):
         log_every_n_steps: int | None = None,
         vanishing_threshold: float = 1e-8,
         vanishing_ratio: float = 1e-5,
-        exploding_threshold: float = 1e3,
+        exploding_threshold: float | None = None,
         exploding_factor: float = 10.0,
         median_window: int = 64,
         collapse_factor: float = 100.0,
+        warmup_steps: int = 16,
+        spike_persistence: int = 32,
+        gradient_to_loss_ceiling: float | None = 1e3,
         on_nonfinite: NonFinitePolicy = "warn",
         track_update_ratio: bool = True,
         track_activations: bool = False,
@@ -146,7 +167,15 @@ class GradientHealthCallback(Callback):
     ) -> None:
         super().__init__()
         self.criteria = HealthCriteria(
-            vanishing_threshold, vanishing_ratio, exploding_threshold, exploding_factor, median_window, collapse_factor
+            vanishing_threshold,
+            vanishing_ratio,
+            exploding_threshold,
+            exploding_factor,
+            median_window,
+            collapse_factor,
+            warmup_steps,
+            spike_persistence,
+            gradient_to_loss_ceiling,
         )
         self._nonfinite = NonFiniteGuard(on_nonfinite)
         if not (isinstance(saturation_threshold, (int, float)) and 0.5 < saturation_threshold < 1):
@@ -165,6 +194,9 @@ class GradientHealthCallback(Callback):
         self.exploding_factor = exploding_factor
         self.median_window = median_window
         self.collapse_factor = collapse_factor
+        self.warmup_steps = warmup_steps
+        self.spike_persistence = spike_persistence
+        self.gradient_to_loss_ceiling = gradient_to_loss_ceiling
         self.on_nonfinite = on_nonfinite
         self.track_update_ratio = track_update_ratio
         self.track_activations = track_activations
@@ -184,6 +216,8 @@ class GradientHealthCallback(Callback):
         self._output = HealthOutput(0, 0, 0.0, 0.0)
         self._pending_metrics: dict[int, tuple[int, dict[str, float]]] = {}
         self._trainer_ref: Trainer | None = None
+        #: The training losses of the backward passes since the last optimizer step, summed on the device.
+        self._loss: Tensor | None = None
 
     # ---------------------------------------------------------------------------------------- setup and teardown
     @override
@@ -226,6 +260,10 @@ class GradientHealthCallback(Callback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         # A model that keeps its recurrent states (``recurrent_states``, (N, T, H)) gets the gradient over time too,
         # hooked on logging steps only.
+        # The loss stays on the device: the explosion rules read it with the next logging step's transfer.
+        detached = loss.detach()
+        if detached.numel() == 1:
+            self._loss = detached.reshape(()) if self._loss is None else self._loss + detached.reshape(())
         states = getattr(pl_module, "recurrent_states", None)
         if isinstance(states, Tensor) and self._is_logging_step(self._step_index(trainer, 0)):
             self._temporal.watch(states)
@@ -290,7 +328,11 @@ class GradientHealthCallback(Callback):
         scale = pending._scale if pending is not None else None
         logging_step = self._is_logging_step(self._step_index(trainer, index))
         step = trainer.global_step
-        observation = monitor.observe(step, scale, amp=scaler is not None)
+        loss, self._loss = self._loss, None
+        loss_scale = getattr(scaler, "_scale", None)
+        if loss is not None and isinstance(loss_scale, Tensor):
+            loss = loss / loss_scale.to(loss.device)  # on_before_backward saw the GradScaler's scaled loss
+        observation = monitor.observe(step, scale, amp=scaler is not None, loss=loss)
         if observation is None:
             return
         self._fit_steps[index] = self._fit_steps.get(index, 0) + 1
@@ -371,10 +413,12 @@ class GradientHealthCallback(Callback):
         return monitor.history if monitor is not None else []
 
     def save_json(self, path: str | Path) -> None:
-        """Write the summary and the history of every optimizer to ``path`` as JSON."""
+        """Write the summary, the history and the raw spike events of every optimizer to ``path`` as JSON."""
         payload = {
             "summary": self.summary(),
             "history": {self._name(i): m.history for i, m in sorted(self._monitors.items())},
+            # The raw spike events, so that a saved run can be judged again (stabilize.health.classify_spikes).
+            "spikes": {self._name(i): m.spikes for i, m in sorted(self._monitors.items())},
         }
         Path(path).write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False))
 

@@ -4,7 +4,8 @@ diagnosis and the figures. :class:`~stabilize.callbacks.GradientHealthCallback` 
 from stabilize.health.collapse import gradient_collapse
 from stabilize.health.counters import DeviceCounters
 from stabilize.health.criteria import HealthCriteria
-from stabilize.health.diagnosis import ModelTraits, diagnosis_lines, model_hints, verdict
+from stabilize.health.diagnosis import ModelTraits, diagnosis_lines, model_hints, verdict, verdict_class
+from stabilize.health.explosions import classify_spikes
 from stabilize.health.figures import flow_figure, gradient_histograms
 from stabilize.health.layers import LayerIndex
 from stabilize.health.monitor import GradientMonitor
@@ -15,6 +16,7 @@ from stabilize.health.records import (
     HealthSummary,
     LayerStats,
     NonFiniteEvent,
+    SpikeEvent,
     StepRecord,
 )
 
@@ -30,11 +32,14 @@ __all__ = [
     "LayerStats",
     "ModelTraits",
     "NonFiniteEvent",
+    "SpikeEvent",
     "StepRecord",
+    "classify_spikes",
     "diagnosis_lines",
     "flow_figure",
     "gradient_collapse",
     "gradient_histograms",
     "model_hints",
     "verdict",
+    "verdict_class",
 ]

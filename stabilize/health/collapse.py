@@ -40,3 +40,21 @@ def gradient_collapse(history: Sequence[StepRecord], factor: float) -> GradientC
         "to_norm": latest,
         "since_step": norms[since + width - 1][0],
     }
+
+
+def loss_fell_with_it(history: Sequence[StepRecord], collapse: GradientCollapse) -> bool:
+    """Whether the training loss fell over the collapse by more than half its range over the run: a model that
+    converged (a classifier certain of its answers) has a small gradient because its loss is small, not because a
+    saturated loss stopped the learning signal. Loss differences against the loss's own range: free of its scale
+    and sign (a GAN generator's minimax loss is negative)."""
+    losses = [(r["step"], r["loss"]) for r in history if math.isfinite(r.get("loss", math.nan))]
+    if len(losses) < MIN_RECORDS:
+        return False
+    width = max(3, len(losses) // 20)
+    around = [loss for step, loss in losses if step <= collapse["from_step"]][-width:]
+    latest = [loss for _, loss in losses[-width:]]
+    values = [loss for _, loss in losses]
+    span = max(values) - min(values)
+    if not around or span <= 0:
+        return False
+    return (statistics.median(around) - statistics.median(latest)) / span > 0.5

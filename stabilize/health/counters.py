@@ -15,24 +15,48 @@ from torch import Tensor
 _NO_STEP = -1
 
 
-def _spec(initial: float = 0, dtype: torch.dtype = torch.long, per_layer: bool = False) -> dict[str, Any]:
-    return {"initial": initial, "dtype": dtype, "per_layer": per_layer}
+def _spec(
+    initial: float = 0, dtype: torch.dtype = torch.long, per_layer: bool = False, running: bool = False
+) -> dict[str, Any]:
+    """``running``: state that spans logging steps (read and checkpointed like the rest, never reset)."""
+    return {"initial": initial, "dtype": dtype, "per_layer": per_layer, "running": running}
 
 
 @dataclass
 class DeviceCounters:
     """What happened on the device since the last read: counts, first/last step of each event kind, peaks."""
 
-    exploding: Tensor = field(metadata=_spec())
-    exploding_first: Tensor = field(metadata=_spec(_NO_STEP))
-    exploding_last: Tensor = field(metadata=_spec(_NO_STEP))
-    exploding_max: Tensor = field(metadata=_spec(0.0, torch.float32))
+    #: Steps above ``exploding_factor`` x the running median (after the warm-up), or above the absolute ceiling.
+    spikes: Tensor = field(metadata=_spec())
+    spike_first: Tensor = field(metadata=_spec(_NO_STEP))
+    spike_last: Tensor = field(metadata=_spec(_NO_STEP))
+    spike_max_norm: Tensor = field(metadata=_spec(0.0, torch.float32))
+    #: Largest ``norm / running median`` of a spike.
+    spike_max_ratio: Tensor = field(metadata=_spec(0.0, torch.float32))
+    #: Longest run of consecutive spikes that ended or goes on in this interval.
+    spike_longest_run: Tensor = field(metadata=_spec())
+    #: Spikes that were at least ``spike_persistence`` steps into a run of spikes.
+    persistent_spikes: Tensor = field(metadata=_spec())
+    #: Steps out of range: above ``gradient_to_loss_ceiling`` x the loss, or above ``exploding_threshold``.
+    ceiling_steps: Tensor = field(metadata=_spec())
+    #: Out-of-range steps at least ``CEILING_PERSISTENCE`` steps into a run of them.
+    persistent_ceiling: Tensor = field(metadata=_spec())
+    #: Largest finite total norm of the interval (the logged step's norm is one sample of it).
+    max_norm: Tensor = field(metadata=_spec(0.0, torch.float32))
+    #: Sum and count of the training losses handed to the monitor (their mean is the interval's loss).
+    loss_sum: Tensor = field(metadata=_spec(0.0, torch.float32))
+    loss_count: Tensor = field(metadata=_spec())
     nonfinite_tensors: Tensor = field(metadata=_spec())
     nonfinite_first: Tensor = field(metadata=_spec(_NO_STEP))
     nonfinite_last: Tensor = field(metadata=_spec(_NO_STEP))
     amp_skipped: Tensor = field(metadata=_spec())
     #: Non-finite gradient tensors per layer.
     layer_nonfinite: Tensor = field(metadata=_spec(0.0, torch.float32, per_layer=True))
+    #: Length of the current run of consecutive spikes, and of out-of-range steps.
+    spike_run: Tensor = field(metadata=_spec(running=True))
+    ceiling_run: Tensor = field(metadata=_spec(running=True))
+    #: ``|loss|`` of the first step that had one (-1 before), the reference of ``CEILING_LOSS_FLOOR``.
+    first_loss: Tensor = field(metadata=_spec(-1.0, torch.float32, running=True))
 
     @classmethod
     def zeros(cls, num_layers: int, device: torch.device) -> DeviceCounters:
@@ -43,8 +67,10 @@ class DeviceCounters:
         return cls(**values)
 
     def reset(self) -> None:
+        """Start a new interval (running state carries on)."""
         for spec in fields(self):
-            getattr(self, spec.name).fill_(spec.metadata["initial"])
+            if not spec.metadata["running"]:
+                getattr(self, spec.name).fill_(spec.metadata["initial"])
 
     def pack(self) -> Tensor:
         """All counters as one float vector, in field order, to travel to the host with other values."""
@@ -66,8 +92,11 @@ class DeviceCounters:
         return result
 
     def load(self, values: dict[str, Any]) -> None:
-        """Set the counters from host values (a checkpoint); per-layer values of another layer count are dropped."""
+        """Set the counters from host values (a checkpoint); per-layer values of another layer count and counters
+        the checkpoint does not have (an older version's) are left at their initial values."""
         for spec in fields(self):
+            if spec.name not in values:
+                continue
             target = getattr(self, spec.name)
             value = torch.as_tensor(values[spec.name], dtype=target.dtype)
             if value.shape == target.shape:
@@ -75,4 +104,4 @@ class DeviceCounters:
 
     @property
     def device(self) -> torch.device:
-        return self.exploding.device
+        return self.spikes.device

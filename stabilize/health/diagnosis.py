@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from stabilize.health.records import HealthSummary, StepRecord
+from stabilize.health.records import ExplosionEvent, HealthSummary, SpikeEvent, StepRecord
 
 if TYPE_CHECKING:
     from stabilize.health.monitor import GradientMonitor
@@ -25,7 +25,18 @@ SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid)
 NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 #: Keys a model's ``gradient_health_hints()`` may use.
 HINT_KINDS = ("vanishing", "exploding", "nonfinite")
+#: What the verdict's worst finding is: :func:`verdict_class`'s values.
+VERDICT_CLASSES = ("healthy", "vanishing", "exploding", "collapse")
+#: Below this ratio of the gradient at t=0 to the last step's, credit no longer reaches the sequence's start.
+TEMPORAL_VANISHING = 1e-3
 _LISTED_LAYERS = 12
+#: Why an explosion counts as one, in words (``ExplosionEvent["rule"]``).
+RULE_WORDS = {
+    "persistent": "stayed far above its median for consecutive steps",
+    "nonfinite": "non-finite gradients followed",
+    "loss": "the training loss never came back below its level before",
+    "ceiling": "out of range (above gradient_to_loss_ceiling x the loss, or exploding_threshold) steps in a row",
+}
 
 
 @dataclass(frozen=True)
@@ -66,20 +77,66 @@ def model_hints(module: nn.Module | None) -> dict[str, str]:
 
 
 def verdict(summary: HealthSummary) -> str:
-    """One line: the worst finding of the run (``"healthy"`` when there is none)."""
+    """One line naming every finding of the run, worst first (``"healthy"`` when there is none); transient spikes,
+    which training shrugged off, follow as a note with where to find them: ``"healthy; 3 transient spikes (peak
+    37x the median at step 120, each over within 1 step)"``."""
     findings = []
+    if summary["nonfinite"] or summary["skipped_steps"]:
+        findings.append(f"non-finite gradients (from step {_first_nonfinite(summary)})")
+    if summary["explosions"]:
+        findings.append(_explosion_words(summary["explosions"]))
     if summary["vanishing_layers_now"]:
         findings.append(f"vanishing ({len(summary['vanishing_layers_now'])}/{summary['num_layers']} layers)")
-    if summary["explosions"]:
-        findings.append(f"exploding ({sum(e['steps'] for e in summary['explosions'])} steps)")
-    if summary["nonfinite"] or summary["skipped_steps"]:
-        findings.append("non-finite gradients")
+    temporal = summary.get("last_temporal_ratio")
+    if temporal is not None and temporal["ratio"] < TEMPORAL_VANISHING:
+        findings.append(f"vanishing through time (t=0 gets {temporal['ratio']:.0e} of the last step's gradient)")
     collapse = summary.get("gradient_collapse")
     if collapse:
         findings.append(f"gradient collapsed ({collapse['factor']:.0f}x down)")
-    if not findings and summary["ever_vanished"]:
+    if summary["ever_vanished"] and not summary["vanishing_layers_now"]:
         findings.append("recovered from vanishing")
-    return ", ".join(findings) if findings else "healthy"
+    line = ", ".join(findings) if findings else "healthy"
+    spikes = summary.get("transient_spikes", [])
+    return f"{line}; {_spike_words(spikes)}" if spikes else line
+
+
+def verdict_class(summary: HealthSummary) -> str:
+    """The kind of the verdict's worst finding, one of :data:`VERDICT_CLASSES`: non-finite gradients count as
+    exploding (their usual cause; a log(0) is told apart by the diagnosis's remedies), vanishing layers and vanishing
+    through time as vanishing; a run that recovered from vanishing and transient spikes are healthy."""
+    if summary["nonfinite"] or summary["skipped_steps"] or summary["explosions"]:
+        return "exploding"
+    temporal = summary.get("last_temporal_ratio")
+    if summary["vanishing_layers_now"] or (temporal is not None and temporal["ratio"] < TEMPORAL_VANISHING):
+        return "vanishing"
+    if summary.get("gradient_collapse"):
+        return "collapse"
+    return "healthy"
+
+
+def _first_nonfinite(summary: HealthSummary) -> int:
+    return min([e["first_step"] for e in summary["nonfinite"]] + summary["skipped_steps"])
+
+
+def _explosion_words(explosions: list[ExplosionEvent]) -> str:
+    steps = sum(e["steps"] for e in explosions)
+    worst = max(explosions, key=lambda e: e["peak_ratio"])
+    rules = "/".join(dict.fromkeys(e["rule"] for e in explosions))
+    peak = f"{worst['peak_ratio']:.0f}x the median" if worst["peak_ratio"] > 0 else f"{worst['max_norm']:.3g}"
+    plural = "s" if steps > 1 else ""
+    return f"exploding ({steps} step{plural} from step {explosions[0]['first_step']}, peak {peak}; {rules})"
+
+
+def _spike_words(spikes: list[SpikeEvent]) -> str:
+    count = sum(e["steps"] for e in spikes)
+    worst = max(spikes, key=lambda e: e["peak_ratio"])
+    longest = max(e["longest_run"] for e in spikes)
+    plural = "s" if count > 1 else ""
+    return (
+        f"{count} transient spike{plural} (peak {worst['peak_ratio']:.0f}x the median at step"
+        f" {worst['first_step'] if worst['steps'] == 1 else str(worst['first_step']) + '-' + str(worst['last_step'])},"
+        f" each over within {longest} step{'s' if longest > 1 else ''})"
+    )
 
 
 def report(monitors: Mapping[int, GradientMonitor], every: int, module: nn.Module | None = None) -> str:
@@ -153,26 +210,34 @@ def diagnosis_lines(
             f"  Worst depth ratio (first layer / last layer gradient norm): {ratio['ratio']:.2e} at step"
             f" {ratio['step']} ({_depth_ratio_meaning(ratio['ratio'])})."
         )
-    temporal = summary.get("worst_temporal_ratio")
+    temporal = summary.get("last_temporal_ratio")
+    worst_temporal = summary.get("worst_temporal_ratio")
     if temporal is not None:
+        worst = (
+            f"; at worst {worst_temporal['ratio']:.1e} (step {worst_temporal['step']})"
+            if worst_temporal is not None and worst_temporal["step"] != temporal["step"]
+            else ""
+        )
         lines.append(
             f"  Temporal: the gradient at t=0 is {temporal['ratio']:.1e} of the gradient at the last step"
-            f" (step {temporal['step']}){_temporal_meaning(temporal['ratio'])}."
+            f" (step {temporal['step']}){_temporal_meaning(temporal['ratio'])}{worst}."
         )
-        if temporal["ratio"] < 1e-3:
+        if temporal["ratio"] < TEMPORAL_VANISHING:
             remedies.append(
                 "long-range credit assignment is lost: gated cells (LSTM, GRU) or an orthogonal/identity recurrent"
                 " init keep the gradient alive over time"
             )
     if summary["explosions"]:
         explosions = summary["explosions"]
-        spans = ", ".join(
-            f"{e['first_step']}-{e['last_step']}" if e["first_step"] != e["last_step"] else str(e["first_step"])
-            for e in explosions[:8]
-        )
         peak = max(e["max_norm"] for e in explosions)
         steps = sum(e["steps"] for e in explosions)
-        lines.append(f"  EXPLODING: {steps} step(s) with a gradient norm spike (steps {spans}; peak {peak:.3g}).")
+        lines.append(
+            f"  EXPLODING: {steps} step(s) far above the running median (steps {_spans(explosions)}; peak {peak:.3g})."
+        )
+        for rule in dict.fromkeys(e["rule"] for e in explosions):
+            lines.append(
+                f"    rule '{rule}': {RULE_WORDS[rule]} ({_spans([e for e in explosions if e['rule'] == rule])})"
+            )
         clip = (
             "self.clip_gradients(optimizer, 1.0) before each optimizer.step() (manual optimization)"
             if traits is not None and traits.manual_optimization
@@ -184,6 +249,12 @@ def diagnosis_lines(
         remedies += [hints["exploding"]] if "exploding" in hints else []
     else:
         lines.append("  Exploding: none.")
+    spikes = summary.get("transient_spikes", [])
+    if spikes:
+        lines.append(
+            f"  Transient: {_spike_words(spikes)} at steps {_spans(spikes)}; training went on (no persistent run,"
+            " the loss came back, no non-finite values): hard batches, not an explosion."
+        )
     if summary["nonfinite"] or summary["skipped_steps"]:
         events = summary["nonfinite"]
         layers = list(dict.fromkeys(name for e in events for name in e["layers"]))
@@ -209,6 +280,14 @@ def diagnosis_lines(
     else:
         lines.append("  Healthy: no action needed.")
     return lines
+
+
+def _spans(events: list[ExplosionEvent] | list[SpikeEvent], limit: int = 8) -> str:
+    spans = [
+        f"{e['first_step']}-{e['last_step']}" if e["first_step"] != e["last_step"] else str(e["first_step"])
+        for e in events[:limit]
+    ]
+    return ", ".join(spans) + (f" and {len(events) - limit} more" if len(events) > limit else "")
 
 
 def vanishing_remedies(traits: ModelTraits | None, dead_layers: int = 0) -> list[str]:
@@ -237,7 +316,7 @@ def vanishing_remedies(traits: ModelTraits | None, dead_layers: int = 0) -> list
 
 
 def _temporal_meaning(ratio: float) -> str:
-    if ratio < 1e-3:
+    if ratio < TEMPORAL_VANISHING:
         return ": long-range credit assignment is lost"
     if ratio > 1e3:
         return ": the gradient grows backward through time, the signature of exploding recurrent gradients"

@@ -24,12 +24,12 @@ def flow_figure(
     names: Sequence[str],
     norms: Sequence[float],
     vanishing_floor: float,
-    exploding_threshold: float,
+    exploding_threshold: float | None,
     title: str = "Gradient flow",
 ) -> Figure:
     """Layer gradient norm against depth on a log axis, with the vanishing band (below ``vanishing_floor``) and the
-    exploding band (above ``exploding_threshold``) shaded. Layers with a zero or non-finite norm, which a log axis
-    cannot show, are marked on its lower and upper edges."""
+    exploding band (above ``exploding_threshold``, when one is set) shaded. Layers with a zero or non-finite norm,
+    which a log axis cannot show, are marked on its lower and upper edges."""
     finite = [n if math.isfinite(n) and n > 0 else math.nan for n in norms]
     shown = [n for n in finite if math.isfinite(n)]
     figure = Figure(figsize=(max(6.0, 0.18 * len(names)), 4.0), dpi=80)
@@ -40,9 +40,10 @@ def flow_figure(
     axis.plot(depth, finite, marker="o", markersize=3, linewidth=1.2, color="#1f77b4", label="layer grad norm")
     largest = max(shown, default=1.0)
     low = min([*shown, vanishing_floor]) / 10
-    high = max(largest * 10, exploding_threshold * 10)
+    high = max(largest * 10, (exploding_threshold or 0.0) * 10)
     axis.axhspan(low, vanishing_floor, color="#d62728", alpha=0.12, label="vanishing")
-    axis.axhspan(exploding_threshold, exploding_threshold * 100, color="#ff7f0e", alpha=0.12, label="exploding")
+    if exploding_threshold is not None:
+        axis.axhspan(exploding_threshold, exploding_threshold * 100, color="#ff7f0e", alpha=0.12, label="exploding")
     axis.set_yscale("log")
     axis.set_ylim(low, high)
     for where, label, marker, y in (

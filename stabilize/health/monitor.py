@@ -7,7 +7,7 @@ raw PyTorch loop::
     monitor.attach(LayerIndex.build(model, model.parameters()))
     for step, batch in enumerate(loader):
         loss(model, batch).backward()
-        observation = monitor.observe(step)              # device ops only, no host sync
+        observation = monitor.observe(step, loss=loss)   # device ops only, no host sync
         if step % 10 == 0:
             record, _ = monitor.record(step, observation)  # one host transfer
         optimizer.step(); optimizer.zero_grad()
@@ -25,11 +25,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from stabilize.health.collapse import gradient_collapse
+from stabilize.health.collapse import gradient_collapse, loss_fell_with_it
 from stabilize.health.counters import DeviceCounters
-from stabilize.health.criteria import HealthCriteria
+from stabilize.health.criteria import CEILING_LOSS_FLOOR, CEILING_PERSISTENCE, HealthCriteria
+from stabilize.health.explosions import classify_spikes
 from stabilize.health.layers import LayerIndex, foreach_norms
-from stabilize.health.records import ExplosionEvent, GradientCollapse, HealthSummary, NonFiniteEvent, StepRecord
+from stabilize.health.records import (
+    ExplosionEvent,
+    GradientCollapse,
+    HealthSummary,
+    NonFiniteEvent,
+    SpikeEvent,
+    StepRecord,
+)
 
 
 class Observation(NamedTuple):
@@ -58,13 +66,17 @@ class GradientMonitor:
     history: list[StepRecord] = field(default_factory=list)
     vanishing_since: dict[str, int] = field(default_factory=dict)
     first_vanished: dict[str, int] = field(default_factory=dict)
-    explosions: list[ExplosionEvent] = field(default_factory=list)
+    spikes: list[SpikeEvent] = field(default_factory=list)
     nonfinite: list[NonFiniteEvent] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
     amp_skipped: int = 0
     worst_depth_ratio: tuple[float, int] | None = None
     worst_temporal_ratio: tuple[float, int] | None = None
+    last_temporal_ratio: tuple[float, int] | None = None
+    #: Whether ``worst_depth_ratio`` comes from the warm-up (then the first judged record replaces it).
+    worst_depth_in_warmup: bool = False
     steps: int = 0
+    last_step: int = -1
     # Device state between logging steps, and its host copy while no device state exists (checkpoint, new fit).
     counters: DeviceCounters | None = None
     _window: Tensor | None = None
@@ -86,13 +98,17 @@ class GradientMonitor:
         self.counters, self._window, self._pending_update, self.layers = None, None, None, None
 
     # ---------------------------------------------------------------------------------------------- every step
-    def observe(self, step: int, grad_scale: Tensor | None = None, amp: bool = False) -> Observation | None:
+    def observe(
+        self, step: int, grad_scale: Tensor | None = None, amp: bool = False, loss: Tensor | None = None
+    ) -> Observation | None:
         """Count this step's events on the device; no host transfer. ``None`` when no parameter has a gradient.
 
         Args:
             step: The step number recorded in events.
             grad_scale: Divide the gradient norms by this (gradients still scaled by a GradScaler).
             amp: Whether a GradScaler owns non-finite steps (counted as ``amp_skipped``, never as events).
+            loss: The training loss whose backward made these gradients (an unscaled device scalar; with gradient
+                accumulation their sum): the explosion rules ask whether a spike hurt training.
         """
         layers = self._layers()
         positions = layers.with_gradient()
@@ -121,19 +137,64 @@ class GradientMonitor:
         finite = ~step_nonfinite
         median = torch.nanmedian(window)
         criteria = self.criteria
-        exploding = finite & ((total > criteria.exploding_threshold) | (total > criteria.exploding_factor * median))
-        counters.exploding += exploding
-        counters.exploding_first = torch.where(
-            exploding & (counters.exploding_first < 0), step, counters.exploding_first
-        )
-        counters.exploding_last = torch.where(exploding, step, counters.exploding_last)
-        counters.exploding_max = torch.where(
-            exploding, torch.maximum(counters.exploding_max, total), counters.exploding_max
-        )
+        torch.maximum(counters.max_norm, torch.where(finite, total, 0.0), out=counters.max_norm)
+        if loss is not None:
+            loss = loss.detach().float().to(norms.device)
+            counters.loss_sum += loss
+            counters.loss_count += 1
+        self._count_spikes(step, counters, total, median, finite, loss)
         window[self._window_position % criteria.median_window] = torch.where(finite, total, torch.nan)
         self._window_position += 1
         self.steps += 1
+        self.last_step = step
         return Observation(positions, norms, total, median, tensor_nonfinite)
+
+    def _count_spikes(
+        self, step: int, counters: DeviceCounters, total: Tensor, median: Tensor, finite: Tensor, loss: Tensor | None
+    ) -> None:
+        criteria = self.criteria
+        # No relative judgement while the window holds too few norms: a median of one early step says nothing.
+        if self._window_position >= criteria.judged_after:
+            spike = finite & (total > criteria.exploding_factor * median)
+            ratio = total / median
+        else:
+            spike, ratio = torch.zeros_like(finite), torch.zeros_like(total)
+        out_of_range = self._out_of_range(counters, total, finite, loss)
+        if out_of_range is not None:
+            counters.ceiling_steps += out_of_range
+            counters.ceiling_run.add_(1).mul_(out_of_range)
+            counters.persistent_ceiling += out_of_range & (counters.ceiling_run >= CEILING_PERSISTENCE)
+            spike = spike | out_of_range
+        counters.spikes += spike
+        counters.spike_first = torch.where(spike & (counters.spike_first < 0), step, counters.spike_first)
+        counters.spike_last = torch.where(spike, step, counters.spike_last)
+        counters.spike_max_norm = torch.where(
+            spike, torch.maximum(counters.spike_max_norm, total), counters.spike_max_norm
+        )
+        counters.spike_max_ratio = torch.where(
+            spike, torch.fmax(counters.spike_max_ratio, ratio), counters.spike_max_ratio
+        )
+        counters.spike_run.add_(1).mul_(spike)
+        torch.maximum(counters.spike_longest_run, counters.spike_run, out=counters.spike_longest_run)
+        counters.persistent_spikes += spike & (counters.spike_run >= criteria.spike_persistence)
+
+    def _out_of_range(
+        self, counters: DeviceCounters, total: Tensor, finite: Tensor, loss: Tensor | None
+    ) -> Tensor | None:
+        """Whether the step's norm is above a ceiling (``None`` when no ceiling applies), on the device."""
+        criteria = self.criteria
+        flags = []
+        if criteria.exploding_threshold is not None:
+            flags.append(finite & (total > criteria.exploding_threshold))
+        if criteria.gradient_to_loss_ceiling is not None and loss is not None:
+            size = loss.abs()
+            known = torch.isfinite(size)
+            counters.first_loss.copy_(torch.where(known & (counters.first_loss < 0), size, counters.first_loss))
+            judged = finite & known & (size >= CEILING_LOSS_FLOOR * counters.first_loss)
+            flags.append(judged & (total > criteria.gradient_to_loss_ceiling * size))
+        if not flags:
+            return None
+        return flags[0] if len(flags) == 1 else flags[0] | flags[1]
 
     def nonfinite_layers(self, observation: Observation) -> list[str]:
         """Layers with a non-finite gradient in ``observation``, in forward order (one host read)."""
@@ -190,7 +251,8 @@ class GradientMonitor:
             # The counters stay on the device for the next record; this step's numbers are overflow, not data.
             self._pending_update = None
             return None, extra_values
-        exploding, nonfinite, amp_skipped = self._apply_counters(counters.unpack(counter_values))
+        counter_dict = counters.unpack(counter_values)
+        exploding, nonfinite, amp_skipped = self._apply_counters(counter_dict, step)
         counters.reset()
         present = layers.present(positions)
         finite_norms = [grad_values[i] for i in present if math.isfinite(grad_values[i])]
@@ -199,9 +261,18 @@ class GradientMonitor:
         vanishing = [layers.names[i] for i in present if math.isfinite(grad_values[i]) and grad_values[i] < floor]
         first_norm, last_norm = grad_values[present[0]], grad_values[present[-1]]
         depth_ratio = first_norm / last_norm if last_norm > 0 else math.inf
-        self._update_vanishing(vanishing, step)
-        if math.isfinite(depth_ratio) and (self.worst_depth_ratio is None or depth_ratio < self.worst_depth_ratio[0]):
+        # A layer whose gradient is zero during the warm-up by design (the partner of a zero-initialised adapter) is
+        # no finding; a record of the warm-up is the worst depth ratio only until a judged record comes.
+        in_warmup = self.steps <= self.criteria.warmup_steps
+        self._update_vanishing(vanishing, step, in_warmup)
+        if math.isfinite(depth_ratio) and (
+            self.worst_depth_ratio is None
+            or (self.worst_depth_in_warmup and not in_warmup)
+            or depth_ratio < self.worst_depth_ratio[0]
+        ):
             self.worst_depth_ratio = (depth_ratio, step)
+            self.worst_depth_in_warmup = in_warmup
+        loss_count = counter_dict["loss_count"]
         record: StepRecord = {
             "step": step,
             "global_norm": total,
@@ -210,6 +281,9 @@ class GradientMonitor:
             "min_layer_norm": min(finite_norms, default=math.nan),
             "max_layer_norm": largest,
             "vanishing_layers": vanishing,
+            "max_norm": max(counter_dict["max_norm"], total) if math.isfinite(total) else counter_dict["max_norm"],
+            "loss": counter_dict["loss_sum"] / loss_count if loss_count else math.nan,
+            "spike_steps": counter_dict["spikes"],
             "exploding_steps": exploding,
             "nonfinite_tensors": nonfinite,
             "amp_skipped": amp_skipped,
@@ -217,11 +291,15 @@ class GradientMonitor:
                 layers.names[i]: {"grad_norm": grad_values[i], "weight_norm": weight_values[i]} for i in present
             },
         }
-        if temporal_values:
+        # An exactly zero gradient at t = 0 means the loss does not read that step of this tensor at all (the output
+        # sequence of nn.RNN/LSTM read at the last step only: its gradient never flows back through the recurrence
+        # inside the layer), so the ratio measures nothing about credit over time and is left out.
+        if temporal_values and temporal_values[0] != 0:
             first, last = temporal_values[0], temporal_values[-1]
             ratio = first / last if last > 0 else math.inf
             record["temporal_grad_norms"] = temporal_values
             record["temporal_ratio"] = ratio
+            self.last_temporal_ratio = (ratio, step)
             if math.isfinite(ratio) and (self.worst_temporal_ratio is None or ratio < self.worst_temporal_ratio[0]):
                 self.worst_temporal_ratio = (ratio, step)
         self.history.append(record)
@@ -251,13 +329,14 @@ class GradientMonitor:
     def flush(self) -> None:
         """Turn what the counters hold into events (one host read), e.g. at the end of training."""
         if self.counters is not None:
-            self._apply_counters(self.counters.unpack(self.counters.pack().tolist()))
+            self._apply_counters(self.counters.unpack(self.counters.pack().tolist()), self.last_step)
             self.counters.reset()
 
     # ------------------------------------------------------------------------------------------------ results
     def summary(self) -> HealthSummary:
         last = self.history[-1] if self.history else None
-        worst, temporal = self.worst_depth_ratio, self.worst_temporal_ratio
+        worst, temporal, last_temporal = self.worst_depth_ratio, self.worst_temporal_ratio, self.last_temporal_ratio
+        explosions, transient = classify_spikes(self.spikes, self.history, self.nonfinite, self.criteria)
         return {
             "steps": self.steps,
             "logged_steps": len(self.history),
@@ -265,21 +344,28 @@ class GradientMonitor:
                 name: self.vanishing_since[name] for name in (last["vanishing_layers"] if last else [])
             },
             "ever_vanished": dict(self.first_vanished),
-            "explosions": list(self.explosions),
+            "explosions": explosions,
+            "transient_spikes": transient,
             "nonfinite": list(self.nonfinite),
             "skipped_steps": list(self.skipped_steps),
             "amp_skipped_steps": self.amp_skipped,
             "worst_depth_ratio": None if worst is None else {"ratio": worst[0], "step": worst[1]},
             "worst_temporal_ratio": None if temporal is None else {"ratio": temporal[0], "step": temporal[1]},
+            "last_temporal_ratio": None
+            if last_temporal is None
+            else {"ratio": last_temporal[0], "step": last_temporal[1]},
             "last_global_norm": last["global_norm"] if last else None,
             "num_layers": len(self.layers.names) if self.layers is not None else len(last["layers"] if last else {}),
-            "gradient_collapse": self._collapse(),
+            "gradient_collapse": self._collapse(explosions),
         }
 
-    def _collapse(self) -> GradientCollapse | None:
+    def _collapse(self, explosions: list[ExplosionEvent]) -> GradientCollapse | None:
         collapse = gradient_collapse(self.history, self.criteria.collapse_factor)
         # Norms falling back after an explosion is no collapse; small spikes within a collapsed run do not undo one.
-        if collapse and any(event["max_norm"] >= collapse["from_norm"] for event in self.explosions):
+        if collapse and any(event["max_norm"] >= collapse["from_norm"] for event in explosions):
+            return None
+        # A gradient that fell because the loss fell is convergence, not a collapse.
+        if collapse and loss_fell_with_it(self.history, collapse):
             return None
         return collapse
 
@@ -299,13 +385,16 @@ class GradientMonitor:
             "history": self.history,
             "vanishing_since": self.vanishing_since,
             "first_vanished": self.first_vanished,
-            "explosions": self.explosions,
+            "spikes": self.spikes,
             "nonfinite": self.nonfinite,
             "skipped_steps": self.skipped_steps,
             "amp_skipped": self.amp_skipped,
             "worst_depth_ratio": self.worst_depth_ratio,
             "worst_temporal_ratio": self.worst_temporal_ratio,
+            "last_temporal_ratio": self.last_temporal_ratio,
+            "worst_depth_in_warmup": self.worst_depth_in_warmup,
             "steps": self.steps,
+            "last_step": self.last_step,
             "norm_history": self.recent_norms(),
             "counters": counters,
         }
@@ -313,19 +402,24 @@ class GradientMonitor:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], criteria: HealthCriteria) -> GradientMonitor:
         worst, temporal = state["worst_depth_ratio"], state.get("worst_temporal_ratio")
+        last_temporal = state.get("last_temporal_ratio")
         return cls(
             criteria=criteria,
             prefix=state["prefix"],
             history=state["history"],
             vanishing_since=state["vanishing_since"],
             first_vanished=state["first_vanished"],
-            explosions=state["explosions"],
+            # Checkpoints before the spike rules kept only "explosions" (judged by the old 10x rule): not carried.
+            spikes=state.get("spikes", []),
             nonfinite=state["nonfinite"],
             skipped_steps=state["skipped_steps"],
             amp_skipped=state["amp_skipped"],
             worst_depth_ratio=(worst[0], worst[1]) if worst else None,
             worst_temporal_ratio=(temporal[0], temporal[1]) if temporal else None,
+            last_temporal_ratio=(last_temporal[0], last_temporal[1]) if last_temporal else None,
+            worst_depth_in_warmup=state.get("worst_depth_in_warmup", False),
             steps=state["steps"],
+            last_step=state.get("last_step", -1),
             _saved_norms=list(state["norm_history"]),
             _saved_counters=state.get("counters"),
         )
@@ -350,16 +444,23 @@ class GradientMonitor:
             self._window_position = len(recent)
         return self.counters
 
-    def _apply_counters(self, counters: dict[str, Any]) -> tuple[int, int, int]:
-        """Record the events the counters hold; returns the exploding steps, non-finite tensors, AMP-skipped steps."""
-        exploding, nonfinite = counters["exploding"], counters["nonfinite_tensors"]
-        if exploding:
-            self.explosions.append(
+    def _apply_counters(self, counters: dict[str, Any], record_step: int) -> tuple[int, int, int]:
+        """Record the events the counters hold; returns the persistent or above-ceiling spikes, non-finite tensors
+        and AMP-skipped steps."""
+        spikes, nonfinite = counters["spikes"], counters["nonfinite_tensors"]
+        if spikes:
+            self.spikes.append(
                 {
-                    "first_step": counters["exploding_first"],
-                    "last_step": counters["exploding_last"],
-                    "steps": exploding,
-                    "max_norm": counters["exploding_max"],
+                    "first_step": counters["spike_first"],
+                    "last_step": counters["spike_last"],
+                    "steps": spikes,
+                    "max_norm": counters["spike_max_norm"],
+                    "peak_ratio": counters["spike_max_ratio"],
+                    "longest_run": counters["spike_longest_run"],
+                    "persistent_steps": counters["persistent_spikes"],
+                    "ceiling_steps": counters["ceiling_steps"],
+                    "persistent_ceiling": counters["persistent_ceiling"],
+                    "record_step": record_step,
                 }
             )
         if nonfinite:
@@ -373,12 +474,14 @@ class GradientMonitor:
                 }
             )
         self.amp_skipped += counters["amp_skipped"]
+        exploding = max(counters["persistent_spikes"], counters["persistent_ceiling"])
         return exploding, nonfinite, counters["amp_skipped"]
 
-    def _update_vanishing(self, vanishing: list[str], step: int) -> None:
+    def _update_vanishing(self, vanishing: list[str], step: int, in_warmup: bool) -> None:
         for name in vanishing:
             self.vanishing_since.setdefault(name, step)
-            self.first_vanished.setdefault(name, step)
+            if not in_warmup:
+                self.first_vanished.setdefault(name, step)
         for name in list(self.vanishing_since):
             if name not in vanishing:
                 del self.vanishing_since[name]

@@ -27,7 +27,13 @@ class StepRecord(TypedDict):
     min_layer_norm: float
     max_layer_norm: float
     vanishing_layers: list[str]
-    #: Events counted on the device since the previous logging step (this one included).
+    #: Largest finite total norm since the previous logging step (this one included): the spikes between records.
+    max_norm: float
+    #: Mean training loss handed to the monitor since the previous logging step (NaN when none was).
+    loss: float
+    #: Events counted on the device since the previous logging step (this one included): spikes, and the spikes
+    #: that were part of a persistent run of spikes or of out-of-range steps.
+    spike_steps: int
     exploding_steps: int
     nonfinite_tensors: int
     amp_skipped: int
@@ -39,13 +45,38 @@ class StepRecord(TypedDict):
     temporal_ratio: NotRequired[float]
 
 
-class ExplosionEvent(TypedDict):
-    """Exploding steps counted between two logging steps."""
+class SpikeEvent(TypedDict):
+    """Spikes (steps far above the running median) counted between two logging steps."""
 
     first_step: int
     last_step: int
     steps: int
     max_norm: float
+    #: Largest ``norm / running median`` among them.
+    peak_ratio: float
+    #: Longest run of consecutive spikes.
+    longest_run: int
+    #: Spikes at least ``spike_persistence`` steps into a run.
+    persistent_steps: int
+    #: Steps out of range (above ``gradient_to_loss_ceiling`` x the loss or above ``exploding_threshold``), and
+    #: those at least ``CEILING_PERSISTENCE`` steps into a run of them.
+    ceiling_steps: int
+    persistent_ceiling: int
+    #: The logging step that read them.
+    record_step: int
+
+
+class ExplosionEvent(TypedDict):
+    """Spikes with evidence that the gradient was out of control; ``rule`` says which evidence."""
+
+    first_step: int
+    last_step: int
+    steps: int
+    max_norm: float
+    peak_ratio: float
+    #: ``"persistent"`` (a run of spikes), ``"loss"`` (the loss never came back below its level before),
+    #: ``"nonfinite"`` (non-finite gradients followed) or ``"ceiling"`` (out of range for consecutive steps).
+    rule: str
 
 
 class NonFiniteEvent(TypedDict):
@@ -83,12 +114,16 @@ class HealthSummary(TypedDict):
     #: Layer name -> the first step it was ever vanishing.
     ever_vanished: dict[str, int]
     explosions: list[ExplosionEvent]
+    #: Spikes without evidence of harm, which training shrugged off.
+    transient_spikes: list[SpikeEvent]
     nonfinite: list[NonFiniteEvent]
     skipped_steps: list[int]
     amp_skipped_steps: int
     worst_depth_ratio: DepthRatio | None
     #: Smallest gradient ratio between the first and the last time step (recurrent models).
     worst_temporal_ratio: DepthRatio | None
+    #: The same ratio at the last record that had one (recurrent models).
+    last_temporal_ratio: DepthRatio | None
     last_global_norm: float | None
     num_layers: int
     #: The run's total gradient norm fell ``collapse_factor`` below its earlier level (runs without explosions).
@@ -99,10 +134,12 @@ def record_metrics(record: StepRecord, prefix: str = "") -> dict[str, float]:
     """The scalars logged for one record (the keys of ``GradientHealthCallback``'s table)."""
     metrics = {
         f"grad_health/{prefix}global_norm": record["global_norm"],
+        f"grad_health/{prefix}global_norm_max": record["max_norm"],
         f"grad_health/{prefix}min_layer_norm": record["min_layer_norm"],
         f"grad_health/{prefix}max_layer_norm": record["max_layer_norm"],
         f"grad_health/{prefix}depth_ratio": record["depth_ratio"],
         f"grad_health/{prefix}vanishing_layers": float(len(record["vanishing_layers"])),
+        f"grad_health/{prefix}spikes": float(record["spike_steps"]),
         f"grad_health/{prefix}exploding": float(record["exploding_steps"]),
         f"grad_health/{prefix}nonfinite": float(record["nonfinite_tensors"]),
         f"grad_health/{prefix}amp_skipped": float(record["amp_skipped"]),

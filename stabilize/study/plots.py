@@ -74,8 +74,16 @@ def global_norms(results: Sequence[RunResult], path: Path) -> None:
     axis = figure.subplots()
     for result in results:
         steps, norms = _positive(result["curves"]["global_norm"])
-        axis.plot(steps, norms, linewidth=1.0, label=result["name"])
-    axis.set(xlabel="optimizer step", ylabel="global gradient norm", title="Global gradient norm", yscale="log")
+        (line,) = axis.plot(steps, norms, linewidth=1.0, label=result["name"])
+        # The largest norm between two records: the spikes the verdict speaks of, which the logged steps miss.
+        peak_steps, peaks = _positive(result["curves"].get("global_norm_max", []))
+        axis.plot(peak_steps, peaks, linewidth=0.6, alpha=0.5, color=line.get_color())
+    axis.set(
+        xlabel="optimizer step",
+        ylabel="global gradient norm",
+        title="Global gradient norm at each record (faint: largest since the previous record)",
+        yscale="log",
+    )
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)

@@ -14,7 +14,7 @@ import torch
 from stabilize.health.records import jsonable
 from stabilize.study import plots
 from stabilize.study.grid import Budget, Grid
-from stabilize.study.results import COLUMNS, RunResult, cell
+from stabilize.study.results import COLUMNS, EXTRA_COLUMNS, RunResult, cell
 
 PLOTS = {
     "curves.png": plots.learning_curves,
@@ -42,9 +42,9 @@ def write_report(
     (out / "results.json").write_text(json.dumps(jsonable(list(results)), indent=1, allow_nan=False))
     with open(out / "results.csv", "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow([key for key, _, _ in COLUMNS] + ["best_val_acc", "model"])
+        writer.writerow([key for key, _, _ in COLUMNS + EXTRA_COLUMNS] + ["best_val_acc", "model"])
         for result in results:
-            values = [result.get(key) for key, _, _ in COLUMNS]
+            values = [result.get(key) for key, _, _ in COLUMNS + EXTRA_COLUMNS]
             writer.writerow([*values, result["best_val_acc"], result["model"]])
     for filename, draw in PLOTS.items():
         draw(results, out / filename)
@@ -61,11 +61,13 @@ def write_report(
         "",
         table(results),
         "",
-        "Columns: train loss and train acc = mean over the last epoch's (augmented) training batches; val acc ="
-        " last epoch (best epoch counts from 0);"
-        " grad norms = global gradient L2 norm at GradientHealthCallback's records (every"
-        f" {budget.log_every_n_steps} steps); worst depth ratio = smallest first-layer / last-layer gradient norm"
-        " (below 1e-3: gradient vanishes toward the input); verdict = the callback's one-line summary.",
+        "Columns: train loss = mean over the last epoch's (augmented) training batches; val acc = last epoch;"
+        " worst depth ratio = smallest first-layer / last-layer gradient norm at GradientHealthCallback's records"
+        f" (every {budget.log_every_n_steps} steps; below 1e-3: gradient vanishes toward the input); exploding"
+        " steps = steps of confirmed explosions (a persistent run of spikes, or a spike the loss never recovered"
+        " from, or one followed by non-finite gradients); verdict = the callback's one-line summary, transient"
+        " spikes included. results.csv adds train accuracy, test loss, best epoch, steps and the median and largest"
+        " gradient norm.",
         "",
         "![learning curves](curves.png)",
         "",

@@ -51,9 +51,10 @@ def exploding_rnn_fit(tmp_path, clipper: GradientClipping, steps: int = 12):
 def test_the_norm_the_optimizer_sees_stays_at_or_below_the_limit(clipper, tmp_path) -> None:
     clip = clipper()
     health, probe = exploding_rnn_fit(tmp_path, clip)
-    assert health.summary()["optimizer_0"]["explosions"]  # the health callback saw the pre-clip spikes
     limited = [(n, limit) for n, limit in zip(probe.norms, probe.limits) if limit != float("inf")]
     assert limited, "the limit never became finite"
+    # The health callback saw the gradients before clipping.
+    assert max(r["max_norm"] for r in health.history) > max(limit for _, limit in limited)
     assert all(n <= limit * (1 + 1e-4) for n, limit in limited)
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from stabilize.health import HealthCriteria, gradient_collapse
 from stabilize.health.diagnosis import diagnosis_lines, verdict
-from tests.helpers.health import health_summary
+from tests.helpers.health import health_summary, spike
 
 
 def records(norms: list[float], every: int = 10) -> list[dict]:
@@ -58,7 +58,7 @@ def test_small_spikes_inside_a_collapsed_run_do_not_hide_it_but_a_real_explosion
     monitor = GradientMonitor(HealthCriteria())
     history = [{**r, "vanishing_layers": [], "layers": {}} for r in records([1.0] * 50 + [1e-3] * 50)]
     monitor.history = history  # type: ignore[assignment]
-    monitor.explosions = [{"first_step": 900, "last_step": 900, "steps": 1, "max_norm": 0.02}]
+    monitor.spikes = [spike(900, 904, max_norm=0.02, persistent_steps=1)]  # type: ignore[list-item]
     assert monitor.summary()["gradient_collapse"] is not None
-    monitor.explosions = [{"first_step": 10, "last_step": 10, "steps": 1, "max_norm": 1e6}]
+    monitor.spikes = [spike(10, 14, max_norm=1e6, persistent_steps=1)]  # type: ignore[list-item]
     assert monitor.summary()["gradient_collapse"] is None

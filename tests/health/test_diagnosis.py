@@ -5,15 +5,19 @@ import sys
 import matplotlib
 from torch import nn
 
-from stabilize.health import ModelTraits, diagnosis_lines, flow_figure, model_hints, verdict
+from stabilize.health import ModelTraits, diagnosis_lines, flow_figure, model_hints, verdict, verdict_class
 from stabilize.models import BatchNormCNN, DeepPlainCNN
 from tests.helpers.health import health_summary as summary
+from tests.helpers.health import spike
+
+EXPLOSION = {"first_step": 3, "last_step": 9, "steps": 7, "max_norm": 5e4, "peak_ratio": 80.0, "rule": "persistent"}
 
 
 def test_remedies_are_generic_and_model_hints_are_added() -> None:
-    exploding = summary(explosions=[{"first_step": 3, "last_step": 3, "steps": 1, "max_norm": 5e4}])
+    exploding = summary(explosions=[EXPLOSION])
     generic = "\n".join(diagnosis_lines(exploding, None))
-    assert "EXPLODING: 1 step(s)" in generic and "gradient_clip_val" in generic
+    assert "EXPLODING: 7 step(s)" in generic and "steps 3-9" in generic and "gradient_clip_val" in generic
+    assert "rule 'persistent'" in generic
     assert "--model." not in generic and "ResNet" not in generic
     hinted = "\n".join(diagnosis_lines(exploding, None, hints={"exploding": "use MyNet's warm-up flag"}))
     assert "use MyNet's warm-up flag" in hinted
@@ -22,7 +26,7 @@ def test_remedies_are_generic_and_model_hints_are_added() -> None:
 def test_manual_optimization_is_told_to_clip_in_its_training_step() -> None:
     from stabilize.models import DCGAN
 
-    exploding = summary(explosions=[{"first_step": 3, "last_step": 3, "steps": 1, "max_norm": 5e4}])
+    exploding = summary(explosions=[EXPLOSION])
     lines = "\n".join(diagnosis_lines(exploding, None, ModelTraits.of(DCGAN(ngf=8, ndf=8))))
     assert "self.clip_gradients" in lines and "Trainer(gradient_clip_val" not in lines
 
@@ -47,3 +51,29 @@ def test_flow_figure_leaves_the_matplotlib_backend_alone() -> None:
     assert figure.axes[0].get_yscale() == "log"
     assert matplotlib.get_backend() == backend
     assert "matplotlib.pyplot" not in sys.modules or backend == matplotlib.get_backend()
+
+
+def test_the_verdict_names_every_finding_worst_first_and_transient_spikes_as_a_note() -> None:
+    everything = summary(
+        explosions=[EXPLOSION],
+        nonfinite=[{"first_step": 12, "last_step": 12, "tensors": 2, "layers": ["fc"]}],
+        vanishing_layers_now={"a": 5},
+        ever_vanished={"a": 5},
+        last_temporal_ratio={"ratio": 1e-6, "step": 20},
+        gradient_collapse={"factor": 300.0, "from_norm": 1.0, "from_step": 0, "to_norm": 3e-3, "since_step": 90},
+        transient_spikes=[spike(40), spike(70, peak_ratio=37.0)],
+    )
+    assert verdict(everything) == (
+        "non-finite gradients (from step 12), exploding (7 steps from step 3, peak 80x the median; persistent),"
+        " vanishing (1/4 layers), vanishing through time (t=0 gets 1e-06 of the last step's gradient),"
+        " gradient collapsed (300x down); 2 transient spikes (peak 37x the median at step 70, each over within 1 step)"
+    )
+    assert verdict_class(everything) == "exploding"
+    calm = summary(transient_spikes=[spike(40, 41, peak_ratio=12.0)], ever_vanished={"a": 30})
+    assert (
+        verdict(calm)
+        == "recovered from vanishing; 2 transient spikes (peak 12x the median at step 40-41, each over within 2 steps)"
+    )
+    assert verdict_class(calm) == "healthy"
+    lines = "\n".join(diagnosis_lines(calm, None))
+    assert "Transient:" in lines and "at steps 40-41" in lines and "Healthy: no action needed" in lines

@@ -70,27 +70,78 @@ def test_spike_counted_on_the_device_between_records_and_flushed() -> None:
         if step == 0:
             assert observation is not None
             monitor.record(step, observation)
-    assert monitor.explosions == []  # still on the device
+    assert monitor.spikes == []  # still on the device
     monitor.flush()
-    assert [(e["first_step"], e["steps"]) for e in monitor.explosions] == [(4, 1)]
-    assert monitor.summary()["steps"] == 6
+    assert [(e["first_step"], e["steps"], e["longest_run"]) for e in monitor.spikes] == [(4, 1, 1)]
+    assert monitor.spikes[0]["peak_ratio"] > 1e4 and monitor.spikes[0]["record_step"] == 5
+    summary = monitor.summary()
+    assert summary["steps"] == 6 and summary["explosions"] == []  # one spike, nothing after it: transient
+    assert [e["first_step"] for e in summary["transient_spikes"]] == [4]
 
 
-def test_state_dict_carries_unread_counters_and_the_median_window() -> None:
+def test_no_spike_is_judged_during_the_warm_up() -> None:
     torch.manual_seed(0)
     net = Net()
-    monitor = monitored(net, median_window=4)
-    for step in range(5):
-        backward(net, scale=1e5 if step == 3 else 1.0)
+    monitor = monitored(net, warmup_steps=8)
+    for step in range(12):
+        backward(net, scale=1e5 if step in (3, 10) else 1.0, seed=step)
         monitor.observe(step)
-    state = monitor.state_dict()
-    assert state["counters"]["exploding"] == 1 and len(state["norm_history"]) == 4
-    restored = GradientMonitor.from_state_dict(state, monitor.criteria)
-    restored.attach(LayerIndex.build(net, net.parameters()))
-    backward(net)
-    restored.observe(5)
-    restored.flush()
-    assert [(e["first_step"], e["last_step"]) for e in restored.explosions] == [(3, 3)]
+    monitor.flush()
+    assert [e["first_step"] for e in monitor.spikes] == [10]
+
+
+def test_multiplying_the_loss_by_a_constant_changes_no_spike() -> None:
+    def spikes(scale: float) -> list[tuple[int, int]]:
+        torch.manual_seed(0)
+        net = Net()
+        monitor = monitored(net, median_window=8, spike_persistence=5)
+        for step in range(40):
+            backward(net, scale=scale * (30.0 if step in (20, 31, 32, 33, 34, 35, 36) else 1.0), seed=step)
+            monitor.observe(step)
+        monitor.flush()
+        return [(e["first_step"], e["persistent_steps"]) for e in monitor.spikes]
+
+    # One event (read once): the isolated step 20 and the run 31-36, whose fifth step is persistent; in a window of
+    # 8 the run's later steps lift the median, so the run ends when the median catches up.
+    assert spikes(1.0) == spikes(1e-3) == spikes(1e3) == [(20, 1)]
+
+
+def test_a_run_of_spikes_is_persistent_and_an_absolute_ceiling_is_opt_in() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    monitor = monitored(net, median_window=16, warmup_steps=4, spike_persistence=3)
+    for step in range(14):
+        backward(net, scale=10.0 ** max(0, step - 7), seed=step)  # x10 every step from step 8
+        monitor.observe(step)
+    monitor.flush()
+    (event,) = monitor.spikes
+    # Step 8 is exactly 10x the median (not above); steps 9-13 are a run of 5, persistent from its third.
+    assert (event["first_step"], event["longest_run"], event["persistent_steps"]) == (9, 5, 3)
+    assert [e["rule"] for e in monitor.summary()["explosions"]] == ["persistent"]
+    ceiling = monitored(net, exploding_threshold=1e-6)
+    for step in range(6):
+        backward(net, seed=step)
+        ceiling.observe(step)
+    ceiling.flush()
+    # Out of range from step 0 (no warm-up: a ceiling needs no median); 5 in a row are an explosion.
+    assert ceiling.spikes[0]["ceiling_steps"] == 6 and ceiling.spikes[0]["persistent_ceiling"] == 2
+    assert ceiling.summary()["explosions"][0]["rule"] == "ceiling"
+
+
+def test_a_gradient_far_out_of_proportion_to_its_loss_is_out_of_range_whatever_the_scale() -> None:
+    def events(loss_value: float, scale: float) -> list[tuple[int, int]]:
+        torch.manual_seed(0)
+        net = Net()
+        monitor = monitored(net)
+        for step in range(8):
+            backward(net, scale=scale, seed=step)
+            monitor.observe(step, loss=torch.tensor(loss_value * scale))
+        monitor.flush()
+        return [(e["ceiling_steps"], e["persistent_ceiling"]) for e in monitor.spikes]
+
+    # Net's gradient norms are O(0.1-1): a loss of 1e-6 makes them ~1e5x the loss, a loss of 1 about 1x.
+    assert events(1e-6, 1.0) == events(1e-6, 1e3) == [(8, 4)]
+    assert events(1.0, 1.0) == events(1.0, 1e-3) == []
 
 
 def test_nonfinite_layers_are_named_in_forward_order_and_skip_drops_every_gradient() -> None:
@@ -108,15 +159,17 @@ def test_nonfinite_layers_are_named_in_forward_order_and_skip_drops_every_gradie
 
 def test_device_counters_schema_drives_pack_unpack_reset_and_load() -> None:
     counters = DeviceCounters.zeros(num_layers=3, device=torch.device("cpu"))
-    assert counters.sizes() == [1] * 8 + [3]
-    counters.exploding += 2
-    counters.exploding_first.fill_(5)
+    assert counters.sizes() == [1] * 16 + [3, 1, 1, 1]
+    counters.spikes += 2
+    counters.spike_first.fill_(5)
+    counters.spike_run.fill_(4)
     counters.layer_nonfinite[1] = 1
     values = counters.unpack(counters.pack().tolist())
-    assert values["exploding"] == 2 and values["exploding_first"] == 5 and values["nonfinite_first"] == -1
-    assert values["layer_nonfinite"] == [0.0, 1.0, 0.0] and isinstance(values["exploding"], int)
+    assert values["spikes"] == 2 and values["spike_first"] == 5 and values["nonfinite_first"] == -1
+    assert values["layer_nonfinite"] == [0.0, 1.0, 0.0] and isinstance(values["spikes"], int)
     counters.reset()
-    assert counters.unpack(counters.pack().tolist())["exploding_first"] == -1
+    after_reset = counters.unpack(counters.pack().tolist())
+    assert after_reset["spike_first"] == -1 and after_reset["spike_run"] == 4  # a run of spikes spans records
     counters.load(values)
     assert counters.unpack(counters.pack().tolist()) == values
 

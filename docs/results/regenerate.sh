@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Regenerates every committed result under docs/results with the current code, in the order README shows them
+# (about 2 hours on the 2-core CPU machine; each study writes report.md, results.json/csv, plots and per-run
+# gradient_health.json). Needs CIFAR-10 at ../shared/cifar10 (or DATA=...). Usage: bash docs/results/regenerate.sh
+# [names...], names from: quickstart rnn optimizers depth augmentation gan gan-6000.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DATA=${DATA:-../shared/cifar10}
+GAN_ARGS=(--data-dir "$DATA" --fid-checkpoint docs/results/gan/resnet20-classifier.ckpt --fid-samples 5000
+  --width 32 --batch-size 64 --log-every 25 --sample-every 250 --seed 42 --runs minimax non-saturating hinge-spectral-norm)
+
+regenerate() {
+  local name=$1
+  case $name in
+    gan | gan-6000)
+      # The classifier checkpoint the FID uses lives in docs/results/gan: only the runs and reports are replaced.
+      find "docs/results/$name" -mindepth 1 -maxdepth 1 ! -name '*.ckpt' -exec rm -rf {} +
+      local batches=2500
+      [ "$name" = gan-6000 ] && batches=6000
+      python examples/gan_losses.py "${GAN_ARGS[@]}" --batches "$batches" --out "docs/results/$name"
+      ;;
+    *)
+      # A study reuses the finished runs it finds in its output folder: start from an empty one.
+      rm -rf "docs/results/$name"
+      stabilize study --config "configs/study/$name.yaml" --data-dir "$DATA" --out "docs/results/$name"
+      ;;
+  esac
+}
+
+for name in "${@:-quickstart rnn optimizers depth augmentation gan gan-6000}"; do
+  for one in $name; do
+    echo "== $one: $(date -u +%H:%M:%S)"
+    regenerate "$one"
+  done
+done
+echo "== done: $(date -u +%H:%M:%S)"

@@ -1,0 +1,124 @@
+"""Which gradient spikes were explosions: the evidence that a spike was out of control, not a hard batch.
+
+A spike (a step far above the running median of recent norms) is what every gradient monitor counts; on its own it
+is weak evidence. A healthy run meets hard batches (outliers in the data, a rare class, a tiny noisy batch) and its
+norm jumps for a step, then training goes on as before. An exploding run differs in what follows the jump, so a
+spike counts as an explosion only with one of these pieces of evidence (each named by its ``rule``):
+
+- ``"persistent"``: a run of at least ``spike_persistence`` (32) consecutive spikes. A diverging run's norm grows
+  geometrically, faster than its running median can follow, so it stays above ``exploding_factor`` x the median
+  until it overflows; a hard batch makes one spike, and a healthy run knocked off course by one (or learning a
+  task in a sudden jump, as recurrent nets do) makes a run of a few steps (up to 19 in the pathology zoo) before
+  its norm comes back.
+- ``"nonfinite"``: non-finite gradients appeared at or after the spike, within ``median_window`` steps.
+- ``"loss"``: the spike undid training: every logged interval loss after the spike's record (at least
+  :data:`MIN_RECORDS_AFTER` of them) is above the largest of the :data:`RECORDS_BEFORE` interval losses before it,
+  and by more than half of the progress the run had made until then (its first records' loss minus that level).
+  Differences against the run's own progress make the rule free of the loss's scale and sign; a plateau's noise
+  or an outlier that costs a little accuracy does not trip it, and a run that had made no progress (a GAN's
+  losses) is not judged by it.
+- ``"ceiling"``: the norm was out of range (above ``gradient_to_loss_ceiling`` times the loss, or above an absolute
+  ``exploding_threshold`` the user set) for ``CEILING_PERSISTENCE`` consecutive steps: a gradient far out of
+  proportion to its loss from the first step on, as in an IRNN whose recurrence explodes, leaves no median to jump
+  over.
+
+Everything else is a *transient* spike, reported with its steps and peak so that it can be found in TensorBoard.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+from stabilize.health.criteria import HealthCriteria
+from stabilize.health.records import ExplosionEvent, NonFiniteEvent, SpikeEvent, StepRecord
+
+#: Interval losses before a spike that define the level the loss must get back below.
+RECORDS_BEFORE = 5
+#: Interval losses after a spike needed before the loss rule judges it (fewer: the spike is given the benefit).
+MIN_RECORDS_AFTER = 3
+
+
+def classify_spikes(
+    spikes: Sequence[SpikeEvent],
+    history: Sequence[StepRecord],
+    nonfinite: Sequence[NonFiniteEvent],
+    criteria: HealthCriteria,
+) -> tuple[list[ExplosionEvent], list[SpikeEvent]]:
+    """Split spike events into explosions (with the rule that confirmed each) and transient spikes."""
+    explosions: list[ExplosionEvent] = []
+    transient: list[SpikeEvent] = []
+    for event in merge_runs(spikes):
+        rule = _evidence(event, history, nonfinite, criteria)
+        if rule is None:
+            transient.append(event)
+        else:
+            explosions.append(
+                {
+                    "first_step": event["first_step"],
+                    "last_step": event["last_step"],
+                    "steps": event["steps"],
+                    "max_norm": event["max_norm"],
+                    "peak_ratio": event["peak_ratio"],
+                    "rule": rule,
+                }
+            )
+    return explosions, transient
+
+
+def merge_runs(spikes: Sequence[SpikeEvent]) -> list[SpikeEvent]:
+    """Join events that are one run of spikes cut by a logging step (the next starts the step after the last)."""
+    merged: list[SpikeEvent] = []
+    for event in spikes:
+        previous = merged[-1] if merged else None
+        if previous is not None and event["first_step"] == previous["last_step"] + 1:
+            merged[-1] = {
+                "first_step": previous["first_step"],
+                "last_step": event["last_step"],
+                "steps": previous["steps"] + event["steps"],
+                "max_norm": max(previous["max_norm"], event["max_norm"]),
+                "peak_ratio": max(previous["peak_ratio"], event["peak_ratio"]),
+                "longest_run": max(previous["longest_run"], event["longest_run"]),
+                "persistent_steps": previous["persistent_steps"] + event["persistent_steps"],
+                "ceiling_steps": previous["ceiling_steps"] + event["ceiling_steps"],
+                "persistent_ceiling": previous["persistent_ceiling"] + event["persistent_ceiling"],
+                "record_step": event["record_step"],
+            }
+        else:
+            merged.append(event)
+    return merged
+
+
+def _evidence(
+    event: SpikeEvent,
+    history: Sequence[StepRecord],
+    nonfinite: Sequence[NonFiniteEvent],
+    criteria: HealthCriteria,
+) -> str | None:
+    if event["persistent_steps"]:
+        return "persistent"
+    if event["persistent_ceiling"]:
+        return "ceiling"
+    horizon = event["last_step"] + criteria.median_window
+    if any(event["first_step"] <= e["first_step"] <= horizon for e in nonfinite):
+        return "nonfinite"
+    if loss_never_recovered(history, event["first_step"], event["record_step"]):
+        return "loss"
+    return None
+
+
+def loss_never_recovered(history: Sequence[StepRecord], spike_step: int, record_step: int) -> bool:
+    """Whether every interval loss logged after ``record_step`` stays above the loss's level before ``spike_step``
+    by more than half the progress made until then."""
+    before = [r["loss"] for r in history if r["step"] < spike_step and math.isfinite(r.get("loss", math.nan))]
+    after = [r.get("loss", math.nan) for r in history if r["step"] > record_step]
+    if not before or len(after) < MIN_RECORDS_AFTER:
+        return False
+    level = max(before[-RECORDS_BEFORE:])
+    start = statistics.median(before[:RECORDS_BEFORE])
+    progress = start - min(before)
+    if progress <= 0:
+        return False
+    # A non-finite loss after the spike is no recovery.
+    return all(not math.isfinite(loss) or loss > level + progress / 2 for loss in after)
