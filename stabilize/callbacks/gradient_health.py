@@ -354,6 +354,8 @@ class GradientHealthCallback(Callback):
             temporal=self._temporal.take(),
         )
         self._warn_nonfinite(trainer, monitor, reported)
+        if record is not None and self._activations.stats:
+            monitor.dead_units = self._activations.dead_fractions(activation_values)
         if record is not None and trainer.is_global_zero:
             metrics = {
                 **record_metrics(record, monitor.prefix),

@@ -47,6 +47,11 @@ class ActivationProbe:
         order of :meth:`tensors`."""
         return {f"activation_{self.stats[name][0]}/{prefix}{name}": v for name, v in zip(sorted(self.stats), values)}
 
+    def dead_fractions(self, values: list[float]) -> dict[str, float]:
+        """Module name -> dead-channel fraction, for the ReLU-like modules among ``values`` (read in the order of
+        :meth:`tensors`)."""
+        return {name: v for name, v in zip(sorted(self.stats), values) if self.stats[name][0] == "dead"}
+
     def tensors(self) -> list[Tensor]:
         return [self.stats[name][1] for name in sorted(self.stats)]
 

@@ -14,6 +14,8 @@ CEILING_PERSISTENCE = 5
 #: The loss-relative ceiling judges only steps whose loss is at least this fraction of the first step's: a converged
 #: regression's loss falls toward zero faster than its gradient (MSE: gradient ~ sqrt(loss)), which is no explosion.
 CEILING_LOSS_FLOOR = 0.01
+#: A ReLU-like module with at least this fraction of dead channels (no positive output in the batch) is a finding.
+DEAD_UNITS_FRACTION = 0.5
 
 
 @dataclass(frozen=True)

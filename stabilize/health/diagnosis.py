@@ -90,6 +90,9 @@ def verdict(summary: HealthSummary) -> str:
     temporal = summary.get("last_temporal_ratio")
     if temporal is not None and temporal["ratio"] < TEMPORAL_VANISHING:
         findings.append(f"vanishing through time (t=0 gets {temporal['ratio']:.0e} of the last step's gradient)")
+    dead = summary.get("dead_units", {})
+    if dead:
+        findings.append(f"dead units ({len(dead)} activation module{'s' if len(dead) > 1 else ''} at least half dead)")
     collapse = summary.get("gradient_collapse")
     if collapse:
         findings.append(f"gradient collapsed ({collapse['factor']:.0f}x down)")
@@ -107,7 +110,8 @@ def verdict_class(summary: HealthSummary) -> str:
     if summary["nonfinite"] or summary["skipped_steps"] or summary["explosions"]:
         return "exploding"
     temporal = summary.get("last_temporal_ratio")
-    if summary["vanishing_layers_now"] or (temporal is not None and temporal["ratio"] < TEMPORAL_VANISHING):
+    vanished_in_time = temporal is not None and temporal["ratio"] < TEMPORAL_VANISHING
+    if summary["vanishing_layers_now"] or vanished_in_time or summary.get("dead_units"):
         return "vanishing"
     if summary.get("gradient_collapse"):
         return "collapse"
@@ -190,6 +194,12 @@ def diagnosis_lines(
         lines.append(f"  Vanishing earlier but recovered: {', '.join(list(summary['ever_vanished'])[:5])}.")
     else:
         lines.append("  Vanishing: none.")
+    dead_units = summary.get("dead_units", {})
+    if dead_units:
+        listed = ", ".join(f"{name} {fraction:.0%}" for name, fraction in list(dead_units.items())[:6])
+        lines.append(f"  DEAD UNITS: channels with no positive output in the whole batch: {listed}.")
+        if not vanishing:
+            remedies += vanishing_remedies(traits, len(dead_units))
     collapse = summary.get("gradient_collapse")
     if collapse:
         lines.append(

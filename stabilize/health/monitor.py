@@ -27,7 +27,7 @@ from torch import Tensor
 
 from stabilize.health.collapse import gradient_collapse, loss_fell_with_it
 from stabilize.health.counters import DeviceCounters
-from stabilize.health.criteria import CEILING_LOSS_FLOOR, CEILING_PERSISTENCE, HealthCriteria
+from stabilize.health.criteria import CEILING_LOSS_FLOOR, CEILING_PERSISTENCE, DEAD_UNITS_FRACTION, HealthCriteria
 from stabilize.health.explosions import classify_spikes
 from stabilize.health.layers import LayerIndex, foreach_norms
 from stabilize.health.records import (
@@ -73,6 +73,8 @@ class GradientMonitor:
     worst_depth_ratio: tuple[float, int] | None = None
     worst_temporal_ratio: tuple[float, int] | None = None
     last_temporal_ratio: tuple[float, int] | None = None
+    #: Dead-channel fraction of each ReLU-like module at the last record that measured activations.
+    dead_units: dict[str, float] = field(default_factory=dict)
     #: Whether ``worst_depth_ratio`` comes from the warm-up (then the first judged record replaces it).
     worst_depth_in_warmup: bool = False
     steps: int = 0
@@ -357,6 +359,7 @@ class GradientMonitor:
             "last_global_norm": last["global_norm"] if last else None,
             "num_layers": len(self.layers.names) if self.layers is not None else len(last["layers"] if last else {}),
             "gradient_collapse": self._collapse(explosions),
+            "dead_units": {name: f for name, f in self.dead_units.items() if f >= DEAD_UNITS_FRACTION},
         }
 
     def _collapse(self, explosions: list[ExplosionEvent]) -> GradientCollapse | None:
@@ -392,6 +395,7 @@ class GradientMonitor:
             "worst_depth_ratio": self.worst_depth_ratio,
             "worst_temporal_ratio": self.worst_temporal_ratio,
             "last_temporal_ratio": self.last_temporal_ratio,
+            "dead_units": self.dead_units,
             "worst_depth_in_warmup": self.worst_depth_in_warmup,
             "steps": self.steps,
             "last_step": self.last_step,
@@ -418,6 +422,7 @@ class GradientMonitor:
             worst_temporal_ratio=(temporal[0], temporal[1]) if temporal else None,
             last_temporal_ratio=(last_temporal[0], last_temporal[1]) if last_temporal else None,
             worst_depth_in_warmup=state.get("worst_depth_in_warmup", False),
+            dead_units=dict(state.get("dead_units", {})),
             steps=state["steps"],
             last_step=state.get("last_step", -1),
             _saved_norms=list(state["norm_history"]),

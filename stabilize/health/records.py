@@ -128,6 +128,8 @@ class HealthSummary(TypedDict):
     num_layers: int
     #: The run's total gradient norm fell ``collapse_factor`` below its earlier level (runs without explosions).
     gradient_collapse: GradientCollapse | None
+    #: ReLU-like modules with at least half their channels dead at the last record (``track_activations``).
+    dead_units: NotRequired[dict[str, float]]
 
 
 def record_metrics(record: StepRecord, prefix: str = "") -> dict[str, float]:

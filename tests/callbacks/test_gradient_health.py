@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stabilize.callbacks import GradientHealthCallback
+from stabilize.health import verdict, verdict_class
 from stabilize.models import BatchNormCNN, DeepPlainCNN, ResNet
 from tests.callbacks.helpers import GradientProbe, TinyMLP
 from tests.helpers.data import SyntheticImages
@@ -357,6 +358,12 @@ def test_dead_relu_channels_are_counted(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path)
     trainer(tmp_path, [health], steps=1, logger=logger).fit(model)
     assert float(csv_rows(logger)[0]["activation_dead/body.2"]) == 1.0
+    summary = health.summary()["optimizer_0"]
+    assert summary["dead_units"] == {"body.2": 1.0}
+    assert "dead units (1 activation module at least half dead)" in verdict(summary)
+    assert (
+        verdict_class(summary) == "vanishing" and "DEAD UNITS: channels with no positive output" in health.diagnosis()
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
