@@ -2,7 +2,8 @@
 # Regenerates every committed result under docs/results with the current code, in the order README shows them
 # (about 2 hours on the 2-core CPU machine; each study writes report.md, results.json/csv, plots and per-run
 # gradient_health.json). Needs CIFAR-10 at ../shared/cifar10 (or DATA=...). Usage: bash docs/results/regenerate.sh
-# [names...], names from: quickstart rnn optimizers depth augmentation gan gan-6000.
+# [names...], names from: quickstart rnn optimizers depth augmentation gan gan-6000 notebook examples
+# ("examples": README's two one-line demonstrations, printed to docs/results/examples/*.txt).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/cifar10}
@@ -19,6 +20,16 @@ regenerate() {
       [ "$name" = gan-6000 ] && batches=6000
       python examples/gan_losses.py "${GAN_ARGS[@]}" --batches "$batches" --out "docs/results/$name"
       ;;
+    notebook)
+      STABILIZE_CIFAR10_DIR="$DATA" jupyter execute --inplace --timeout=-1 notebooks/vanishing_gradients.ipynb
+      ;;
+    examples)
+      mkdir -p docs/results/examples
+      stabilize fit --config configs/deep_plain_sigmoid.yaml --data.data_dir "$DATA" --trainer.max_steps 100 \
+        --trainer.enable_progress_bar false 2>&1 | tee docs/results/examples/deep_plain_sigmoid.txt
+      stabilize fit --config configs/exploding_relu.yaml --data.data_dir "$DATA" --trainer.enable_progress_bar false \
+        2>&1 | tee docs/results/examples/exploding_relu.txt
+      ;;
     *)
       # A study reuses the finished runs it finds in its output folder: start from an empty one.
       rm -rf "docs/results/$name"
@@ -27,7 +38,7 @@ regenerate() {
   esac
 }
 
-for name in "${@:-quickstart rnn optimizers depth augmentation gan gan-6000}"; do
+for name in "${@:-quickstart rnn optimizers depth augmentation gan gan-6000 notebook examples}"; do
   for one in $name; do
     echo "== $one: $(date -u +%H:%M:%S)"
     regenerate "$one"

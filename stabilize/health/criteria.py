@@ -12,8 +12,10 @@ MAX_MEDIAN_WINDOW = 100_000
 #: Consecutive steps above a ceiling that make an explosion (one step can be a batch whose loss is near zero).
 CEILING_PERSISTENCE = 5
 #: The loss-relative ceiling judges only steps whose loss is at least this fraction of the first step's: a converged
-#: regression's loss falls toward zero faster than its gradient (MSE: gradient ~ sqrt(loss)), which is no explosion.
-CEILING_LOSS_FLOOR = 0.01
+#: regression's loss falls toward zero faster than its gradient (MSE: gradient ~ sqrt(loss), so gradient / loss grows
+#: without bound), which is no explosion. Small enough to keep judging a run whose first loss was itself blown up
+#: (the adding-problem IRNN starts at 438 and sits at 0.17 with a gradient 1e4x its loss).
+CEILING_LOSS_FLOOR = 1e-4
 #: A ReLU-like module with at least this fraction of dead channels (no positive output in the batch) is a finding.
 DEAD_UNITS_FRACTION = 0.5
 

@@ -126,7 +126,8 @@ def _explosion_words(explosions: list[ExplosionEvent]) -> str:
     steps = sum(e["steps"] for e in explosions)
     worst = max(explosions, key=lambda e: e["peak_ratio"])
     rules = "/".join(dict.fromkeys(e["rule"] for e in explosions))
-    peak = f"{worst['peak_ratio']:.0f}x the median" if worst["peak_ratio"] > 0 else f"{worst['max_norm']:.3g}"
+    # An event out of range from the start (the ceiling rule) has no median far below it: name its norm instead.
+    peak = f"{worst['peak_ratio']:.0f}x the median" if worst["peak_ratio"] >= 2 else f"norm {worst['max_norm']:.3g}"
     plural = "s" if steps > 1 else ""
     return f"exploding ({steps} step{plural} from step {explosions[0]['first_step']}, peak {peak}; {rules})"
 

@@ -96,10 +96,11 @@ def _evidence(
     nonfinite: Sequence[NonFiniteEvent],
     criteria: HealthCriteria,
 ) -> str | None:
-    if event["persistent_steps"]:
-        return "persistent"
+    # Out-of-range steps are spikes too, so a long run of them is also persistent: name the stronger evidence.
     if event["persistent_ceiling"]:
         return "ceiling"
+    if event["persistent_steps"]:
+        return "persistent"
     horizon = event["last_step"] + criteria.median_window
     if any(event["first_step"] <= e["first_step"] <= horizon for e in nonfinite):
         return "nonfinite"

@@ -251,6 +251,10 @@ def host_syncs_forbidden():
 
 def test_no_host_transfer_on_non_logging_steps_with_the_default_policy(tmp_path: Path) -> None:
     class Guarded(GradientHealthCallback):
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            with host_syncs_forbidden():  # the loss the explosion rules read stays on the device
+                super().on_before_backward(trainer, pl_module, loss)
+
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
             logging_step = trainer.global_step % self._every == 0
             with contextlib.nullcontext() if logging_step else host_syncs_forbidden():
