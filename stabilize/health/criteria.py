@@ -28,8 +28,9 @@ class HealthCriteria:
       ``lr * 1e-8`` is below fp32's resolution of weights of norm ~1, so the layer is frozen) or below
       ``vanishing_ratio`` (1e-5) times the largest layer norm of the step (that layer learns 100,000x slower than
       the fastest one; healthy ResNets and BatchNorm nets stay within ~1e-3, a plain deep sigmoid net falls to
-      1e-10 and below); the absolute floor applies only while some layer is above it (a converged regression has
-      every gradient near zero);
+      1e-10 and below); when the training loss fell by most of its range, the absolute floor applies only while
+      some layer is above it (a converged regression has every gradient near zero; a generator facing a
+      discriminator that wins from the start has every gradient near zero too, and its loss did not fall);
     - a step is a *spike* when its total norm exceeds ``exploding_factor`` (10x) times the running median of the
       last ``median_window`` (64) finite step norms, judged only once the window holds ``warmup_steps`` (16) norms
       (or is full, if smaller): a median of one or two early norms says nothing about the run's range. The rule
@@ -112,13 +113,14 @@ class HealthCriteria:
         ``warmup_steps`` is judged once full)."""
         return min(self.warmup_steps, self.median_window)
 
-    def vanishing_floor(self, largest: float) -> float:
-        """The norm below which a layer is vanishing, given the largest layer norm of the step. The absolute
-        ``vanishing_threshold`` counts only while some layer is above it: when every layer is below, the whole
-        gradient is small (a converged model, or a collapsed one, which the collapse rule judges), not one part of
-        the network cut off from it."""
+    def vanishing_floor(self, largest: float, converged: bool = False) -> float:
+        """The norm below which a layer is vanishing, given the largest layer norm of the step. With ``converged``
+        (the training loss fell by most of its range), the absolute ``vanishing_threshold`` counts only while some
+        layer is above it: every gradient of a model that fitted its data is near zero, and that is no vanishing."""
         relative = self.vanishing_ratio * largest
-        return max(self.vanishing_threshold, relative) if largest >= self.vanishing_threshold else relative
+        if converged and largest < self.vanishing_threshold:
+            return relative
+        return max(self.vanishing_threshold, relative)
 
 
 def _is_number(value: object) -> bool:

@@ -259,7 +259,9 @@ class GradientMonitor:
         present = layers.present(positions)
         finite_norms = [grad_values[i] for i in present if math.isfinite(grad_values[i])]
         largest = max(finite_norms, default=0.0)
-        floor = self.criteria.vanishing_floor(largest)
+        loss_count = counter_dict["loss_count"]
+        loss = counter_dict["loss_sum"] / loss_count if loss_count else math.nan
+        floor = self.criteria.vanishing_floor(largest, converged=self._loss_fell(loss))
         vanishing = [layers.names[i] for i in present if math.isfinite(grad_values[i]) and grad_values[i] < floor]
         first_norm, last_norm = grad_values[present[0]], grad_values[present[-1]]
         depth_ratio = first_norm / last_norm if last_norm > 0 else math.inf
@@ -274,7 +276,6 @@ class GradientMonitor:
         ):
             self.worst_depth_ratio = (depth_ratio, step)
             self.worst_depth_in_warmup = in_warmup
-        loss_count = counter_dict["loss_count"]
         record: StepRecord = {
             "step": step,
             "global_norm": total,
@@ -284,7 +285,7 @@ class GradientMonitor:
             "max_layer_norm": largest,
             "vanishing_layers": vanishing,
             "max_norm": max(counter_dict["max_norm"], total) if math.isfinite(total) else counter_dict["max_norm"],
-            "loss": counter_dict["loss_sum"] / loss_count if loss_count else math.nan,
+            "loss": loss,
             "spike_steps": counter_dict["spikes"],
             "exploding_steps": exploding,
             "nonfinite_tensors": nonfinite,
@@ -306,6 +307,17 @@ class GradientMonitor:
                 self.worst_temporal_ratio = (ratio, step)
         self.history.append(record)
         return record, extra_values
+
+    def _loss_fell(self, loss: float) -> bool:
+        """Whether the training loss, the records' and ``loss`` (this interval's), fell from its first record to now
+        by more than half its range and half its starting magnitude (free of the loss's scale)."""
+        losses = [r["loss"] for r in self.history if math.isfinite(r.get("loss", math.nan))]
+        losses += [loss] if math.isfinite(loss) else []
+        if len(losses) < 2:
+            return False
+        span, fall = max(losses) - min(losses), losses[0] - losses[-1]
+        # Half the range and half the starting magnitude: noise around a constant loss is neither.
+        return span > 0 and fall / span > 0.5 and fall > 0.5 * abs(losses[0])
 
     def update_ratios(self) -> tuple[int, dict[str, float]] | None:
         """After the optimizer stepped: ``||w_after - w_before|| / ||w_before||`` per layer of the snapshot taken by
