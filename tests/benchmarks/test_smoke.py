@@ -90,3 +90,10 @@ def test_pathology_zoo_smoke_cases_get_their_labels(tmp_path: Path) -> None:
     assert {case["label"] for case in saved["cases"]} == {"healthy", "vanishing", "exploding", "collapse"}
     assert sum(sum(row.values()) for row in saved["confusion"].values()) == 4
     assert all(saved["confusion"][label][label] == 1 for label in saved["confusion"])
+
+
+def test_bench_monitor_step(tmp_path: Path) -> None:
+    figures = json.loads(run_smoke("bench_monitor_step.py", tmp_path)[-1])
+    assert figures["step_ms"] > 0 and figures["observe_ms"] > 0
+    # The fraction is rounded to 5 decimals: at most 5e-6 off.
+    assert figures["observe_fraction_of_step"] == pytest.approx(figures["observe_ms"] / figures["step_ms"], abs=5e-6)
