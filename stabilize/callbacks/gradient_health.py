@@ -218,6 +218,13 @@ class GradientHealthCallback(Callback):
         self._trainer_ref: Trainer | None = None
         #: The training losses of the backward passes since the last optimizer step, summed on the device.
         self._loss: Tensor | None = None
+        #: The global step each optimizer was last observed at: a closure optimizer (LBFGS) calls its closure, and so
+        #: ``on_before_optimizer_step``, several times per step; only the first call, at the step's starting point,
+        #: is its gradient.
+        self._observed_at: dict[int, int] = {}
+        #: The last non-finite step warned about per optimizer, so that a run of them is warned about once.
+        self._nonfinite_warned: dict[int, int] = {}
+        self._stopped_by: str | None = None
 
     # ---------------------------------------------------------------------------------------- setup and teardown
     @override
@@ -243,7 +250,10 @@ class GradientHealthCallback(Callback):
         # records, device counters and the recent norms of the running median carry over.
         for monitor in self._monitors.values():
             monitor.detach()
+            monitor.stopped_by = None
         self._fit_steps = dict.fromkeys(self._monitors, 0)
+        self._observed_at.clear()
+        self._stopped_by = None
         if not self._forward_order.order and not _holds_compiled_module(pl_module):
             # Learn the forward order from the first training forward pass, then remove the hooks. Compiled
             # networks keep registration order (hooks added and removed would force a recompile).
@@ -287,10 +297,13 @@ class GradientHealthCallback(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # Interrupted, preempted or crashed: what was counted so far is the most useful part of the report.
+        # Interrupted, preempted or crashed: what was counted so far is the most useful part of the report, which
+        # says that it is partial.
+        self._stopped_by = type(exception).__name__
         for monitor in self._monitors.values():
             monitor.flush()
-        if self.verbose and trainer.is_global_zero and self._monitors and not isinstance(exception, FloatingPointError):
+            monitor.stopped_by = self._stopped_by
+        if self.verbose and trainer.is_global_zero and not isinstance(exception, FloatingPointError):
             rank_zero_info(self.diagnosis(pl_module))
 
     @override
@@ -312,6 +325,11 @@ class GradientHealthCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         index = optimizer_index(trainer, optimizer)
+        step = trainer.global_step
+        if self._observed_at.get(index) == step:  # a closure's later evaluation within the same optimizer step
+            self._loss = None
+            return
+        self._observed_at[index] = step
         monitor = self._monitor(trainer, index, lambda: optimizer_name(pl_module, optimizer, index))
         if monitor.layers is None:
             self._forward_order.stop()
@@ -326,8 +344,8 @@ class GradientHealthCallback(Callback):
         self._flush_metrics(trainer, index)
         scaler, pending = grad_scaler(trainer), pending_grad_scaler(trainer, optimizer)
         scale = pending._scale if pending is not None else None
-        logging_step = self._is_logging_step(self._step_index(trainer, index))
-        step = trainer.global_step
+        own_step = self._step_index(trainer, index)
+        logging_step = self._is_logging_step(own_step)
         loss, self._loss = self._loss, None
         loss_scale = getattr(scaler, "_scale", None)
         if loss is not None and isinstance(loss_scale, Tensor):
@@ -339,10 +357,17 @@ class GradientHealthCallback(Callback):
         if self._nonfinite.must_act(observation, amp=scaler is not None):
             self._nonfinite.act(trainer, pl_module, monitor, observation, step, lambda: self.diagnosis(pl_module))
         elif logging_step:
-            self._record(trainer, index, observation, step, amp=scaler is not None)
+            monitor.note_learning_rates(
+                {id(p) for group in optimizer.param_groups if _learning_rate(group) != 0 for p in group["params"]}
+            )
+            self._record(trainer, index, observation, step, own_step, amp=scaler is not None)
 
     # --------------------------------------------------------------------------------------------- logging steps
-    def _record(self, trainer: Trainer, index: int, observation: Observation, step: int, amp: bool) -> None:
+    def _record(
+        self, trainer: Trainer, index: int, observation: Observation, step: int, own_step: int, amp: bool
+    ) -> None:
+        """The detailed record of a logging step; ``own_step`` counts the optimizer's own steps, on which the
+        histogram and figure cadences run (optimizers that step in turn each get their share)."""
         monitor = self._monitors[index]
         reported = len(monitor.nonfinite)
         record, activation_values = monitor.record(
@@ -373,6 +398,7 @@ class GradientHealthCallback(Callback):
                     record,
                     step,
                     self.flow_figure,
+                    own_step,
                 )
         self._activations.stats.clear()
 
@@ -430,7 +456,7 @@ class GradientHealthCallback(Callback):
         With ``pl_module``, the remedies fit the model (what it lacks, what saturates) and include its own
         ``gradient_health_hints()``.
         """
-        return report(self._monitors, self._every, pl_module)
+        return report(self._monitors, self._every, pl_module, self._stopped_by)
 
     # ------------------------------------------------------------------------------------------- checkpointing
     @override
@@ -467,12 +493,24 @@ class GradientHealthCallback(Callback):
     def _warn_nonfinite(self, trainer: Trainer, monitor: GradientMonitor, reported: int) -> None:
         if not trainer.is_global_zero or self.on_nonfinite != "warn":  # skip and raise have said it at the step
             return
+        key = id(monitor)
         for event in monitor.nonfinite[reported:]:
+            previous = self._nonfinite_warned.get(key)
+            self._nonfinite_warned[key] = event["last_step"]
+            if previous is not None and event["first_step"] <= previous + self._every:
+                continue  # the same run of non-finite steps (weights gone NaN): said once
             rank_zero_warn(
                 f"GradientHealthCallback: {event['tensors']} non-finite gradient tensor(s) between optimizer steps"
                 f" {event['first_step']} and {event['last_step']}, in {', '.join(event['layers'][:10])}. Use"
-                " on_nonfinite='skip' to drop such steps or 'raise' to stop at the first one."
+                " on_nonfinite='skip' to drop such steps or 'raise' to stop at the first one. Non-finite steps that"
+                " follow without a pause are not warned about again (the diagnosis lists them)."
             )
+
+
+def _learning_rate(group: dict[str, Any]) -> float:
+    """A parameter group's learning rate as a number (a tensor LR is read once, on a logging step)."""
+    lr = group.get("lr", 1.0)
+    return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
 
 
 def _holds_compiled_module(module: nn.Module) -> bool:

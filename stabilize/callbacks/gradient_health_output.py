@@ -54,8 +54,20 @@ class HealthOutput:
         figure_min_seconds: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.histograms = _Cadence(histogram_every, histogram_min_seconds, clock)
-        self.figures = _Cadence(figure_every, figure_min_seconds, clock)
+        self._settings = (histogram_every, figure_every, histogram_min_seconds, figure_min_seconds, clock)
+        #: Histogram and figure cadences per optimizer (key prefix): each optimizer counts its own steps and wall
+        #: time, so one that steps in turn with another is not crowded out.
+        self._cadences: dict[str, tuple[_Cadence, _Cadence]] = {}
+
+    def cadences(self, prefix: str) -> tuple[_Cadence, _Cadence]:
+        """The histogram and figure cadences of the optimizer whose keys carry ``prefix``."""
+        if prefix not in self._cadences:
+            histogram_every, figure_every, histogram_seconds, figure_seconds, clock = self._settings
+            self._cadences[prefix] = (
+                _Cadence(histogram_every, histogram_seconds, clock),
+                _Cadence(figure_every, figure_seconds, clock),
+            )
+        return self._cadences[prefix]
 
     @staticmethod
     def check_cadence(**values: float | None) -> None:
@@ -115,12 +127,17 @@ class HealthOutput:
         record: StepRecord,
         step: int,
         draw: Callable[[list[str], list[float]], Figure],
+        own_step: int | None = None,
     ) -> None:
-        """Histograms and the flow figure of a logging step, each when its cadence says so (TensorBoard only)."""
+        """Histograms and the flow figure of a logging step, each when its cadence says so (TensorBoard only).
+        ``step`` is where they are written; ``own_step`` (default ``step``), the optimizer's own step count the
+        cadences run on."""
         writers = self.tensorboard_writers(loggers)
-        if writers and self.histograms.due(step):
+        histograms, figures = self.cadences(prefix)
+        own_step = step if own_step is None else own_step
+        if writers and histograms.due(own_step):
             self.write_histograms(writers, f"grad_hist/{prefix}", gradient_histograms(layers, positions), step)
-        if writers and self.figures.due(step):
+        if writers and figures.due(own_step):
             names = list(record["layers"])
             figure = draw(names, [record["layers"][name]["grad_norm"] for name in names])
             self.write_figure(writers, f"grad_health/{prefix}flow", figure, step)

@@ -99,6 +99,10 @@ def verdict(summary: HealthSummary) -> str:
     if summary["ever_vanished"] and not summary["vanishing_layers_now"]:
         findings.append("recovered from vanishing")
     line = ", ".join(findings) if findings else "healthy"
+    stopped = summary.get("stopped_by")
+    if stopped:
+        # A crashed run is never called healthy: the steps it did not take were not seen.
+        line = f"stopped by {stopped} after {summary['steps']} steps (partial; {', '.join(findings) or 'no finding'})"
     spikes = summary.get("transient_spikes", [])
     return f"{line}; {_spike_words(spikes)}" if spikes else line
 
@@ -144,14 +148,25 @@ def _spike_words(spikes: list[SpikeEvent]) -> str:
     )
 
 
-def report(monitors: Mapping[int, GradientMonitor], every: int, module: nn.Module | None = None) -> str:
-    """The whole diagnosis: a title and :func:`diagnosis_lines` per optimizer; with ``module``, remedies fit it."""
+def report(
+    monitors: Mapping[int, GradientMonitor],
+    every: int,
+    module: nn.Module | None = None,
+    stopped_by: str | None = None,
+) -> str:
+    """The whole diagnosis: a title and :func:`diagnosis_lines` per optimizer; with ``module``, remedies fit it.
+    ``stopped_by``: the class name of the exception that stopped training, when one did (a partial diagnosis)."""
     traits = ModelTraits.of(module) if module is not None else None
     hints = model_hints(module)
+    if not monitors and stopped_by:
+        return f"Gradient health, partial: fit stopped by {stopped_by} after 0 optimizer steps; no gradient was seen."
     lines = []
     for index, monitor in sorted(monitors.items()):
         name = monitor.prefix.rstrip("/") or f"optimizer {index}"
         title = "Gradient health" + (f" of the {name}" if len(monitors) > 1 else "")
+        stopped = monitor.stopped_by
+        if stopped:
+            title += f", partial: fit stopped by {stopped}"
         lines.append(f"{title} after {monitor.steps} optimizer steps (details every {every}):")
         last = monitor.history[-1] if monitor.history else None
         lines += diagnosis_lines(monitor.summary(), last, traits, network_hints(hints, monitor.prefix))
@@ -286,11 +301,36 @@ def diagnosis_lines(
             f"  AMP: the GradScaler skipped {summary['amp_skipped_steps']} step(s) with overflowing fp16"
             " gradients (a few while it calibrates are normal; not counted as explosions)."
         )
+    lines += coverage_lines(summary)
     if remedies:
         lines.append("  What to do: " + "; ".join(dict.fromkeys(remedies)) + ".")
+    elif summary.get("stopped_by"):
+        lines.append("  No gradient problem before it stopped: a partial diagnosis, not a verdict on the run.")
     else:
         lines.append("  Healthy: no action needed.")
     return lines
+
+
+def coverage_lines(summary: HealthSummary) -> list[str]:
+    """What the numbers cover: tied weights counted once, layers that do not learn (a learning rate of 0, or no
+    gradient at all: not used by the loss, or cut off by a ``detach``)."""
+    lines = []
+    shared = summary.get("shared_parameters", {})
+    if shared:
+        ties = "; ".join(f"{', '.join(others)} is {name}" for name, others in shared.items())
+        lines.append(f"  Shared parameters (counted once): {ties}.")
+    reasons = []
+    if summary.get("zero_lr_layers"):
+        reasons.append(f"learning rate 0: {_names(summary['zero_lr_layers'])}")
+    if summary.get("never_gradient_layers"):
+        reasons.append(f"never received a gradient: {_names(summary['never_gradient_layers'])}")
+    if reasons:
+        lines.append(f"  Not learning: {'; '.join(reasons)}.")
+    return lines
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _spans(events: list[ExplosionEvent] | list[SpikeEvent], limit: int = 8) -> str:

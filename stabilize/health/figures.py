@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from stabilize.health.layers import LayerIndex
+from stabilize.health.layers import LayerIndex, stored_values
 
 HISTOGRAM_BINS = 64
 _MAX_TICKS = 24
@@ -102,7 +102,9 @@ def gradient_histograms(layers: LayerIndex, positions: tuple[int, ...]) -> list[
         return []
     rows, sizes = [], []
     for grads in by_layer.values():
-        values = torch.cat([g.detach().flatten().float() for g in grads])
+        # Sparse gradients: their stored values; complex ones: their modulus.
+        parts = [stored_values(g.detach()) for g in grads]
+        values = torch.cat([(p.abs() if p.is_complex() else p).flatten().float() for p in parts])
         low, high = values.min(), values.max()
         width = (high - low).clamp(min=torch.finfo(torch.float32).tiny)
         bins = ((values - low) / width * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1)

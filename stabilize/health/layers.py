@@ -18,6 +18,28 @@ def parameter_owners(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
             yield name, child
 
 
+def layer_name(qualified: str) -> str:
+    """A module's name as keys show it: ``"(root)"`` for the module itself, and without the ``_orig_mod`` segment
+    that ``torch.compile`` inserts, so a compiled submodule keeps the keys of the uncompiled one."""
+    name = ".".join(part for part in qualified.split(".") if part != "_orig_mod")
+    return name or "(root)"
+
+
+def _sort_key(name: str, order: Mapping[str, int], registration: int) -> tuple[bool, float, int]:
+    """Where a layer goes in forward order: its own first use; a module its parent uses functionally (never called,
+    as ``nn.MultiheadAttention``'s ``out_proj``) right after what its nearest called ancestor's subtree used; a
+    module with no called ancestor last, in registration order."""
+    if name in order:
+        return False, order[name], registration
+    parts = name.split(".") if name else []
+    for depth in range(len(parts) - 1, -1, -1):
+        ancestor = ".".join(parts[:depth])
+        if ancestor in order:
+            inside = [v for k, v in order.items() if not ancestor or k == ancestor or k.startswith(ancestor + ".")]
+            return False, max(inside) + 0.5, registration
+    return True, registration, registration
+
+
 @dataclass
 class LayerIndex:
     """The layers one optimizer updates and which parameter belongs to which layer.
@@ -31,36 +53,50 @@ class LayerIndex:
     names: list[str]
     params: list[Tensor]
     layer_of_param: list[int]
+    #: A parameter owned by several modules (tied weights), counted once under its first owner's name:
+    #: ``{"embed.weight": ["lm_head.weight"]}``.
+    shared: dict[str, list[str]] = field(default_factory=dict)
     _index_cache: dict[tuple[object, ...], Tensor] = field(default_factory=dict, repr=False)
+    _fused_cache: dict[tuple[int, ...], bool] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
         cls, module: nn.Module, optimized: Iterable[Tensor], forward_order: Mapping[str, int] | None = None
     ) -> LayerIndex:
-        """Index the parameters of ``module`` that are in ``optimized``.
+        """Index the parameters of ``module`` that are in ``optimized``, each once, under the first module (in
+        registration order) that owns it.
 
-        Layers are sorted by ``forward_order`` (the position at which the forward pass first used each module);
-        modules it does not name follow, in registration order.
+        Layers are sorted by ``forward_order`` (the position at which the forward pass first used each module, see
+        :class:`ForwardOrder`); a module it does not name follows its nearest ancestor it names, other modules come
+        last, in registration order.
         """
         in_optimizer = {id(p) for p in optimized}
-        owners = [
-            (name, child)
-            for name, child in parameter_owners(module)
-            if any(id(p) in in_optimizer for p in child.parameters(recurse=False))
-        ]
-        registration = {name: i for i, (name, _) in enumerate(owners)}
+        first_name: dict[int, str] = {}
+        shared: dict[str, list[str]] = {}
+        owned: list[tuple[str, list[Tensor]]] = []
+        for name, child in parameter_owners(module):
+            mine: list[Tensor] = []
+            for local, param in child.named_parameters(recurse=False):
+                qualified = f"{layer_name(name)}.{local}" if name else local
+                if id(param) in first_name:
+                    shared.setdefault(first_name[id(param)], []).append(qualified)
+                    continue
+                first_name[id(param)] = qualified
+                if id(param) in in_optimizer and param.requires_grad:
+                    mine.append(param)
+            if mine:
+                owned.append((name, mine))
         order = forward_order or {}
-        owners.sort(key=lambda item: (item[0] not in order, order.get(item[0], registration[item[0]])))
+        ranked = sorted(range(len(owned)), key=lambda i: _sort_key(owned[i][0], order, i))
         names: list[str] = []
         params: list[Tensor] = []
         layer_of_param: list[int] = []
-        for layer, (name, child) in enumerate(owners):
-            names.append(name or "(root)")
-            for param in child.parameters(recurse=False):
-                if id(param) in in_optimizer and param.requires_grad:
-                    params.append(param)
-                    layer_of_param.append(layer)
-        return cls(names, params, layer_of_param)
+        for layer, i in enumerate(ranked):
+            name, mine = owned[i]
+            names.append(layer_name(name))
+            params += mine
+            layer_of_param += [layer] * len(mine)
+        return cls(names, params, layer_of_param, shared)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -74,6 +110,15 @@ class LayerIndex:
         grads = [self.params[i].grad for i in positions]
         return [g for g in grads if g is not None]
 
+    def gradient_norms(self, positions: tuple[int, ...]) -> Tensor:
+        """The L2 norm of the gradient of each listed parameter (see :func:`foreach_norms`); whether they take the
+        fused path is looked up once per parameter subset, since a parameter's gradient keeps its dtype and layout."""
+        grads = self.gradients(positions)
+        fused = self._fused_cache.get(positions)
+        if fused is None:
+            fused = self._fused_cache[positions] = plain_floats(grads)
+        return foreach_norms(grads, fused)
+
     def layer_index(self, positions: tuple[int, ...], device: torch.device) -> Tensor:
         """Layer of each listed parameter, as a device tensor cached per parameter subset (no per-step copy)."""
         key = (*positions, str(device))
@@ -84,7 +129,8 @@ class LayerIndex:
     def per_layer_norms(self, positions: tuple[int, ...], norms: Tensor) -> Tensor:
         """Combine the L2 norms of the listed parameters into one L2 norm per layer (0 for absent layers)."""
         index = self.layer_index(positions, norms.device)
-        return torch.zeros(len(self.names), device=norms.device).index_add_(0, index, norms.square()).sqrt()
+        zeros = torch.zeros(len(self.names), device=norms.device, dtype=norms.dtype)
+        return zeros.index_add_(0, index, norms.square()).sqrt()
 
     def present(self, positions: tuple[int, ...]) -> list[int]:
         """The layers the listed parameters belong to, in forward order."""
@@ -95,15 +141,46 @@ class LayerIndex:
         return [self.names[layer] for layer in sorted({self.layer_of_param[p] for p in positions})]
 
 
-def foreach_norms(tensors: list[Tensor]) -> Tensor:
-    """The L2 norm of each tensor, in float32, as one vector (one fused kernel per device and dtype)."""
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+def foreach_norms(tensors: list[Tensor], fused: bool | None = None) -> Tensor:
+    """The L2 norm of each tensor as one vector, in the tensors' own precision: float32 (half precision accumulated
+    in float32), float64 as soon as one tensor is float64 or complex128. Complex tensors count their modulus, sparse
+    ones their coalesced values. Plain float tensors take one fused kernel per device and dtype; ``fused`` says
+    whether all tensors are such (``None``: look)."""
+    if fused is None:
+        fused = plain_floats(tensors)
+    if fused:
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    values = [stored_values(t) for t in tensors]
+    wide = any(t.dtype in (torch.float64, torch.complex128) for t in values)
+    result = torch.float64 if wide else torch.float32
+    norms = torch._foreach_norm([t if t.dtype not in _FUSED_FLOAT32 else t.float() for t in values], 2)
+    return torch.stack([norm.to(result) for norm in norms])
+
+
+def plain_floats(tensors: Iterable[Tensor]) -> bool:
+    """Whether every tensor is dense float32, float16 or bfloat16 (the fused path of :func:`foreach_norms`)."""
+    return all(t.layout == torch.strided and t.dtype in _FUSED_FLOAT32 for t in tensors)
+
+
+#: Dtypes whose norms one fused float32 kernel computes exactly enough.
+_FUSED_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def stored_values(tensor: Tensor) -> Tensor:
+    """The stored values of a sparse tensor (COO coalesced first: repeated indices add up), else the tensor itself."""
+    if tensor.layout == torch.sparse_coo:
+        return tensor.coalesce().values()
+    if tensor.layout != torch.strided:
+        return tensor.values()
+    return tensor
 
 
 class ForwardOrder:
-    """The order in which a forward pass first uses each parameter-owning module (``name -> position``).
+    """The order in which a forward pass first calls each module (``name -> position``).
 
-    Hooks are attached by :meth:`watch` and removed by :meth:`stop`; one training pass is enough.
+    Every module is watched, not only those owning parameters, so that a parameter owner its parent uses
+    functionally can be placed after it. Hooks are attached by :meth:`watch` and removed by :meth:`stop`; one
+    training pass is enough.
     """
 
     def __init__(self, order: Mapping[str, int] | None = None) -> None:
@@ -111,7 +188,7 @@ class ForwardOrder:
         self._hooks: list[RemovableHandle] = []
 
     def watch(self, module: nn.Module) -> None:
-        for name, child in parameter_owners(module):
+        for name, child in module.named_modules():
             self._hooks.append(child.register_forward_pre_hook(self._hook(name)))
 
     def stop(self) -> None:

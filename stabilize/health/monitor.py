@@ -77,6 +77,14 @@ class GradientMonitor:
     dead_units: dict[str, float] = field(default_factory=dict)
     #: Whether ``worst_depth_ratio`` comes from the warm-up (then the first judged record replaces it).
     worst_depth_in_warmup: bool = False
+    #: Tied weights, counted once (see :attr:`LayerIndex.shared`).
+    shared_parameters: dict[str, list[str]] = field(default_factory=dict)
+    #: Layers that had a gradient at some observed step; layers that had a non-zero learning rate at some record
+    #: (``None`` until :meth:`note_learning_rates` is first called: not tracked).
+    gradient_layers: set[str] = field(default_factory=set)
+    learning_layers: set[str] | None = None
+    #: The exception that stopped training (its class name), when one did: the summary is then partial.
+    stopped_by: str | None = None
     steps: int = 0
     last_step: int = -1
     # Device state between logging steps, and its host copy while no device state exists (checkpoint, new fit).
@@ -86,11 +94,14 @@ class GradientMonitor:
     _saved_norms: list[float] = field(default_factory=list)
     _saved_counters: dict[str, Any] | None = None
     _pending_update: tuple[int, tuple[int, ...], list[Tensor], Tensor] | None = None
+    _positions_seen: tuple[int, ...] = ()
 
     def attach(self, layers: LayerIndex) -> None:
         """Watch these layers from now on (a new fit brings new parameters); records and recent norms stay."""
         self.detach()
         self.layers = layers
+        self.shared_parameters = dict(layers.shared)
+        self._positions_seen = ()
 
     def detach(self) -> None:
         """Move the device state to the host (one read) and forget the layers."""
@@ -116,7 +127,10 @@ class GradientMonitor:
         positions = layers.with_gradient()
         if not positions:
             return None
-        norms = foreach_norms(layers.gradients(positions))
+        if positions != self._positions_seen:  # a tuple comparison per step; names only when the set changes
+            self._positions_seen = positions
+            self.gradient_layers.update(layers.names_of(positions))
+        norms = layers.gradient_norms(positions)
         if grad_scale is not None:
             norms = norms / grad_scale.to(norms.device)
         counters = self._counters(norms.device)
@@ -125,6 +139,7 @@ class GradientMonitor:
         tensor_nonfinite = ~torch.isfinite(norms)
         step_nonfinite = tensor_nonfinite.any()
         total = norms.square().sum().sqrt()
+        counted = total.float()  # the device counters are float32 whatever the model's precision
         if amp:
             counters.amp_skipped += step_nonfinite
         else:
@@ -139,13 +154,13 @@ class GradientMonitor:
         finite = ~step_nonfinite
         median = torch.nanmedian(window)
         criteria = self.criteria
-        torch.maximum(counters.max_norm, torch.where(finite, total, 0.0), out=counters.max_norm)
+        torch.maximum(counters.max_norm, torch.where(finite, counted, 0.0), out=counters.max_norm)
         if loss is not None:
             loss = loss.detach().float().to(norms.device)
             counters.loss_sum += loss
             counters.loss_count += 1
-        self._count_spikes(step, counters, total, median, finite, loss)
-        window[self._window_position % criteria.median_window] = torch.where(finite, total, torch.nan)
+        self._count_spikes(step, counters, counted, median, finite, loss)
+        window[self._window_position % criteria.median_window] = torch.where(finite, counted, torch.nan)
         self._window_position += 1
         self.steps += 1
         self.last_step = step
@@ -308,6 +323,13 @@ class GradientMonitor:
         self.history.append(record)
         return record, extra_values
 
+    def note_learning_rates(self, learning: set[int]) -> None:
+        """Remember which layers had a non-zero learning rate now: ``learning`` holds the ``id`` of every parameter
+        in a parameter group whose learning rate is not 0 (called on logging steps)."""
+        layers = self._layers()
+        self.learning_layers = self.learning_layers or set()
+        self.learning_layers.update(layers.names_of(i for i, p in enumerate(layers.params) if id(p) in learning))
+
     def _loss_fell(self, loss: float) -> bool:
         """Whether the training loss, the records' and ``loss`` (this interval's), fell from its first record to now
         by more than half its range and half its starting magnitude (free of the loss's scale)."""
@@ -372,7 +394,15 @@ class GradientMonitor:
             "num_layers": len(self.layers.names) if self.layers is not None else len(last["layers"] if last else {}),
             "gradient_collapse": self._collapse(explosions),
             "dead_units": {name: f for name, f in self.dead_units.items() if f >= DEAD_UNITS_FRACTION},
+            "shared_parameters": dict(self.shared_parameters),
+            "never_gradient_layers": self._layers_without(self.gradient_layers) if self.steps else [],
+            "zero_lr_layers": [] if self.learning_layers is None else self._layers_without(self.learning_layers),
+            "stopped_by": self.stopped_by,
         }
+
+    def _layers_without(self, names: set[str]) -> list[str]:
+        """The watched layers not in ``names``, in forward order (none once the layers are detached)."""
+        return [name for name in self.layers.names if name not in names] if self.layers is not None else []
 
     def _collapse(self, explosions: list[ExplosionEvent]) -> GradientCollapse | None:
         collapse = gradient_collapse(self.history, self.criteria.collapse_factor)
@@ -409,6 +439,9 @@ class GradientMonitor:
             "last_temporal_ratio": self.last_temporal_ratio,
             "dead_units": self.dead_units,
             "worst_depth_in_warmup": self.worst_depth_in_warmup,
+            "shared_parameters": self.shared_parameters,
+            "gradient_layers": sorted(self.gradient_layers),
+            "learning_layers": None if self.learning_layers is None else sorted(self.learning_layers),
             "steps": self.steps,
             "last_step": self.last_step,
             "norm_history": self.recent_norms(),
@@ -435,6 +468,9 @@ class GradientMonitor:
             last_temporal_ratio=(last_temporal[0], last_temporal[1]) if last_temporal else None,
             worst_depth_in_warmup=state.get("worst_depth_in_warmup", False),
             dead_units=dict(state.get("dead_units", {})),
+            shared_parameters=dict(state.get("shared_parameters", {})),
+            gradient_layers=set(state.get("gradient_layers", [])),
+            learning_layers=None if state.get("learning_layers") is None else set(state["learning_layers"]),
             steps=state["steps"],
             last_step=state.get("last_step", -1),
             _saved_norms=list(state["norm_history"]),

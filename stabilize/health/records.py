@@ -130,6 +130,14 @@ class HealthSummary(TypedDict):
     gradient_collapse: GradientCollapse | None
     #: ReLU-like modules with at least half their channels dead at the last record (``track_activations``).
     dead_units: NotRequired[dict[str, float]]
+    #: Tied weights: a parameter's name -> the other names it has (counted once, under the first).
+    shared_parameters: NotRequired[dict[str, list[str]]]
+    #: Layers the optimizer holds that never received a gradient (not used by the loss), in forward order.
+    never_gradient_layers: NotRequired[list[str]]
+    #: Layers whose learning rate was 0 at every record (frozen by their parameter group), in forward order.
+    zero_lr_layers: NotRequired[list[str]]
+    #: The class name of the exception that stopped training: the summary covers the steps before it.
+    stopped_by: NotRequired[str | None]
 
 
 def record_metrics(record: StepRecord, prefix: str = "") -> dict[str, float]:

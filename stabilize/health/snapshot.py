@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 
 class BufferSnapshot:
@@ -15,8 +16,12 @@ class BufferSnapshot:
         self._copies: list[Tensor] = []
 
     def take(self, module: nn.Module) -> None:
-        buffers = list(module.buffers())
-        same = len(buffers) == len(self._buffers) and all(a is b for a, b in zip(buffers, self._buffers))
+        # A lazy module's buffers have no values before its first forward pass, and become the same objects with a
+        # new shape after it.
+        buffers = [b for b in module.buffers() if not is_lazy(b)]
+        same = len(buffers) == len(self._buffers) and all(
+            a is b and a.shape == c.shape for a, b, c in zip(buffers, self._buffers, self._copies)
+        )
         if not same:
             self._buffers = buffers
             self._copies = [b.detach().clone() for b in buffers]

@@ -38,7 +38,7 @@ def test_sigterm_writes_a_resumable_checkpoint_prints_the_diagnosis_and_exits_no
     assert killed.returncode == 143, killed.stderr[-2000:]
     checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
     assert checkpoint.is_file()
-    assert "Gradient health after 5 optimizer steps" in killed.stderr + killed.stdout
+    assert "Gradient health, partial: fit stopped by SIGTERMException after 5 optimizer steps" in killed.stderr
     assert f"--ckpt_path {checkpoint}" in killed.stderr + killed.stdout
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 5
 
