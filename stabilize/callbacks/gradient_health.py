@@ -36,8 +36,14 @@ class GradientHealthCallback(Callback):
     ``network.stages.0.1.conv2``), in the order the forward pass first uses it. Gradients are read in
     ``on_before_optimizer_step``: after the GradScaler has unscaled them under AMP, before gradient clipping, once per
     optimizer step (so with gradient accumulation, on the step that steps), for automatic and manual optimization and
-    any number of optimizers. Under DDP the gradients are already all-reduced, so no collective is added and only
-    rank zero logs. Works on any LightningModule; the maths lives in :mod:`stabilize.health`.
+    any number of optimizers (a closure optimizer such as LBFGS: the gradient of its first closure call, at the
+    step's starting point). Under DDP the gradients are already all-reduced, so no collective is added and only
+    rank zero logs. Under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) each process holds a shard of every
+    gradient: the squared norms of the shards are all-reduced as one small tensor per step (as FSDP's own
+    ``clip_grad_norm_`` does), so every number is the whole model's; histograms are not written. Lightning's
+    ``FSDPStrategy`` (FSDP1) and DeepSpeed are refused at setup. Works on any LightningModule: float64, complex and
+    sparse gradients, tied weights (counted once), lazy and compiled modules; the maths lives in
+    :mod:`stabilize.health`.
 
     **Every step** (the cheap check): one fused ``torch._foreach_norm`` over the gradients and a handful of device
     ops that count non-finite gradient tensors, GradScaler-skipped steps and exploding steps on the device; with the
@@ -230,10 +236,11 @@ class GradientHealthCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel")):
+        if any(name in strategy for name in ("FSDP", "DeepSpeed")):
             raise ConfigurationError(
-                f"GradientHealthCallback does not support {strategy}: each rank holds only a shard of every"
-                " gradient, so per-layer norms would be wrong. Use DDP (strategy='ddp') or remove the callback."
+                f"GradientHealthCallback does not support {strategy}: its flat-parameter shards are not verified"
+                " here (Lightning runs them on CUDA only). Use ModelParallelStrategy with"
+                " torch.distributed.fsdp.fully_shard (FSDP2), whose per-parameter shards it reads, or DDP."
             )
         # Lightning's logger connector sets Trainer.log_every_n_steps at run time (it is not a typed attribute).
         self._every = self.log_every_n_steps or max(getattr(trainer, "log_every_n_steps", 1), 1)

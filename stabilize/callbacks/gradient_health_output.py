@@ -135,7 +135,8 @@ class HealthOutput:
         writers = self.tensorboard_writers(loggers)
         histograms, figures = self.cadences(prefix)
         own_step = step if own_step is None else own_step
-        if writers and histograms.due(own_step):
+        # Sharded gradients (FSDP2) would be one process's slice: no histogram rather than a wrong one.
+        if writers and not layers.sharded and histograms.due(own_step):
             self.write_histograms(writers, f"grad_hist/{prefix}", gradient_histograms(layers, positions), step)
         if writers and figures.due(own_step):
             names = list(record["layers"])

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from stabilize.health.layers import foreach_norms
+from stabilize.health.norms import foreach_norms
 
 ClipMethod = Literal["norm", "autoclip", "zclip", "agc"]
 

@@ -14,7 +14,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from stabilize.health.layers import LayerIndex, stored_values
+from stabilize.health.layers import LayerIndex
+from stabilize.health.norms import stored_values
 
 HISTOGRAM_BINS = 64
 _MAX_TICKS = 24

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from stabilize.health.norms import NormPlan, is_dtensor
+
 
 def parameter_owners(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every module that directly owns a parameter, in registration order."""
@@ -57,7 +59,7 @@ class LayerIndex:
     #: ``{"embed.weight": ["lm_head.weight"]}``.
     shared: dict[str, list[str]] = field(default_factory=dict)
     _index_cache: dict[tuple[object, ...], Tensor] = field(default_factory=dict, repr=False)
-    _fused_cache: dict[tuple[int, ...], bool] = field(default_factory=dict, repr=False)
+    _plans: dict[tuple[object, ...], NormPlan] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
@@ -111,13 +113,21 @@ class LayerIndex:
         return [g for g in grads if g is not None]
 
     def gradient_norms(self, positions: tuple[int, ...]) -> Tensor:
-        """The L2 norm of the gradient of each listed parameter (see :func:`foreach_norms`); whether they take the
-        fused path is looked up once per parameter subset, since a parameter's gradient keeps its dtype and layout."""
-        grads = self.gradients(positions)
-        fused = self._fused_cache.get(positions)
-        if fused is None:
-            fused = self._fused_cache[positions] = plain_floats(grads)
-        return foreach_norms(grads, fused)
+        """The L2 norm of the gradient of each listed parameter (see :class:`NormPlan`)."""
+        return self.norms(self.gradients(positions), ("grad", *positions))
+
+    def norms(self, tensors: list[Tensor], key: tuple[object, ...]) -> Tensor:
+        """The L2 norm of each tensor, planned once per ``key`` (a parameter subset and what of it: gradients,
+        weights, updates), since a parameter keeps its dtype, layout and sharding from step to step."""
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = NormPlan.of(tensors)
+        return plan.norms(tensors)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are DTensors (FSDP2's ``fully_shard``): each process holds part of each."""
+        return any(is_dtensor(p) for p in self.params)
 
     def layer_index(self, positions: tuple[int, ...], device: torch.device) -> Tensor:
         """Layer of each listed parameter, as a device tensor cached per parameter subset (no per-step copy)."""
@@ -139,40 +149,6 @@ class LayerIndex:
     def names_of(self, positions: Iterable[int]) -> list[str]:
         """Names of the layers owning the parameters at ``positions``, once each, in forward order."""
         return [self.names[layer] for layer in sorted({self.layer_of_param[p] for p in positions})]
-
-
-def foreach_norms(tensors: list[Tensor], fused: bool | None = None) -> Tensor:
-    """The L2 norm of each tensor as one vector, in the tensors' own precision: float32 (half precision accumulated
-    in float32), float64 as soon as one tensor is float64 or complex128. Complex tensors count their modulus, sparse
-    ones their coalesced values. Plain float tensors take one fused kernel per device and dtype; ``fused`` says
-    whether all tensors are such (``None``: look)."""
-    if fused is None:
-        fused = plain_floats(tensors)
-    if fused:
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-    values = [stored_values(t) for t in tensors]
-    wide = any(t.dtype in (torch.float64, torch.complex128) for t in values)
-    result = torch.float64 if wide else torch.float32
-    norms = torch._foreach_norm([t if t.dtype not in _FUSED_FLOAT32 else t.float() for t in values], 2)
-    return torch.stack([norm.to(result) for norm in norms])
-
-
-def plain_floats(tensors: Iterable[Tensor]) -> bool:
-    """Whether every tensor is dense float32, float16 or bfloat16 (the fused path of :func:`foreach_norms`)."""
-    return all(t.layout == torch.strided and t.dtype in _FUSED_FLOAT32 for t in tensors)
-
-
-#: Dtypes whose norms one fused float32 kernel computes exactly enough.
-_FUSED_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def stored_values(tensor: Tensor) -> Tensor:
-    """The stored values of a sparse tensor (COO coalesced first: repeated indices add up), else the tensor itself."""
-    if tensor.layout == torch.sparse_coo:
-        return tensor.coalesce().values()
-    if tensor.layout != torch.strided:
-        return tensor.values()
-    return tensor
 
 
 class ForwardOrder:

@@ -29,7 +29,7 @@ from stabilize.health.collapse import gradient_collapse, loss_fell_with_it
 from stabilize.health.counters import DeviceCounters
 from stabilize.health.criteria import CEILING_LOSS_FLOOR, CEILING_PERSISTENCE, DEAD_UNITS_FRACTION, HealthCriteria
 from stabilize.health.explosions import classify_spikes
-from stabilize.health.layers import LayerIndex, foreach_norms
+from stabilize.health.layers import LayerIndex
 from stabilize.health.records import (
     ExplosionEvent,
     GradientCollapse,
@@ -246,7 +246,7 @@ class GradientMonitor:
         positions = observation.positions
         params = [layers.params[i] for i in positions]
         layer_grad = layers.per_layer_norms(positions, observation.norms)
-        layer_weight = layers.per_layer_norms(positions, foreach_norms(params))
+        layer_weight = layers.per_layer_norms(positions, layers.norms(params, ("weight", *positions)))
         if snapshot_weights:
             self._pending_update = (step, positions, [p.detach().clone() for p in params], layer_weight)
         counters = self.counters
@@ -351,7 +351,8 @@ class GradientMonitor:
         layers = self.layers
         with torch.no_grad():
             deltas = torch._foreach_sub([layers.params[i].detach() for i in positions], before)
-        ratios = (layers.per_layer_norms(positions, foreach_norms(list(deltas))) / layer_weight).tolist()
+        update_norms = layers.norms(list(deltas), ("update", *positions))
+        ratios = (layers.per_layer_norms(positions, update_norms) / layer_weight).tolist()
         updates = {layers.names[i]: ratios[i] for i in layers.present(positions) if math.isfinite(ratios[i])}
         if self.history and self.history[-1]["step"] == step:
             for name, ratio in updates.items():
