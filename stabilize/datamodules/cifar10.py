@@ -345,7 +345,9 @@ class CIFAR10DataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         training = trainer is not None and trainer.training
-        if trainer is not None and training:
+        # Only the training loop's own batches are consumed ones: the model summary pushes example_input_array
+        # through this hook too, while trainer.training is already true.
+        if trainer is not None and training and _is_loader_batch(batch):
             epoch, consumed = self._position
             current = trainer.current_epoch
             self._position = (current, consumed + 1 if epoch == current else 1)
@@ -367,6 +369,16 @@ class CIFAR10DataModule(LightningDataModule):
         self._position = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
         self._resume_position = self._position
         self._generator_states = dict(state_dict.get("augmentation_generators", {}))
+
+
+def _is_loader_batch(batch: Any) -> bool:
+    """Whether ``batch`` is one of this datamodule's loader batches: ``(uint8 images, labels)``."""
+    return (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and isinstance(batch[0], Tensor)
+        and batch[0].dtype == torch.uint8
+    )
 
 
 def balanced_subset(indices: Tensor, labels: Tensor, size: int) -> Tensor:

@@ -47,6 +47,17 @@ def test_sigterm_writes_a_resumable_checkpoint_prints_the_diagnosis_and_exits_no
     )  # same folder, no logger
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "max_steps=12` reached" in resumed.stderr + resumed.stdout
+    # The command's defaults (model summary on, which pushes example_input_array through the datamodule's batch
+    # hook) resume to exactly the weights of an uninterrupted run: same seed, same batches, same augmentation draws.
+    (tmp_path / "reference").mkdir()
+    reference = stabilize_command(*fit_args(tiny_cifar), cwd=tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    final = "checkpoints/epoch=1-step=12.ckpt"
+    expected = torch.load(tmp_path / "reference" / final, weights_only=True)["state_dict"]
+    actual = torch.load(tmp_path / final, weights_only=True)["state_dict"]
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
 
 
 def test_a_crash_leaves_no_checkpoint_that_looks_resumable(tmp_path: Path) -> None:
