@@ -28,10 +28,12 @@ import stabilize.callbacks
 import stabilize.datamodules
 import stabilize.models  # noqa: F401
 from stabilize.callbacks import InterruptCheckpoint
-from stabilize.errors import ConfigurationError, StabilizeError
+from stabilize.errors import ConfigurationError, DataError, DataNotFoundError, StabilizeError, check_writable_folder
 
 DEFAULT_SEED = 42
 DEBUG_ENV = "STABILIZE_DEBUG"
+#: ``--ckpt_path`` values Lightning resolves itself (not file names).
+LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 class StabilizeCLI(LightningCLI):
@@ -73,10 +75,12 @@ class StabilizeCLI(LightningCLI):
         """Read the model's hyperparameters from ``--ckpt_path`` (as Lightning does), also from checkpoints saved in
         Python, which carry no class path, and refuse a checkpoint of another class than ``--model`` names."""
         subcommand = self.config.get("subcommand")
+        if subcommand:
+            _check_output_folder(self.config[subcommand].get("trainer", {}).get("default_root_dir"))
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS or "://" in str(ckpt_path):
             return
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        checkpoint = read_checkpoint(Path(ckpt_path))
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if not hparams:
@@ -100,6 +104,40 @@ class StabilizeCLI(LightningCLI):
                 f"The hyperparameters saved in {ckpt_path} do not fit {class_path.rsplit('.', 1)[-1]} (the message"
                 " above names the argument): is it a checkpoint of another model?"
             ) from error
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint's contents, or one message naming the file and what is wrong with it.
+
+    Raises:
+        DataNotFoundError: There is no file at ``path``.
+        DataError: The file is not a complete checkpoint (truncated by a kill mid-write, or not a checkpoint).
+    """
+    if not path.is_file():
+        raise DataNotFoundError(f"--ckpt_path {path}: no such file{' (it is a folder)' if path.is_dir() else ''}.")
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # torch.load's errors for a damaged file are of many kinds
+        size = path.stat().st_size
+        raise DataError(
+            f"--ckpt_path {path} ({size:,} bytes) cannot be read as a checkpoint ({type(error).__name__}): a file"
+            " truncated by a kill while it was written, or not a PyTorch checkpoint. Resume from an earlier one."
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        holds = type(checkpoint).__name__
+        if isinstance(checkpoint, dict):
+            holds += f" of {', '.join(map(str, list(checkpoint)[:5]))}"
+        raise DataError(
+            f"--ckpt_path {path} is a PyTorch file but not a Lightning checkpoint (no 'state_dict'; it holds {holds})."
+        )
+    return checkpoint
+
+
+def _check_output_folder(folder: str | None) -> None:
+    """Refuse an output folder that cannot be written before anything trains, naming it."""
+    if not folder or "://" in str(folder):
+        return
+    check_writable_folder(Path(folder), "--trainer.default_root_dir")
 
 
 def _import_class(class_path: str) -> object:

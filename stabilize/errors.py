@@ -3,6 +3,9 @@ one message naming the argument or file and the fix, without a traceback (``STAB
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class StabilizeError(Exception):
     """Base of the errors that describe the user's setup, not a bug."""
@@ -26,3 +29,18 @@ class DataNotFoundError(StabilizeError, FileNotFoundError):
 
 class TrainingDivergedError(StabilizeError, FloatingPointError):
     """Training ended with non-finite weights: the run diverged and its result must not be used."""
+
+
+def check_writable_folder(folder: Path, argument: str) -> None:
+    """Raise :class:`ConfigurationError` naming ``argument`` when ``folder`` can neither be created nor written.
+
+    Raises:
+        ConfigurationError: ``folder`` is a file, or it (or the first existing folder above it) is not writable.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigurationError(f"{argument} {folder}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"{argument} {folder}: {existing} is not writable; choose another folder.")

@@ -276,3 +276,50 @@ def test_gan_configs_train_then_test_with_the_committed_classifier(
         args=["test", *common, *quiet, f"--model.fid_checkpoint={classifier}", f"--ckpt_path={checkpoint}"]
     )
     assert tested.trainer.callback_metrics["gan/classifier_fid"] > 0
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "truncated", "garbage", "foreign"])
+def test_a_bad_checkpoint_path_is_one_message_naming_the_file(
+    kind: str, python_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "truncated":  # a kill while the checkpoint was being written
+        path.write_bytes(python_checkpoint.read_bytes()[:5000])
+    elif kind == "garbage":
+        path.write_text("not a checkpoint")
+    elif kind == "foreign":
+        torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model", "ResNet", f"--ckpt_path={path}"])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert f"--ckpt_path {path}" in error and "Traceback" not in error
+    expected = {
+        "missing": "no such file",
+        "folder": "it is a folder",
+        "truncated": "truncated",
+        "garbage": "cannot be read",
+        "foreign": "not a Lightning checkpoint",
+    }
+    assert expected[kind] in error
+
+
+@pytest.mark.parametrize("command", ["fit", "study"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    if command == "fit":
+        args = ["fit", "--model", "ResNet", f"--trainer.default_root_dir={blocker / 'runs'}"]
+    else:
+        args = ["study", "--config", str(Path(__file__).parents[1] / "configs/study/quickstart.yaml")]
+        args += [f"--out={blocker / 'runs'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{blocker} is a file, not a folder" in error and "Traceback" not in error
+    assert not (tmp_path / "lightning_logs").exists()

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from stabilize.errors import check_writable_folder
 from stabilize.study.grid import BUDGETS, load_grid
 from stabilize.study.runner import run_study
 
@@ -33,5 +34,6 @@ def study_main(args: Sequence[str]) -> None:
     options = study_parser().parse_args(list(args))
     grid = load_grid(options.config)
     out = Path(options.out or Path("studies") / f"{grid.name}-{options.budget}")
+    check_writable_folder(out, "--out")
     command = " ".join(["stabilize study", *args])
     run_study(grid, options.budget, out, data_dir=options.data_dir, accelerator=options.accelerator, command=command)
