@@ -3,6 +3,7 @@ one message naming the argument or file and the fix, without a traceback (``STAB
 
 from __future__ import annotations
 
+import operator
 import os
 from pathlib import Path
 
@@ -44,3 +45,23 @@ def check_writable_folder(folder: Path, argument: str) -> None:
         raise ConfigurationError(f"{argument} {folder}: {existing} is a file, not a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigurationError(f"{argument} {folder}: {existing} is not writable; choose another folder.")
+
+
+def check_integers(minimum: int | None = None, **values: object) -> None:
+    """Raise :class:`ConfigurationError` naming the first of ``values`` that is not an integer (a bool or a float such
+    as 1.5 is not; ``None`` is skipped, for optional arguments) or is below ``minimum``.
+
+    Raises:
+        ConfigurationError: ``"n_critic must be an integer, got 1.5."`` or ``"... must be at least 1, got 0."``
+    """
+    for name, value in values.items():
+        if value is None:
+            continue
+        try:
+            number = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            number = None
+        if number is None or isinstance(value, bool):
+            raise ConfigurationError(f"{name} must be an integer, got {value!r}.")
+        if minimum is not None and number < minimum:
+            raise ConfigurationError(f"{name} must be at least {minimum}, got {number}.")

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from stabilize.callbacks.optimizers import optimizer_index, pending_grad_scaler
-from stabilize.errors import ConfigurationError
+from stabilize.errors import ConfigurationError, check_integers
 from stabilize.health.clipping import ClipMethod, ClipRule, ClipState, total_norm
 
 
@@ -78,14 +78,14 @@ class GradientClipping(Callback):
             (isinstance(window, int) and window >= 3, f"window must be an integer of at least 3, got {window!r}."),
             (z > 0, f"z must be positive, got {z}."),
             (0 < ema_decay < 1, f"ema_decay must be in (0, 1), got {ema_decay}."),
-            (warmup_steps >= 0, f"warmup_steps must be non-negative, got {warmup_steps}."),
             (agc_clip > 0, f"agc_clip must be positive, got {agc_clip}."),
             (skip_spikes is None or skip_spikes > 1, f"skip_spikes must be above 1 or None, got {skip_spikes}."),
-            (log_every_n_steps is None or log_every_n_steps >= 1, "log_every_n_steps must be positive."),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigurationError(message)
+        check_integers(0, warmup_steps=warmup_steps)
+        check_integers(1, log_every_n_steps=log_every_n_steps)
         self.rule = ClipRule(method, max_norm, percentile, window, z, ema_decay, warmup_steps, agc_clip)
         self.skip_spikes = skip_spikes
         self.log_every_n_steps = log_every_n_steps

@@ -21,7 +21,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from stabilize.errors import ConfigurationError
+from stabilize.errors import ConfigurationError, check_integers
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -145,6 +145,8 @@ class BatchAugment:
     ) -> None:
         if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
             raise ConfigurationError(f"scale must be (low, high) with 0 < low <= high, got {scale}.")
+        check_integers(translate=translate, cutout=cutout)  # their ranges follow
+        check_integers(1, image_size=image_size)
         limit = image_size if image_size is not None else float("inf")
         if not 0 <= translate < limit:
             raise ConfigurationError(f"translate must be in [0, {limit}) pixels, got {translate}.")

@@ -33,7 +33,7 @@ from stabilize.datamodules.cifar10_files import (
     find_batches_folder,
     load_cifar10,
 )
-from stabilize.errors import ConfigurationError, DataNotFoundError
+from stabilize.errors import ConfigurationError, DataNotFoundError, check_integers
 
 ENV_DATA_DIR = "STABILIZE_CIFAR10_DIR"
 #: Offsets the augmentation seed of each process rank; a prime, so rank seeds never coincide with ``seed + 1``
@@ -111,10 +111,9 @@ class CIFAR10DataModule(LightningDataModule):
         train_subset: int | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ConfigurationError(f"batch_size must be positive, got {batch_size}.")
-        if num_workers < 0:
-            raise ConfigurationError(f"num_workers must be non-negative, got {num_workers}.")
+        check_integers(1, batch_size=batch_size)
+        check_integers(0, num_workers=num_workers)
+        check_integers(seed=seed)
         _check_val_size(val_size)
         if train_subset is not None and (not isinstance(train_subset, int) or isinstance(train_subset, bool)):
             raise ConfigurationError(f"train_subset must be a number of images or None, got {train_subset!r}.")

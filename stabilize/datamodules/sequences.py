@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from typing_extensions import override
 
-from stabilize.errors import ConfigurationError
+from stabilize.errors import ConfigurationError, check_integers
 
 Batch = tuple[Tensor, Tensor]
 
@@ -60,12 +60,9 @@ class SequenceTaskDataModule(LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("train_batches", train_batches)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"{name} must be a positive integer, got {value!r}.")
-        for name, value in (("val_size", val_size), ("test_size", test_size)):
-            if not isinstance(value, int) or value < 0:
-                raise ConfigurationError(f"{name} must be a non-negative integer, got {value!r}.")
+        check_integers(1, batch_size=batch_size, train_batches=train_batches)
+        check_integers(0, val_size=val_size, test_size=test_size)
+        check_integers(seed=seed)
         self.save_hyperparameters()
         self._fixed: dict[str, Batch] = {}
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from stabilize.errors import ConfigurationError
+from stabilize.errors import ConfigurationError, check_integers
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import ACTIVATIONS, ConvNormAct, conv3x3
 
@@ -108,8 +108,10 @@ class FastCNN(ImageClassifier):
         tta: TTAName = "flip_shift",
         **kwargs: Any,
     ) -> None:
-        if len(widths) != 3 or min(widths) < 1:
+        if isinstance(widths, (int, float)) or len(widths) != 3:
             raise ConfigurationError(f"widths must be three positive channel counts, got {widths}.")
+        check_integers(1, **{f"widths[{i}]": width for i, width in enumerate(widths)}, whiten_images=whiten_images)
+        check_integers(0, lookahead_every=lookahead_every, whiten_bias_epochs=whiten_bias_epochs)
         if logit_scale <= 0 or bias_lr_multiplier <= 0:
             raise ConfigurationError("logit_scale and bias_lr_multiplier must be positive.")
         if lookahead_every < 0 or not 0 < lookahead_decay < 1 or lookahead_ramp < 0:

@@ -12,7 +12,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import make_grid
 from typing_extensions import override
 
-from stabilize.errors import ConfigurationError, DataError
+from stabilize.errors import ConfigurationError, DataError, check_integers
 from stabilize.models.gan_networks import (
     DCGANDiscriminator,
     DCGANGenerator,
@@ -98,14 +98,20 @@ class DCGAN(LightningModule):
         super().__init__()
         if loss not in get_args(GANLoss):
             raise ConfigurationError(f"loss must be one of {', '.join(get_args(GANLoss))}; got {loss!r}.")
-        if min(latent_dim, ngf, ndf, n_critic, num_samples, fid_samples) < 1:
-            raise ConfigurationError("latent_dim, ngf, ndf, n_critic, num_samples and fid_samples must be positive.")
+        check_integers(
+            1,
+            latent_dim=latent_dim,
+            ngf=ngf,
+            ndf=ndf,
+            n_critic=n_critic,
+            num_samples=num_samples,
+            fid_samples=fid_samples,
+        )
+        check_integers(0, sample_every_n_steps=sample_every_n_steps)
         if lr_generator <= 0 or lr_discriminator <= 0 or not all(0 <= b < 1 for b in betas):
             raise ConfigurationError("learning rates must be positive and betas in [0, 1).")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ConfigurationError(f"gradient_clip_val must be positive or None, got {gradient_clip_val}.")
-        if sample_every_n_steps < 0:
-            raise ConfigurationError(f"sample_every_n_steps must be >= 0, got {sample_every_n_steps}.")
         # Evaluation settings, not part of the model: kept out of the checkpoint, so that `stabilize test
         # --ckpt_path ... --model.fid_checkpoint ...` uses the value given then, not the one saved in training.
         self.save_hyperparameters(ignore=["fid_checkpoint", "fid_samples"])

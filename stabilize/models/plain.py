@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
-from stabilize.errors import ConfigurationError
+from stabilize.errors import ConfigurationError, check_integers
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import (
     STAGE_WIDTHS,
@@ -122,8 +122,7 @@ class DeepPlainCNN(ImageClassifier):
     ) -> None:
         if depth < MIN_PLAIN_DEPTH:
             raise ConfigurationError(f"depth must be at least {MIN_PLAIN_DEPTH} (stem + 3 stages + head), got {depth}.")
-        if width < 1:
-            raise ConfigurationError(f"width must be a positive integer, got {width}.")
+        check_integers(1, width=width)
         if not 0 < init_scale < 100:
             raise ConfigurationError(f"init_scale must be in (0, 100), got {init_scale}.")
         super().__init__(**kwargs)

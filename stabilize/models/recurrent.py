@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from stabilize.errors import ConfigurationError, DataError
+from stabilize.errors import ConfigurationError, DataError, check_integers
 from stabilize.models.recipe import OptimizerName, SchedulerName, TrainingRecipe
 
 CellName = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
@@ -123,11 +123,11 @@ class RecurrentNet(TrainingRecipe):
     ) -> None:
         if output not in get_args(OutputKind):
             raise ConfigurationError(f"output must be one of {list(get_args(OutputKind))}, got {output!r}.")
-        for name, value in (("input_size", input_size), ("output_size", output_size), ("hidden_size", hidden_size)):
-            if value < 1:
-                raise ConfigurationError(f"{name} must be positive, got {value}.")
-        if num_layers < 1 or not 0 < recurrent_gain < 100:
-            raise ConfigurationError("num_layers must be positive and recurrent_gain in (0, 100).")
+        check_integers(
+            1, input_size=input_size, output_size=output_size, hidden_size=hidden_size, num_layers=num_layers
+        )
+        if not 0 < recurrent_gain < 100:
+            raise ConfigurationError(f"recurrent_gain must be in (0, 100), got {recurrent_gain}.")
         if output != "regression" and output_size < 2:
             raise ConfigurationError(f"output={output!r} needs output_size of at least 2 classes.")
         super().__init__(optimizer, lr, momentum, nesterov, betas, weight_decay, scheduler, warmup_fraction)

@@ -358,14 +358,14 @@ def test_pickles_cannot_run_code(tiny_cifar_copy: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"batch_size": 0}, "batch_size must be positive"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
         ({"val_size": -1}, "val_size must be non-negative"),
         ({"val_size": 50_000}, "not smaller than the 50000"),
         ({"val_size": 2.5}, "whole count or a fraction"),
         ({"scale": (1.1, 0.9)}, "0 < low <= high"),
         ({"translate": -1}, "translate must be in"),
         ({"cutout": 40}, "cutout must be in"),
-        ({"num_workers": -2}, "num_workers must be non-negative"),
+        ({"num_workers": -2}, "num_workers must be at least 0"),
         ({"device": "tpu"}, "device must be"),
     ],
 )

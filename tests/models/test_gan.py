@@ -144,7 +144,7 @@ def test_normalized_images_are_refused_with_the_fix(tiny_cifar: Path, tmp_path: 
     ("kwargs", "message"),
     [
         ({"loss": "wasserstein"}, "loss must be one of"),
-        ({"n_critic": 0}, "must be positive"),
+        ({"n_critic": 0}, "n_critic must be at least 1"),
         ({"betas": (0.5, 1.0)}, "betas"),
     ],
 )
