@@ -26,6 +26,8 @@ class InterruptCheckpoint(Callback):
         dirpath: Folder of the checkpoint; defaults to ``<log dir>/checkpoints`` (the default root dir without a
             logger), resolved when training starts.
         filename: File name without the ``.ckpt`` extension.
+        resume_hint: How to resume, printed after the checkpoint's path; by default the ``stabilize fit`` flag
+            (a study's runner says to rerun the study instead).
 
     Raises:
         ConfigurationError: If ``filename`` is empty.
@@ -37,12 +39,15 @@ class InterruptCheckpoint(Callback):
         trainer.fit(model, datamodule, ckpt_path=".../checkpoints/interrupted.ckpt")
     """
 
-    def __init__(self, dirpath: str | None = None, filename: str = "interrupted") -> None:
+    def __init__(
+        self, dirpath: str | None = None, filename: str = "interrupted", resume_hint: str | None = None
+    ) -> None:
         super().__init__()
         if not filename:
             raise ConfigurationError("InterruptCheckpoint needs a non-empty filename.")
         self.dirpath = dirpath
         self.filename = filename
+        self.resume_hint = resume_hint
         self.last_path: Path | None = None
 
     def path(self, trainer: Trainer) -> Path:
@@ -57,9 +62,11 @@ class InterruptCheckpoint(Callback):
         trainer.save_checkpoint(path)
         self.last_path = path
         signal = "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT"
+        hint = self.resume_hint or (
+            f"Resume with the same command plus --ckpt_path {path} (Python: trainer.fit(..., ckpt_path=...))."
+        )
         rank_zero_info(
-            f"{signal} at optimizer step {trainer.global_step}: wrote the resumable checkpoint {path}. Resume with"
-            f" the same command plus --ckpt_path {path} (Python: trainer.fit(..., ckpt_path=...))."
+            f"{signal} at optimizer step {trainer.global_step}: wrote the resumable checkpoint {path}. {hint}"
         )
 
     @override

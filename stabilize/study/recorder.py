@@ -34,8 +34,12 @@ class StudyRecorder(Callback):
         self.test_acc: list[tuple[int, float]] = []
         self.wall_time = 0.0
         self._start = 0.0
+        #: Training seconds of the attempts before a resume (the study's run continues from a checkpoint).
+        self._earlier_seconds = 0.0
         self._losses: list[Tensor] = []
         self._steps: list[int] = []
+        #: This epoch's ``(step, loss)`` from before a resume.
+        self._restored: list[tuple[int, float]] = []
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -52,11 +56,11 @@ class StudyRecorder(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._losses:
-            values = torch.stack(self._losses).tolist()
-            self.train_loss += list(zip(self._steps, values))
-            self.epoch_loss.append(sum(values) / len(values))
-            self._losses, self._steps = [], []
+        pairs = self._restored + list(zip(self._steps, torch.stack(self._losses).tolist() if self._losses else []))
+        if pairs:
+            self.train_loss += pairs
+            self.epoch_loss.append(sum(loss for _, loss in pairs) / len(pairs))
+        self._losses, self._steps, self._restored = [], [], []
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -71,7 +75,29 @@ class StudyRecorder(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.wall_time = time.perf_counter() - self._start
+        self.wall_time = self._earlier_seconds + time.perf_counter() - self._start
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The curves so far (this epoch's losses included, one host read) and the seconds spent, for a resume."""
+        return {
+            "train_loss": self.train_loss,
+            "epoch_loss": self.epoch_loss,
+            "val_acc": self.val_acc,
+            "test_acc": self.test_acc,
+            "pending": self._restored
+            + list(zip(self._steps, torch.stack(self._losses).tolist() if self._losses else [])),
+            "seconds": self._earlier_seconds + (time.perf_counter() - self._start if self._start else 0.0),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_loss = [tuple(item) for item in state_dict["train_loss"]]
+        self.epoch_loss = list(state_dict["epoch_loss"])
+        self.val_acc = [tuple(item) for item in state_dict["val_acc"]]
+        self.test_acc = [tuple(item) for item in state_dict["test_acc"]]
+        self._restored = [(int(step), float(loss)) for step, loss in state_dict.get("pending", [])]
+        self._earlier_seconds = float(state_dict.get("seconds", 0.0))
 
     def _record_test_accuracy(self, trainer: Trainer, pl_module: LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)  # set by fit(); not a typed attribute of Trainer

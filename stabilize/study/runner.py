@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
-from stabilize.callbacks import GradientHealthCallback
+from stabilize.callbacks import GradientHealthCallback, InterruptCheckpoint
 from stabilize.health.records import jsonable
 from stabilize.study.grid import Budget, Grid, RunSpec, check_runs, data_arguments
 from stabilize.study.recorder import StudyRecorder
@@ -21,6 +22,8 @@ from stabilize.study.report import table, write_report
 from stabilize.study.results import RunResult, collect
 
 RESULT_FILE = "result.json"
+#: The checkpoint a run killed by SIGTERM or Ctrl+C leaves in its folder; the study's rerun continues from it.
+INTERRUPTED = "interrupted.ckpt"
 
 
 def run_study(
@@ -34,7 +37,10 @@ def run_study(
 ) -> list[RunResult]:
     """Train every run of ``grid`` at ``budget_name`` into ``out/<run>/`` and write the report into ``out``.
 
-    A run whose ``result.json`` exists is not trained again, so a killed study restarts at the first unfinished run.
+    A run whose ``result.json`` exists is not trained again, so a killed study restarts at the first unfinished run;
+    a run stopped by SIGTERM or Ctrl+C continues exactly from the checkpoint it wrote (``<run>/interrupted.ckpt``).
+    A run killed without one starts over, its partial TensorBoard logs moved aside to ``tensorboard.abandoned-<n>``;
+    a run that fails leaves no folder of its own behind.
 
     Raises:
         ConfigurationError: Before anything trains, for an unknown budget or a run whose arguments do not work.
@@ -49,8 +55,9 @@ def run_study(
             result: RunResult = json.loads(saved.read_text())
             echo(f"run {number}/{len(grid.runs)} {run.name}: finished earlier, reusing {saved}")
         else:
-            result = _train(grid, run, budget, out, data_dir, accelerator)
+            result = _train_once(grid, run, budget, out, data_dir, accelerator, echo)
             saved.write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
+            (out / run.name / INTERRUPTED).unlink(missing_ok=True)  # the result is the record now
             if result["test_acc"] is not None:
                 score = f"test accuracy {result['test_acc']:.1%}"
             else:
@@ -68,7 +75,42 @@ def run_study(
     return results
 
 
-def _train(grid: Grid, run: RunSpec, budget: Budget, out: Path, data_dir: str | None, accelerator: str) -> RunResult:
+def _train_once(
+    grid: Grid,
+    run: RunSpec,
+    budget: Budget,
+    out: Path,
+    data_dir: str | None,
+    accelerator: str,
+    echo: Callable[[str], None],
+) -> RunResult:
+    """Train one run: from its interrupted checkpoint when there is one, else from scratch with the logs of an
+    abandoned attempt moved aside; a failure other than an interruption removes the folder this attempt made."""
+    run_dir = out / run.name
+    fresh = not run_dir.exists()
+    checkpoint = run_dir / INTERRUPTED
+    if checkpoint.is_file():
+        echo(f"run {run.name}: continuing from {checkpoint}")
+    elif (run_dir / "tensorboard").exists():
+        attempt = 1 + sum(1 for _ in run_dir.glob("tensorboard.abandoned-*"))
+        (run_dir / "tensorboard").rename(run_dir / f"tensorboard.abandoned-{attempt}")
+    try:
+        return _train(grid, run, budget, out, data_dir, accelerator, checkpoint if checkpoint.is_file() else None)
+    except BaseException:
+        if fresh and not checkpoint.is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train(
+    grid: Grid,
+    run: RunSpec,
+    budget: Budget,
+    out: Path,
+    data_dir: str | None,
+    accelerator: str,
+    checkpoint: Path | None = None,
+) -> RunResult:
     seed_everything(grid.seed, verbose=False)
     model = run.model_class(**run.model_args)
     datamodule = run.data_class(**data_arguments(run, budget, data_dir))
@@ -93,12 +135,17 @@ def _train(grid: Grid, run: RunSpec, budget: Budget, out: Path, data_dir: str | 
             health,
             *(callback_class(**arguments) for callback_class, arguments in run.callbacks),
             recorder,
+            InterruptCheckpoint(
+                str(run_dir),
+                INTERRUPTED.removesuffix(".ckpt"),
+                resume_hint="Rerun the same `stabilize study` command: it continues this run from there.",
+            ),
             *([_RunProgressBar(run.name)] if trainer_args.get("enable_progress_bar", True) else []),
         ],
         default_root_dir=run_dir,
         **trainer_args,
     )
-    trainer.fit(model, datamodule)
+    trainer.fit(model, datamodule, ckpt_path=checkpoint)
     train_acc = trainer.callback_metrics.get("train/acc_epoch")
     tested = trainer.test(model, datamodule, verbose=False)
     test_acc = tested[0].get("test/acc") if tested else None

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from lightning.pytorch import Callback
 
 from stabilize.cli import main
 from stabilize.errors import ConfigurationError
@@ -127,3 +128,65 @@ runs:
     assert results[0]["steps"] == 3 and results[0]["test_acc"] is None and results[0]["test_loss"] > 0
     config = (tmp_path / "out" / "irnn-autoclip" / "config.yaml").read_text()
     assert "stabilize.callbacks.gradient_clipping.GradientClipping" in config and "method: autoclip" in config
+
+
+def test_a_study_killed_mid_run_continues_that_run_exactly_on_rerun(tiny_cifar: Path, tmp_path: Path) -> None:
+    """SIGTERM in run 2 (a preempted job): its checkpoint is written, the rerun reuses run 1 and continues run 2
+    from step 3, and every curve and the verdict equal those of a study never interrupted."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from tests.helpers.signals import SignalAtStep
+
+    grid = load_grid(write_grid(tmp_path, TWO_RUNS))
+    reference = run_study(grid, "tiny", tmp_path / "reference", data_dir=str(tiny_cifar), accelerator="cpu")
+
+    killed_run = dataclasses.replace(
+        grid.runs[1], callbacks=[(SignalAtStep, {"step": 3, "signum": int(signal.SIGTERM)})]
+    )
+    killed_grid = dataclasses.replace(grid, runs=[grid.runs[0], killed_run])
+    out = tmp_path / "out"
+    with pytest.raises(SIGTERMException):
+        run_study(killed_grid, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=lambda line: None)
+    assert (out / "resnet" / "interrupted.ckpt").is_file() and not (out / "resnet" / "result.json").exists()
+
+    lines: list[str] = []
+    results = run_study(grid, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=lines.append)
+    assert "finished earlier" in lines[0] and "continuing from" in lines[1]
+    assert not (out / "resnet" / "interrupted.ckpt").exists()  # the result is the record now
+    for key in ("steps", "test_acc", "final_train_loss", "verdict", "median_grad_norm"):
+        assert results[1][key] == reference[1][key], key
+    assert results[1]["curves"]["train_loss"] == reference[1]["curves"]["train_loss"]
+
+
+def test_a_run_killed_without_a_checkpoint_starts_over_with_its_old_logs_moved_aside(
+    tiny_cifar: Path, tmp_path: Path
+) -> None:
+    grid = load_grid(write_grid(tmp_path, TWO_RUNS))
+    out = tmp_path / "out"
+    stale = out / "plain" / "tensorboard"
+    stale.mkdir(parents=True)
+    (stale / "events.out.tfevents.0.partial").write_bytes(b"")  # a SIGKILLed attempt's log
+    one_run = dataclasses.replace(grid, runs=grid.runs[:1])
+    run_study(one_run, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=lambda line: None)
+    assert (out / "plain" / "tensorboard.abandoned-1" / "events.out.tfevents.0.partial").is_file()
+    assert not (out / "plain" / "tensorboard" / "events.out.tfevents.0.partial").exists()
+
+
+class BrokenCallbackError(Exception):
+    pass
+
+
+class FailsAtFirstBatch(Callback):
+    def on_train_batch_start(self, *args: object) -> None:
+        raise BrokenCallbackError("a bug")
+
+
+def test_a_run_that_fails_leaves_no_half_made_folder(tiny_cifar: Path, tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path, TWO_RUNS))
+    failing = dataclasses.replace(grid, runs=[dataclasses.replace(grid.runs[0], callbacks=[(FailsAtFirstBatch, {})])])
+    out = tmp_path / "out"
+    with pytest.raises(BrokenCallbackError):
+        run_study(failing, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=lambda line: None)
+    assert not (out / "plain").exists()
