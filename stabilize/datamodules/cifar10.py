@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -356,18 +357,29 @@ class CIFAR10DataModule(LightningDataModule):
     @override
     def state_dict(self) -> dict[str, Any]:
         """Where training stands, for an exact mid-epoch resume: the epoch, the training batches that reached the
-        model in it, and the augmentation's random state (single process; with several, each rank's stream
-        restarts from its seed, so the pixels after a resume differ from an uninterrupted run's)."""
+        model in it, and every process's augmentation random state (gathered from all ranks: Lightning calls this on
+        each of them when it saves a checkpoint)."""
         state: dict[str, Any] = {"epoch": self._position[0], "batches_consumed": self._position[1]}
-        if self.trainer is None or self.trainer.world_size == 1:
-            state["augmentation_generators"] = {str(d): g.get_state() for d, g in self._generators.items()}
+        own = {str(device): generator.get_state() for device, generator in self._generators.items()}
+        if self.trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            every: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(every, own)
+            state["augmentation_generators_per_rank"] = every
+        else:
+            state["augmentation_generators"] = own
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._position = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
         self._resume_position = self._position
-        self._generator_states = dict(state_dict.get("augmentation_generators", {}))
+        per_rank = state_dict.get("augmentation_generators_per_rank")
+        if per_rank is not None:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            own = per_rank[rank] if rank < len(per_rank) else {}  # more ranks than saved: the new ones start fresh
+        else:
+            own = state_dict.get("augmentation_generators", {})
+        self._generator_states = dict(own)
 
 
 def _is_loader_batch(batch: Any) -> bool:
