@@ -97,4 +97,8 @@ def test_two_nodes_with_torchrun_see_each_sample_once_and_match_one_process(tiny
 
     reference = json.loads((tmp_path / "one" / "rank0.json").read_text())["global_norms"]
     assert len(reference) == 5
-    assert ranks[0]["global_norms"] == pytest.approx(reference, rel=1e-4)
+    # Step 0: the same weights and the same global batch, the gradient averaged over two halves: only the float32
+    # summation order differs (~1e-6). Later steps start from weights that already differ by that rounding, amplified
+    # by every SGD step through an 8-layer plain net (up to 3e-4 seen after 4 steps): same training, not same bits.
+    assert ranks[0]["global_norms"][0] == pytest.approx(reference[0], rel=1e-5)
+    assert ranks[0]["global_norms"] == pytest.approx(reference, rel=2e-3)

@@ -30,7 +30,8 @@ def test_bench_datamodule(tmp_path: Path) -> None:
     lines = run_smoke("bench_datamodule.py", tmp_path)
     figures, paths = json.loads(lines[-3]), json.loads(lines[-1])
     assert figures["ours_images_per_s"] > 0 and figures["baseline_images_per_s"] > 0
-    assert figures["ratio"] == pytest.approx(figures["ours_images_per_s"] / figures["baseline_images_per_s"], rel=0.01)
+    # The benchmark prints the ratio rounded to one decimal: it is off the ratio of the printed rates by <= 0.05.
+    assert figures["ratio"] == pytest.approx(figures["ours_images_per_s"] / figures["baseline_images_per_s"], abs=0.051)
     assert set(paths["augmentation_only"]) == {"integer_shift_fast_path", "resampling_matrices"}
 
 

@@ -60,7 +60,9 @@ def test_dcgan_test_logs_classifier_fid_and_score(
     trainer = quiet_trainer(tmp_path, max_steps=2)
     trainer.fit(model, data)
     result = trainer.test(model, data, verbose=False)[0]
-    assert result["gan/classifier_fid"] > 0 and result["gan/classifier_is"] >= 1.0
+    # IS = exp(mean KL) >= 1 exactly; torchmetrics sums the KL terms in float32, so a generator whose samples all get
+    # the same class probabilities (two steps of training) can land a few float32 ulps below 1 (0.99999994 seen).
+    assert result["gan/classifier_fid"] > 0 and result["gan/classifier_is"] >= 1.0 - 1e-6
     assert model._fid_images == 30
     assert not any(key.startswith("_quality") for key in model.state_dict())
 
