@@ -10,9 +10,11 @@ Any other LightningModule or LightningDataModule can be named by its import path
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 # Imported for their side effect too: jsonargparse resolves short class names among the imported subclasses.
+import stabilize
 import stabilize.callbacks
 import stabilize.datamodules
-import stabilize.models  # noqa: F401
+import stabilize.models
 from stabilize.callbacks import InterruptCheckpoint
+from stabilize.cli_arguments import configs_command, overview, resolve_arguments
 from stabilize.errors import ConfigurationError, DataError, DataNotFoundError, StabilizeError, check_writable_folder
 
 DEFAULT_SEED = 42
@@ -169,11 +173,27 @@ def main(args: Sequence[str] | None = None) -> None:
     code 1 (2 for a setting); ``STABILIZE_DEBUG=1`` shows the traceback.
     """
     arguments = list(sys.argv[1:] if args is None else args)
+    _quiet_lightning_noise()
     try:
-        if arguments[:1] == ["study"]:
+        if not arguments or arguments[0] in ("-h", "--help"):
+            print(overview())
+            return
+        if arguments[0] == "--version":
+            print(f"stabilize {stabilize.__version__}")
+            return
+        if arguments[0] == "configs":
+            print(configs_command(arguments[1:]))
+            return
+        if arguments[0] == "study":
             from stabilize.study.command import study_main
 
             study_main(arguments[1:])
+            return
+        arguments = resolve_arguments(arguments)
+        if args is None:
+            # From the console script: Lightning reads sys.argv itself (given args too, it warns about both).
+            sys.argv = [sys.argv[0], *arguments]
+            StabilizeCLI()
         else:
             StabilizeCLI(args=arguments)
     except SIGTERMException:
@@ -184,6 +204,20 @@ def main(args: Sequence[str] | None = None) -> None:
             raise
         print(f"stabilize: error: {error}\n(set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigurationError) else 1)
+
+
+def _quiet_lightning_noise() -> None:
+    """Drop Lightning's promotional tips and a deprecation warning of Lightning's own code from the command's output
+    (the library, imported in Python, leaves the caller's logging and warnings alone)."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero_logger.filters):
+        rank_zero_logger.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,16 @@ class DataTypeError(StabilizeError, TypeError):
 
 
 class DataNotFoundError(StabilizeError, FileNotFoundError):
-    """The data is not where the settings say."""
+    """The data is not where the settings say.
+
+    Args:
+        message: What was searched and how to fix it.
+        searched: What was searched, without the fix (a command with other flags words its own fix around it).
+    """
+
+    def __init__(self, message: str, searched: str | None = None) -> None:
+        super().__init__(message)
+        self.searched = searched or message
 
 
 class TrainingDivergedError(StabilizeError, FloatingPointError):

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+import stabilize
 from stabilize.cli import DEFAULT_SEED, StabilizeCLI, main
 from tests.helpers.commands import stabilize_command
 
@@ -323,3 +327,83 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(
     error = capsys.readouterr().err
     assert f"{blocker} is a file, not a folder" in error and "Traceback" not in error
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_help_lists_every_subcommand_and_version_prints(capsys: pytest.CaptureFixture) -> None:
+    main(["--help"])
+    text = capsys.readouterr().out
+    for subcommand in ("fit", "validate", "test", "predict", "study", "configs"):
+        assert f"\n  {subcommand} " in text, subcommand
+    main(["--version"])
+    assert capsys.readouterr().out.strip() == f"stabilize {stabilize.__version__}"
+
+
+def test_configs_lists_the_shipped_ones_and_prints_one(capsys: pytest.CaptureFixture) -> None:
+    main(["configs"])
+    listing = capsys.readouterr().out
+    assert "resnet20 " in listing and "quickstart " in listing
+    main(["configs", "resnet20"])
+    assert capsys.readouterr().out == (REPO / "stabilize" / "configs" / "resnet20.yaml").read_text() + "\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit", "--model", "ResNt"], "--model 'ResNt': no such LightningModule. Did you mean 'ResNet'?"),
+        (["fit", "--model=ResNet", "--data=CIFAR10DataModul"], "Did you mean 'CIFAR10DataModule'?"),
+        (["fit", "--trainer.callbacks+=GradientHealthCallbak"], "Did you mean 'GradientHealthCallback'?"),
+        (["fit", "--config", "resnt20"], "No config 'resnt20': not a file, nor a shipped config"),
+        (["study", "quickstrt"], "No study grid 'quickstrt'"),
+    ],
+)
+def test_a_misspelt_name_is_one_message_with_the_right_name(
+    args: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error and len(error.splitlines()) == 2
+
+
+def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path: Path) -> None:
+    result = stabilize_command("fit", "--config", "resnet20", "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "class_path: stabilize.models.ResNet" in result.stdout
+    assert "args parameter is intended" not in result.stderr  # the console script lets Lightning read sys.argv
+
+
+def test_study_by_name_speaks_studys_flags_when_data_is_missing(tmp_path: Path) -> None:
+    result = stabilize_command("study", "quickstart", f"--data-dir={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "with --data-dir" in result.stderr and "--data.data_dir" not in result.stderr
+    assert not (tmp_path / "studies").exists()  # nothing half-made
+
+
+def test_the_wheel_ships_the_configs_and_grids(tmp_path: Path) -> None:
+    """Built and unpacked outside the checkout, the package finds its configs and grids by name."""
+    import zipfile
+
+    setuptools = pytest.importorskip("setuptools")
+    if tuple(int(part) for part in setuptools.__version__.split(".")[:2]) < (70, 1):
+        pytest.importorskip("wheel")  # older setuptools builds wheels only with the wheel package
+
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("stabilize-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "stabilize/configs/resnet20.yaml" in names and "stabilize/configs/study/quickstart.yaml" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = (
+        "import stabilize;from stabilize.study import load_grid;print(stabilize.__file__, load_grid('quickstart').name)"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.split() == [str(site / "stabilize" / "__init__.py"), "quickstart"]

@@ -192,10 +192,11 @@ class CIFAR10DataModule(LightningDataModule):
                 self._download()
                 folder = find_batches_folder(self.data_dir)
             if folder is None:
-                raise DataNotFoundError(
+                searched = (
                     f"CIFAR-10 not found: searched {self.data_dir.resolve()} and {(self.data_dir / FOLDER).resolve()}"
-                    f" for data_batch_1..5 and test_batch. {self._fixes()}"
+                    " for data_batch_1..5 and test_batch."
                 )
+                raise DataNotFoundError(f"{searched} {self._fixes()}", searched=searched)
         tensors = load_cifar10(folder)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from stabilize.errors import check_writable_folder
+from stabilize.datamodules.cifar10 import ENV_DATA_DIR, FOLDER
+from stabilize.errors import DataNotFoundError, check_writable_folder
+from stabilize.shipped import shipped_names
 from stabilize.study.grid import BUDGETS, load_grid
 from stabilize.study.runner import run_study
 
@@ -15,12 +18,16 @@ def study_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stabilize study",
         description=(
-            "Train every run of a grid (configs/study/*.yaml) with GradientHealthCallback and TensorBoard, and write"
+            "Train every run of a grid (a shipped one by name, or a YAML) with GradientHealthCallback and TensorBoard,"
+            " and write"
             " report.md, results.json, results.csv and plots. Finished runs are reused, so a killed study restarts"
             " where it stopped."
         ),
     )
-    parser.add_argument("--config", required=True, help="the grid YAML, e.g. configs/study/quickstart.yaml")
+    parser.add_argument(
+        "grid", nargs="?", help=f"a shipped grid's name ({', '.join(shipped_names('study'))}) or a grid YAML"
+    )
+    parser.add_argument("--config", help="the same as GRID (kept for scripts): a shipped grid's name or a YAML path")
     parser.add_argument(
         "--budget", default="cpu-small", help=f"data and epochs per run: {', '.join(BUDGETS)} (or one the grid defines)"
     )
@@ -31,9 +38,24 @@ def study_parser() -> argparse.ArgumentParser:
 
 
 def study_main(args: Sequence[str]) -> None:
-    options = study_parser().parse_args(list(args))
-    grid = load_grid(options.config)
+    parser = study_parser()
+    options = parser.parse_args(list(args))
+    if (options.grid is None) == (options.config is None):
+        parser.error("name one grid: `stabilize study quickstart` or `--config <grid.yaml>`")
+    grid = load_grid(options.grid or options.config)
     out = Path(options.out or Path("studies") / f"{grid.name}-{options.budget}")
     check_writable_folder(out, "--out")
     command = " ".join(["stabilize study", *args])
-    run_study(grid, options.budget, out, data_dir=options.data_dir, accelerator=options.accelerator, command=command)
+    # The topmost folder this study will create, removed again if the study fails before writing any file into it.
+    created = out if not out.exists() else None
+    while created is not None and not created.parent.exists():
+        created = created.parent
+    try:
+        run_study(grid, options.budget, out, options.data_dir, options.accelerator, command=command)
+    except DataNotFoundError as error:
+        raise DataNotFoundError(
+            f"{error.searched} Point the study at the folder holding {FOLDER}/ with --data-dir (or ${ENV_DATA_DIR})."
+        ) from error
+    finally:
+        if created is not None and created.is_dir() and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created)  # a study that failed before its first run leaves no empty folders behind

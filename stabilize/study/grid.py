@@ -16,6 +16,7 @@ import stabilize.callbacks
 import stabilize.datamodules
 import stabilize.models
 from stabilize.errors import ConfigurationError
+from stabilize.shipped import require_config
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,13 @@ class Grid:
 
 
 def load_grid(path: str | Path) -> Grid:
-    """Read a grid YAML (see ``configs/study/``); every entry is resolved and checked before anything trains.
+    """Read a grid YAML, a file or a shipped grid's name (``quickstart``: see :mod:`stabilize.shipped`); every entry
+    is resolved and checked before anything trains.
 
     Raises:
         ConfigurationError: Naming the entry, for an unknown class, a bad argument or a malformed file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigurationError(f"No study grid at {path}; the shipped grids are in configs/study/.")
+    path = require_config(str(path), "study")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("runs"), list) or not raw["runs"]:
         raise ConfigurationError(f"{path}: a grid needs a non-empty 'runs' list.")
