@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -30,7 +31,7 @@ import stabilize
 import stabilize.callbacks
 import stabilize.datamodules
 import stabilize.models
-from stabilize.callbacks import InterruptCheckpoint
+from stabilize.callbacks import InterruptCheckpoint, LineProgress
 from stabilize.cli_arguments import configs_command, overview, resolve_arguments
 from stabilize.errors import ConfigurationError, DataError, DataNotFoundError, StabilizeError, check_writable_folder
 
@@ -63,6 +64,16 @@ class StabilizeCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    @override
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # Lightning's bar redraws thousands of times into a log file: plain lines there instead.
+        listed = config.get("callbacks") or []
+        chosen = [*(listed if isinstance(listed, list) else [listed]), *callbacks]
+        wants_bar = config.get("enable_progress_bar") is not False
+        if wants_bar and not sys.stderr.isatty() and not any(isinstance(c, ProgressBar) for c in chosen):
+            callbacks = [*callbacks, LineProgress()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:
         try:

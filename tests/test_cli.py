@@ -407,3 +407,22 @@ def test_the_wheel_ships_the_configs_and_grids(tmp_path: Path) -> None:
     shown = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert shown.stdout.split() == [str(site / "stabilize" / "__init__.py"), "quickstart"]
+
+
+def test_a_log_file_gets_plain_lines_not_redraws_nor_tips(tiny_cifar: Path, tmp_path: Path) -> None:
+    """Output that is not a terminal: LineProgress instead of the bar, no carriage returns, no promotional tip."""
+    result = stabilize_command(
+        "fit",
+        "--model=ResNet",
+        "--model.depth=8",
+        *tiny_data_args(tiny_cifar),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "\r" not in output and "Tip:" not in output and "LeafSpec" not in output
+    assert "epoch 0 done  step 10" in result.stderr

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
-from stabilize.callbacks import GradientHealthCallback, InterruptCheckpoint
+from stabilize.callbacks import GradientHealthCallback, InterruptCheckpoint, LineProgress
 from stabilize.health.records import jsonable
 from stabilize.study.grid import Budget, Grid, RunSpec, check_runs, data_arguments
 from stabilize.study.recorder import StudyRecorder
@@ -140,7 +141,7 @@ def _train(
                 INTERRUPTED.removesuffix(".ckpt"),
                 resume_hint="Rerun the same `stabilize study` command: it continues this run from there.",
             ),
-            *([_RunProgressBar(run.name)] if trainer_args.get("enable_progress_bar", True) else []),
+            *([_progress(run.name)] if trainer_args.get("enable_progress_bar", True) else []),
         ],
         default_root_dir=run_dir,
         **trainer_args,
@@ -156,6 +157,11 @@ def _train(
     return collect(
         run.name, model_name, recorder, health, train_accuracy, test_acc, trainer.global_step, test_loss=test_loss
     )
+
+
+def _progress(name: str) -> Callback:
+    """Lightning's bar on a terminal; plain lines into a log file (no redraws)."""
+    return _RunProgressBar(name) if sys.stderr.isatty() else LineProgress(prefix=name)
 
 
 class _RunProgressBar(TQDMProgressBar):
