@@ -231,6 +231,8 @@ class GradientHealthCallback(Callback):
         #: The last non-finite step warned about per optimizer, so that a run of them is warned about once.
         self._nonfinite_warned: dict[int, int] = {}
         self._stopped_by: str | None = None
+        #: The optimizer steps this fit will take (Lightning's estimate; inf when unbounded).
+        self._total_steps: float = math.inf
 
     # ---------------------------------------------------------------------------------------- setup and teardown
     @override
@@ -265,6 +267,13 @@ class GradientHealthCallback(Callback):
             # Learn the forward order from the first training forward pass, then remove the hooks. Compiled
             # networks keep registration order (hooks added and removed would force a recompile).
             self._forward_order.watch(pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        try:
+            self._total_steps = float(trainer.estimated_stepping_batches)
+        except (TypeError, ValueError, RuntimeError):  # a loader without a length: no known end
+            self._total_steps = math.inf
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -406,6 +415,7 @@ class GradientHealthCallback(Callback):
                     step,
                     self.flow_figure,
                     own_step,
+                    final=len(trainer.optimizers) <= 1 and step + self._every >= self._total_steps,
                 )
         self._activations.stats.clear()
 

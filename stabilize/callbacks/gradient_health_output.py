@@ -128,17 +128,19 @@ class HealthOutput:
         step: int,
         draw: Callable[[list[str], list[float]], Figure],
         own_step: int | None = None,
+        final: bool = False,
     ) -> None:
         """Histograms and the flow figure of a logging step, each when its cadence says so (TensorBoard only).
         ``step`` is where they are written; ``own_step`` (default ``step``), the optimizer's own step count the
-        cadences run on."""
+        cadences run on. ``final``: the last logging step of the run, drawn whatever the cadences say, so that
+        TensorBoard shows the gradient flow at the end of training, not only an early step."""
         writers = self.tensorboard_writers(loggers)
         histograms, figures = self.cadences(prefix)
         own_step = step if own_step is None else own_step
         # Sharded gradients (FSDP2) would be one process's slice: no histogram rather than a wrong one.
-        if writers and not layers.sharded and histograms.due(own_step):
+        if writers and not layers.sharded and (histograms.due(own_step) or (final and histograms.every)):
             self.write_histograms(writers, f"grad_hist/{prefix}", gradient_histograms(layers, positions), step)
-        if writers and figures.due(own_step):
+        if writers and (figures.due(own_step) or (final and figures.every)):
             names = list(record["layers"])
             figure = draw(names, [record["layers"][name]["grad_norm"] for name in names])
             self.write_figure(writers, f"grad_health/{prefix}flow", figure, step)

@@ -18,7 +18,8 @@ from stabilize.health.layers import LayerIndex
 from stabilize.health.norms import stored_values
 
 HISTOGRAM_BINS = 64
-_MAX_TICKS = 24
+#: Layer labels on the depth axis, at most: more are unreadable at TensorBoard's card size (~500 px wide).
+_MAX_TICKS = 14
 
 
 def flow_figure(
@@ -33,7 +34,8 @@ def flow_figure(
     which a log axis cannot show, are marked on its lower and upper edges."""
     finite = [n if math.isfinite(n) and n > 0 else math.nan for n in norms]
     shown = [n for n in finite if math.isfinite(n)]
-    figure = Figure(figsize=(max(6.0, 0.18 * len(names)), 4.0), dpi=80)
+    # A fixed size: TensorBoard shows figures scaled to its card's width, so a wider figure only shrinks the text.
+    figure = Figure(figsize=(7.0, 4.2), dpi=90)
     # Fixed margins instead of tight_layout, which costs a full extra layout pass per drawing.
     figure.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.32)
     axis = figure.add_subplot()
@@ -57,10 +59,21 @@ def flow_figure(
     axis.set_ylabel("gradient L2 norm")
     stride = max(1, len(names) // _MAX_TICKS)
     axis.set_xticks(depth[::stride])
-    axis.set_xticklabels([names[i] for i in depth[::stride]], rotation=70, ha="right", fontsize=6)
-    axis.legend(loc="upper left", fontsize=7)
+    labels = short_names(names)
+    axis.set_xticklabels([labels[i] for i in depth[::stride]], rotation=60, ha="right", fontsize=8)
+    axis.legend(loc="upper left", fontsize=8)
     axis.set_title(title)
     return figure
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """Layer names without the dotted prefix they all share (``network.stages.0.1.conv2`` -> ``stages.0.1.conv2``
+    when every layer is under ``network.``), so that axis labels stay short."""
+    parts = [name.split(".") for name in names]
+    shared = 0
+    while parts and all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    return [".".join(p[shared:]) for p in parts]
 
 
 def temporal_figure(norms: Sequence[float], title: str = "Gradient over time steps") -> Figure:
