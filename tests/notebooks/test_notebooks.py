@@ -23,3 +23,24 @@ def test_notebook_runs_in_smoke_mode(path: Path, monkeypatch: pytest.MonkeyPatch
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the plots were drawn
     assert "Gradient health after" in text  # the diagnosis was printed
+
+
+def test_the_committed_notebook_says_what_its_outputs_show() -> None:
+    """The sentences of "Reading the run" against the verdicts and losses the committed run printed."""
+    notebook = nbformat.read(NOTEBOOKS[0].parent / "vanishing_gradients.ipynb", as_version=4)
+    outputs = ["".join(o.get("text", "") for o in cell.outputs) for cell in notebook.cells if cell.cell_type == "code"]
+    if any("smoke run" in text for text in outputs):
+        pytest.skip("the committed notebook holds a smoke run")
+    (reading,) = [text for text in outputs if "verdict: " in text]
+    runs = {}
+    for line in reading.strip().splitlines():
+        name, rest = line.split(" loss ", 1)
+        losses, verdict = rest.split("   verdict: ", 1)
+        first, last = (float(v) for v in losses.split(" -> "))
+        runs[name.strip()] = (first, last, verdict)
+    sigmoid, relu = runs["plain, sigmoid, small init"], runs["plain, relu, He init"]
+    batchnorm, resnet = runs["BatchNorm, sigmoid, small init"], runs["ResNet-20"]
+    assert sigmoid[2].startswith("vanishing") and sigmoid[1] > 2.25  # vanishing, loss at chance
+    assert relu[2].startswith("healthy") and relu[0] - relu[1] < 0.1  # not learning, yet no gradient finding
+    assert max(batchnorm[1], resnet[1]) < min(sigmoid[1], relu[1]) and resnet[1] < batchnorm[1]
+    assert "/work/" not in "".join(outputs) and "Tip:" not in "".join(outputs)  # no local paths, no promotions
