@@ -4,9 +4,6 @@ import contextlib
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from stabilize.callbacks import GradientHealthCallback
 from stabilize.health import verdict, verdict_class
 from stabilize.models import BatchNormCNN, DeepPlainCNN, ResNet
 from tests.callbacks.helpers import GradientProbe, TinyMLP
+from tests.helpers.commands import python_script
 from tests.helpers.data import SyntheticImages
 from tests.helpers.trainer import quiet_trainer
 
@@ -517,29 +515,28 @@ if trainer.is_global_zero:
 """
 
 
+@pytest.fixture(scope="module")
+def single_process_history(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The reference of the distributed tests, run once for all of them."""
+    return distributed_history(tmp_path_factory.mktemp("single"), 1, "single")
+
+
 def distributed_history(tmp_path: Path, devices: int, strategy: str) -> list[dict]:
     script = tmp_path / "distributed_run.py"
     script.write_text(DISTRIBUTED_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore"}
     out = tmp_path / f"history_{strategy}.json"
-    result = subprocess.run(
-        [sys.executable, str(script), str(devices), strategy, str(out)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    python_script(script, str(devices), strategy, str(out), cwd=tmp_path)
     return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_distributed_numbers_equal_the_single_process_run(tmp_path: Path, strategy: str) -> None:
+def test_distributed_numbers_equal_the_single_process_run(
+    tmp_path: Path, strategy: str, single_process_history: list[dict]
+) -> None:
     """DDP all-reduces the gradients itself; under FSDP2 every process holds a shard of each parameter and the
     callback all-reduces the squared norms. Either way every number is the single process's, up to float32
     summation order (~1e-6 relative: the 16-sample mean is summed in two halves)."""
-    single, distributed = distributed_history(tmp_path, 1, "single"), distributed_history(tmp_path, 2, strategy)
+    single, distributed = single_process_history, distributed_history(tmp_path, 2, strategy)
     assert [r["step"] for r in distributed] == [0, 1, 2]
     for one, two in zip(single, distributed):
         assert two["global_norm"] == pytest.approx(one["global_norm"], rel=1e-5)

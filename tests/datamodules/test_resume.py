@@ -12,6 +12,7 @@ from lightning.pytorch import seed_everything
 from stabilize.callbacks import GradientHealthCallback, InterruptCheckpoint
 from stabilize.datamodules import CIFAR10DataModule
 from stabilize.models import ResNet
+from tests.helpers.commands import python_script
 from tests.helpers.signals import SignalAtStep
 from tests.helpers.trainer import quiet_trainer
 
@@ -57,7 +58,7 @@ seed_everything(0)
 model = ResNet(depth=8, lr=0.05, scheduler="constant")
 data = CIFAR10DataModule(data_dir, val_size=40, batch_size=16)  # 160 images: 5 steps of 2 x 16 per epoch
 every = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1, filename="{step}")
-trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, limit_val_batches=0, logger=False,
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=6, limit_val_batches=0, logger=False,
                   enable_progress_bar=False, enable_model_summary=True, callbacks=[every], default_root_dir=root)
 trainer.fit(model, data, ckpt_path=resume)
 """
@@ -66,24 +67,11 @@ trainer.fit(model, data, ckpt_path=resume)
 def test_ddp_resume_restores_every_ranks_augmentation(tiny_cifar: Path, tmp_path: Path) -> None:
     """Two processes, each augmenting its half of every batch with its own random stream: resumed mid-epoch 0
     from step 3, the weights at step 6 equal the uninterrupted run's (rank 1's stream is in the checkpoint too)."""
-    import os
-    import subprocess
-    import sys
-
     script = tmp_path / "ddp_resume.py"
     script.write_text(DDP_RESUME_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore"}
 
     def run(root: Path, *resume: str) -> None:
-        result = subprocess.run(
-            [sys.executable, str(script), str(tiny_cifar), str(root), *resume],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        python_script(script, str(tiny_cifar), str(root), *resume, cwd=tmp_path)
 
     run(tmp_path / "whole")
     run(tmp_path / "resumed", str(tmp_path / "whole" / "step=3.ckpt"))

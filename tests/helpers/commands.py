@@ -16,3 +16,14 @@ def stabilize_command(*args: str, cwd: Path, env: dict[str, str] | None = None) 
     return subprocess.run(
         [sys.executable, "-m", "stabilize", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
     )
+
+
+def python_script(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a test's own Python script (e.g. one Lightning relaunches per DDP rank), the repository importable;
+    fails the test with the end of stderr when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
