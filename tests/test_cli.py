@@ -398,6 +398,7 @@ def test_the_wheel_ships_the_configs_and_grids(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("stabilize-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "stabilize/configs/resnet20.yaml" in names and "stabilize/configs/study/quickstart.yaml" in names
+    assert "stabilize/assets/cifar10-resnet20-classifier.ckpt" in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     env = {**os.environ, "PYTHONPATH": str(site)}

@@ -1,5 +1,17 @@
 """Metrics that need no download: image quality measured with a classifier this project trains."""
 
-from stabilize.metrics.classifier_features import ClassifierFeatures, classifier_quality_metrics, quality_metrics
+from stabilize.metrics.classifier_features import (
+    SHIPPED_CLASSIFIER,
+    ClassifierFeatures,
+    classifier_quality_metrics,
+    quality_metrics,
+    shipped_classifier,
+)
 
-__all__ = ["ClassifierFeatures", "classifier_quality_metrics", "quality_metrics"]
+__all__ = [
+    "SHIPPED_CLASSIFIER",
+    "ClassifierFeatures",
+    "classifier_quality_metrics",
+    "quality_metrics",
+    "shipped_classifier",
+]

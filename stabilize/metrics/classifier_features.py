@@ -9,6 +9,7 @@ between runs that use the same classifier checkpoint, never with published FIDs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -64,6 +65,7 @@ class ClassifierFeatures(nn.Module):
         rebuild it; a ResNet-20 from ``configs/resnet20.yaml`` is the reference)."""
         from stabilize.models import ImageClassifier
 
+        path = shipped_classifier() if str(path) == SHIPPED_CLASSIFIER else path
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
         model_class = _classifier_class(checkpoint, path)
         # The stabilize command stores its own keys (``_class_path``, ...) beside the arguments.
@@ -102,6 +104,16 @@ def classifier_quality_metrics(checkpoint: str | Path) -> dict[str, FrechetIncep
     }
 
 
+#: The name of the classifier that ships with the package (a ResNet-20 trained here on CIFAR-10, 1.1 MB): pass it
+#: wherever a classifier checkpoint is asked for (``--model.fid_checkpoint cifar10-resnet20``).
+SHIPPED_CLASSIFIER = "cifar10-resnet20"
+
+
+def shipped_classifier() -> Path:
+    """The file of :data:`SHIPPED_CLASSIFIER` inside the installed package."""
+    return Path(str(resources.files("stabilize") / "assets" / "cifar10-resnet20-classifier.ckpt"))
+
+
 #: ``quality_metrics("inception")``: the standard metrics, on torch-fidelity's Inception-v3.
 STANDARD_INCEPTION = "inception"
 
@@ -118,8 +130,8 @@ def quality_metrics(source: str | Path) -> dict[str, FrechetInceptionDistance | 
     if str(source) != STANDARD_INCEPTION:
         return dict(classifier_quality_metrics(source))
     offline = (
-        "Use a classifier of this project instead (e.g. --model.fid_checkpoint"
-        " docs/results/gan/resnet20-classifier.ckpt): its classifier-FID needs no download."
+        f"Use a classifier of this project instead (e.g. the shipped one, --model.fid_checkpoint"
+        f" {SHIPPED_CLASSIFIER}): its classifier-FID needs no download."
     )
     try:
         return {

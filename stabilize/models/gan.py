@@ -50,8 +50,9 @@ class DCGAN(LightningModule):
         sample_every_n_steps: Every this many generator steps, log a grid of images generated from a fixed noise
             batch (``gan/samples``, TensorBoard). 0 disables it.
         num_samples: Images in that grid (the fixed noise is part of the checkpoint).
-        fid_checkpoint: A checkpoint of a classifier trained here (e.g. ``configs/resnet20.yaml``): ``test`` then
-            logs ``gan/classifier_fid`` and ``gan/classifier_is`` on its features (see
+        fid_checkpoint: A checkpoint of a classifier trained here (e.g. ``configs/resnet20.yaml``;
+            ``"cifar10-resnet20"`` names the one that ships with the package): ``test`` then logs
+            ``gan/classifier_fid`` and ``gan/classifier_is`` on its features (see
             :mod:`stabilize.metrics.classifier_features`: comparable only between runs with the same checkpoint).
             ``"inception"``: the standard ``gan/fid`` and ``gan/inception_score`` instead, where torch-fidelity and
             its Inception weights are present locally.

@@ -77,3 +77,12 @@ def test_the_standard_inception_metrics_say_what_they_need_when_it_is_missing() 
             quality_metrics("inception")
     else:
         pytest.skip("torch-fidelity is installed here")
+
+
+def test_the_shipped_classifier_is_found_by_name() -> None:
+    from stabilize.metrics import SHIPPED_CLASSIFIER, shipped_classifier
+
+    assert shipped_classifier().is_file()
+    features = ClassifierFeatures.from_checkpoint(SHIPPED_CLASSIFIER)
+    images = torch.rand(4, 3, 32, 32)
+    assert features(images).shape == (4, features.num_features) and features.num_features == 64
