@@ -27,7 +27,7 @@ from torch import Tensor
 
 from stabilize.health.collapse import gradient_collapse, loss_fell_with_it
 from stabilize.health.counters import DeviceCounters
-from stabilize.health.criteria import CEILING_LOSS_FLOOR, CEILING_PERSISTENCE, DEAD_UNITS_FRACTION, HealthCriteria
+from stabilize.health.criteria import DEAD_UNITS_FRACTION, HealthCriteria
 from stabilize.health.explosions import classify_spikes
 from stabilize.health.layers import LayerIndex
 from stabilize.health.records import (
@@ -38,6 +38,7 @@ from stabilize.health.records import (
     SpikeEvent,
     StepRecord,
 )
+from stabilize.health.spike_counting import count_spikes
 
 
 class Observation(NamedTuple):
@@ -159,59 +160,13 @@ class GradientMonitor:
             loss = loss.detach().float().to(norms.device)
             counters.loss_sum += loss
             counters.loss_count += 1
-        self._count_spikes(step, counters, counted, median, finite, loss)
+        judged = self._window_position >= criteria.judged_after
+        count_spikes(criteria, counters, step, counted, median, finite, loss, judged)
         window[self._window_position % criteria.median_window] = torch.where(finite, counted, torch.nan)
         self._window_position += 1
         self.steps += 1
         self.last_step = step
         return Observation(positions, norms, total, median, tensor_nonfinite)
-
-    def _count_spikes(
-        self, step: int, counters: DeviceCounters, total: Tensor, median: Tensor, finite: Tensor, loss: Tensor | None
-    ) -> None:
-        criteria = self.criteria
-        # No relative judgement while the window holds too few norms: a median of one early step says nothing.
-        if self._window_position >= criteria.judged_after:
-            spike = finite & (total > criteria.exploding_factor * median)
-            ratio = total / median
-        else:
-            spike, ratio = torch.zeros_like(finite), torch.zeros_like(total)
-        out_of_range = self._out_of_range(counters, total, finite, loss)
-        if out_of_range is not None:
-            counters.ceiling_steps += out_of_range
-            counters.ceiling_run.add_(1).mul_(out_of_range)
-            counters.persistent_ceiling += out_of_range & (counters.ceiling_run >= CEILING_PERSISTENCE)
-            spike = spike | out_of_range
-        counters.spikes += spike
-        counters.spike_first = torch.where(spike & (counters.spike_first < 0), step, counters.spike_first)
-        counters.spike_last = torch.where(spike, step, counters.spike_last)
-        counters.spike_max_norm = torch.where(
-            spike, torch.maximum(counters.spike_max_norm, total), counters.spike_max_norm
-        )
-        counters.spike_max_ratio = torch.where(
-            spike, torch.fmax(counters.spike_max_ratio, ratio), counters.spike_max_ratio
-        )
-        counters.spike_run.add_(1).mul_(spike)
-        torch.maximum(counters.spike_longest_run, counters.spike_run, out=counters.spike_longest_run)
-        counters.persistent_spikes += spike & (counters.spike_run >= criteria.spike_persistence)
-
-    def _out_of_range(
-        self, counters: DeviceCounters, total: Tensor, finite: Tensor, loss: Tensor | None
-    ) -> Tensor | None:
-        """Whether the step's norm is above a ceiling (``None`` when no ceiling applies), on the device."""
-        criteria = self.criteria
-        flags = []
-        if criteria.exploding_threshold is not None:
-            flags.append(finite & (total > criteria.exploding_threshold))
-        if criteria.gradient_to_loss_ceiling is not None and loss is not None:
-            size = loss.abs()
-            known = torch.isfinite(size)
-            counters.first_loss.copy_(torch.where(known & (counters.first_loss < 0), size, counters.first_loss))
-            judged = finite & known & (size >= CEILING_LOSS_FLOOR * counters.first_loss)
-            flags.append(judged & (total > criteria.gradient_to_loss_ceiling * size))
-        if not flags:
-            return None
-        return flags[0] if len(flags) == 1 else flags[0] | flags[1]
 
     def nonfinite_layers(self, observation: Observation) -> list[str]:
         """Layers with a non-finite gradient in ``observation``, in forward order (one host read)."""
