@@ -33,8 +33,14 @@ class ImageClassifier(TrainingRecipe):
     Args:
         num_classes: Number of classes (size of the logits).
         in_channels: Channels of the input images.
-        optimizer, lr, momentum, nesterov, betas, weight_decay, scheduler, warmup_fraction: The optimizer and the
-            learning-rate schedule, see :class:`~stabilize.models.recipe.TrainingRecipe`.
+        optimizer: The optimizer, see :class:`~stabilize.models.recipe.TrainingRecipe` (as for the next five).
+        lr: Peak learning rate.
+        momentum: SGD/RMSprop momentum.
+        nesterov: Nesterov momentum for SGD.
+        betas: Adam/AdamW betas.
+        weight_decay: Weight decay.
+        scheduler: The learning-rate schedule.
+        warmup_fraction: Share of the steps spent warming the learning rate up.
         label_smoothing: Label smoothing of the training loss. Validation and test losses are plain
             cross-entropy so that they stay comparable across runs.
         channels_last: Run the network in ``torch.channels_last`` memory format (faster convolutions on GPUs).

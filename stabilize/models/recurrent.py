@@ -94,8 +94,14 @@ class RecurrentNet(TrainingRecipe):
         init: ``"default"``, ``"orthogonal"`` or ``"identity"`` (see :func:`init_recurrent`).
         recurrent_gain: Multiplies the recurrent matrices after the init (above 1 makes a vanilla RNN explode).
         layer_norm: LayerNorm on each layer's output sequence.
-        **kwargs: Optimizer and schedule of :class:`TrainingRecipe` (defaults here: Adam, LR 1e-3, no weight decay,
-            constant LR).
+        optimizer: The optimizer, as for :class:`TrainingRecipe` (here Adam by default).
+        lr: Peak learning rate (1e-3 by default).
+        momentum: SGD/RMSprop momentum.
+        nesterov: Nesterov momentum for SGD.
+        betas: Adam/AdamW betas.
+        weight_decay: Weight decay (none by default).
+        scheduler: The learning-rate schedule (constant by default).
+        warmup_fraction: Share of the steps spent warming the learning rate up.
 
     Raises:
         ConfigurationError: For an unknown cell, init or output kind, or a non-positive size or gain.
