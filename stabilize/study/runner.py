@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -56,7 +57,11 @@ def run_study(
             result: RunResult = json.loads(saved.read_text())
             echo(f"run {number}/{len(grid.runs)} {run.name}: finished earlier, reusing {saved}")
         else:
-            result = _train_once(grid, run, budget, out, data_dir, accelerator, echo)
+            result = _train_once(
+                out / run.name,
+                functools.partial(_train, grid, run, budget, out, data_dir, accelerator),
+                echo,
+            )
             saved.write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
             (out / run.name / INTERRUPTED).unlink(missing_ok=True)  # the result is the record now
             if result["test_acc"] is not None:
@@ -76,27 +81,19 @@ def run_study(
     return results
 
 
-def _train_once(
-    grid: Grid,
-    run: RunSpec,
-    budget: Budget,
-    out: Path,
-    data_dir: str | None,
-    accelerator: str,
-    echo: Callable[[str], None],
-) -> RunResult:
-    """Train one run: from its interrupted checkpoint when there is one, else from scratch with the logs of an
-    abandoned attempt moved aside; a failure other than an interruption removes the folder this attempt made."""
-    run_dir = out / run.name
+def _train_once(run_dir: Path, train: Callable[[Path | None], RunResult], echo: Callable[[str], None]) -> RunResult:
+    """Train one run (``train(checkpoint)``): from its interrupted checkpoint when there is one, else from scratch
+    with the logs of an abandoned attempt moved aside; a failure other than an interruption removes the folder this
+    attempt made."""
     fresh = not run_dir.exists()
     checkpoint = run_dir / INTERRUPTED
     if checkpoint.is_file():
-        echo(f"run {run.name}: continuing from {checkpoint}")
+        echo(f"run {run_dir.name}: continuing from {checkpoint}")
     elif (run_dir / "tensorboard").exists():
         attempt = 1 + sum(1 for _ in run_dir.glob("tensorboard.abandoned-*"))
         (run_dir / "tensorboard").rename(run_dir / f"tensorboard.abandoned-{attempt}")
     try:
-        return _train(grid, run, budget, out, data_dir, accelerator, checkpoint if checkpoint.is_file() else None)
+        return train(checkpoint if checkpoint.is_file() else None)
     except BaseException:
         if fresh and not checkpoint.is_file():
             shutil.rmtree(run_dir, ignore_errors=True)
