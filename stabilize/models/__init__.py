@@ -7,6 +7,7 @@ from stabilize.models.plain import BatchNormCNN, DeepPlainCNN, PlainCNN
 from stabilize.models.recipe import TrainingRecipe
 from stabilize.models.recurrent import RecurrentNet
 from stabilize.models.resnet import FixupResNet, ResNet
+from stabilize.models.transformer import TransformerLM
 
 __all__ = [
     "DCGAN",
@@ -19,4 +20,5 @@ __all__ = [
     "RecurrentNet",
     "ResNet",
     "TrainingRecipe",
+    "TransformerLM",
 ]

@@ -1,0 +1,213 @@
+"""TransformerLM: a decoder-only language model whose stability knobs are arguments (normalization placement,
+QK-norm, z-loss, residual scaling, initialisation)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import override
+
+from stabilize.errors import ConfigurationError, DataError, check_integers
+from stabilize.models.recipe import OptimizerName, SchedulerName, TrainingRecipe
+
+NormPosition = Literal["pre", "post"]
+ResidualScaling = Literal["none", "deepnorm"]
+TransformerInit = Literal["gpt2", "default"]
+
+
+class Block(nn.Module):
+    """One transformer block: causal self-attention and an MLP, each a residual branch, normalized before the branch
+    (``"pre"``: ``x + f(LN(x))``) or after the sum (``"post"``: ``LN(a * x + f(x))``, with DeepNorm's ``a`` when
+    residual scaling is on). ``qk_norm`` normalizes queries and keys per head before their dot product."""
+
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: int, norm_position: str, qk_norm: bool, residual_gain: float
+    ) -> None:
+        super().__init__()
+        self.heads, self.norm_position, self.residual_gain = heads, norm_position, residual_gain
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.q_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def attention(self, x: Tensor) -> Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).unbind(2)
+        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.norm_position == "pre":
+            x = x + self.attention(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(self.residual_gain * x + self.attention(x))
+        return self.norm2(self.residual_gain * x + self.mlp(x))
+
+
+class TransformerLM(TrainingRecipe):
+    """A decoder-only transformer for next-token prediction (``(N, T)`` token indices in, ``(N, T, vocab)`` logits
+    out), on :class:`~stabilize.models.recipe.TrainingRecipe`'s optimizers and schedules (AdamW with betas
+    (0.9, 0.95) and a warm-up by default, as nanoGPT). Logs ``train/loss``, ``val/loss`` (nats per token).
+
+    The knobs the transformer-stability literature turns are arguments: ``norm_position`` (pre-LN trains without a
+    warm-up; post-LN needs one, Xiong et al. 2020), ``qk_norm`` and ``z_loss`` (Wortsman et al. 2023: attention-logit
+    growth and output-logit divergence at high learning rates), ``residual_scaling="deepnorm"`` (Wang et al. 2022:
+    post-LN residuals scaled by ``(2 depth)^(1/4)``, branch weights by ``(8 depth)^(-1/4)``) and ``init="gpt2"``
+    (N(0, 0.02), residual projections scaled by ``1/sqrt(2 depth)``).
+
+    Args:
+        vocab_size: Tokens in the vocabulary (``CharTextDataModule.vocab_size``).
+        context: Longest sequence (positions are learned).
+        depth: Transformer blocks.
+        width: Model width.
+        heads: Attention heads (``width`` divisible by it).
+        mlp_ratio: MLP hidden width over ``width``.
+        norm_position: ``"pre"`` or ``"post"``.
+        qk_norm: LayerNorm on queries and keys per head.
+        z_loss: Weight of ``log(Z)^2`` (the softmax normalizer of the output logits) added to the training loss.
+        residual_scaling: ``"none"`` or ``"deepnorm"`` (post-LN only).
+        init: ``"gpt2"`` or ``"default"`` (PyTorch's).
+        tie_embeddings: Share the input embedding and the output head's weight.
+        optimizer: The optimizer, as for :class:`~stabilize.models.recipe.TrainingRecipe` (AdamW here).
+        lr: Peak learning rate.
+        momentum: SGD/RMSprop momentum.
+        nesterov: Nesterov momentum for SGD.
+        betas: Adam/AdamW betas ((0.9, 0.95) here).
+        weight_decay: Decoupled weight decay of the matrices (0.1 here).
+        scheduler: The learning-rate schedule (cosine here).
+        warmup_fraction: Share of the steps warming the learning rate up (0.05 here).
+
+    Raises:
+        ConfigurationError: For a size out of range, ``width`` not divisible by ``heads`` or an unknown option.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 65,
+        context: int = 64,
+        depth: int = 4,
+        width: int = 128,
+        heads: int = 4,
+        mlp_ratio: int = 4,
+        norm_position: NormPosition = "pre",
+        qk_norm: bool = False,
+        z_loss: float = 0.0,
+        residual_scaling: ResidualScaling = "none",
+        init: TransformerInit = "gpt2",
+        tie_embeddings: bool = True,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.1,
+        scheduler: SchedulerName = "cosine",
+        warmup_fraction: float = 0.05,
+    ) -> None:
+        check_integers(
+            1, vocab_size=vocab_size, context=context, depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio
+        )
+        if width % heads:
+            raise ConfigurationError(f"width ({width}) must be divisible by heads ({heads}).")
+        for name, value, kind in (
+            ("norm_position", norm_position, NormPosition),
+            ("residual_scaling", residual_scaling, ResidualScaling),
+            ("init", init, TransformerInit),
+        ):
+            if value not in get_args(kind):
+                raise ConfigurationError(f"{name} must be one of {', '.join(get_args(kind))}; got {value!r}.")
+        if residual_scaling == "deepnorm" and norm_position != "post":
+            raise ConfigurationError("residual_scaling='deepnorm' scales post-LN residuals: use norm_position='post'.")
+        if not (math.isfinite(z_loss) and z_loss >= 0):
+            raise ConfigurationError(f"z_loss must be a non-negative number, got {z_loss}.")
+        super().__init__(optimizer, lr, momentum, nesterov, betas, weight_decay, scheduler, warmup_fraction)
+        deepnorm = residual_scaling == "deepnorm"
+        gain = (2 * depth) ** 0.25 if deepnorm else 1.0
+        self.embed = nn.Embedding(vocab_size, width)
+        self.position = nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, norm_position, qk_norm, gain) for _ in range(depth))
+        # Pre-LN ends with a normalization of the residual stream; post-LN's last block already normalized it.
+        self.final_norm = nn.LayerNorm(width) if norm_position == "pre" else nn.Identity()
+        self.head = nn.Linear(width, vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+        self._initialise(init, depth, (8 * depth) ** -0.25 if deepnorm else 1.0)
+
+    def _initialise(self, init: str, depth: int, branch_scale: float) -> None:
+        if init == "gpt2":
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=0.02)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            assert isinstance(block, Block)
+            for projection in (block.proj, block.mlp[2]):
+                assert isinstance(projection, nn.Linear)
+                with torch.no_grad():
+                    if init == "gpt2":
+                        projection.weight.mul_(1 / math.sqrt(2 * depth))
+                    projection.weight.mul_(branch_scale)
+
+    @override
+    def forward(self, tokens: Tensor) -> Tensor:
+        context = self.hparams["context"]
+        if tokens.ndim != 2 or tokens.is_floating_point() or tokens.shape[1] > context:
+            raise DataError(
+                f"TransformerLM expects integer tokens of shape (N, T) with T <= context = {context}; got"
+                f" {tokens.dtype} of shape {tuple(tokens.shape)}."
+            )
+        x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.final_norm(x))
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        tokens, targets = batch
+        logits = self(tokens)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        self.log(f"{stage}/loss", loss.detach(), on_step=stage == "train", on_epoch=True, prog_bar=stage != "train")
+        if stage == "train" and self.hparams["z_loss"]:
+            loss = loss + self.hparams["z_loss"] * torch.logsumexp(logits.float(), dim=-1).square().mean()
+        return loss
+
+    @override
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    @override
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    @torch.no_grad()
+    def generate(
+        self, prompt: Tensor, new_tokens: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``prompt`` ``(N, T)`` followed by ``new_tokens`` tokens sampled one at a time (the last ``context``
+        tokens condition each), in eval mode."""
+        was_training = self.training
+        self.eval()
+        tokens = prompt
+        for _ in range(new_tokens):
+            logits = self(tokens[:, -self.hparams["context"] :])[:, -1] / temperature
+            probabilities = torch.softmax(logits.float(), dim=-1)
+            tokens = torch.cat([tokens, torch.multinomial(probabilities, 1, generator=generator)], dim=1)
+        self.train(was_training)
+        return tokens
+
+    @override
+    def gradient_health_hints(self) -> dict[str, Any]:
+        hints = super().gradient_health_hints()
+        advice = (
+            "transformers: pre-LN (--model.norm_position pre) trains without a long warm-up; qk_norm and z_loss keep"
+            " attention and output logits from growing at high learning rates"
+        )
+        hints["exploding"] = f"{hints['exploding']}; {advice}"
+        return hints
