@@ -4,5 +4,6 @@ from stabilize.callbacks.gradient_clipping import GradientClipping
 from stabilize.callbacks.gradient_health import GradientHealthCallback
 from stabilize.callbacks.interrupt_checkpoint import InterruptCheckpoint
 from stabilize.callbacks.line_progress import LineProgress
+from stabilize.callbacks.sharpness_monitor import SharpnessMonitor
 
-__all__ = ["GradientClipping", "GradientHealthCallback", "InterruptCheckpoint", "LineProgress"]
+__all__ = ["GradientClipping", "GradientHealthCallback", "InterruptCheckpoint", "LineProgress", "SharpnessMonitor"]

@@ -1,0 +1,174 @@
+"""SharpnessMonitor: the loss's sharpness against the learning rate's stability limit, every N steps."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from typing_extensions import override
+
+from stabilize.errors import ConfigurationError, check_integers
+from stabilize.health.sharpness import stability_limit, top_eigenvalue
+
+
+class SharpnessMonitor(Callback):
+    r"""Measure the sharpness (the largest Hessian eigenvalue of the training loss) every ``every_n_steps`` optimizer
+    steps and compare it with the stability limit of the learning rate (``2 / lr`` for SGD, ``(2 + 2 momentum) / lr``
+    with momentum): at a ratio near 1 the learning rate, not the data, sets the curvature (the Edge of Stability,
+    Cohen et al. 2021), and spikes are the optimizer overshooting.
+
+    The loss is the module's own ``training_step`` on one fixed batch (the first training batch, kept), with its
+    logging silenced, in eval mode: BatchNorm uses its running statistics and dropout is off, so a measurement is
+    reproducible. Power iteration on Hessian-vector products (double backward), warm-started from the previous
+    eigenvector. Under DDP each process measures on its own first batch; rank zero's value is logged. Adaptive
+    optimizers (Adam, RMSprop) get the sharpness without a limit (theirs is on the preconditioned Hessian, which is not
+    measured here).
+
+    Args:
+        every_n_steps: Optimizer steps between measurements (step 0 included).
+        iterations: Most power iterations per measurement.
+        tolerance: Relative change at which the power iteration stops.
+        verbose: Print the summary line when ``fit`` ends.
+
+    Raises:
+        ConfigurationError: If ``every_n_steps`` or ``iterations`` is not a positive integer or ``tolerance`` is not
+            positive.
+
+    Example::
+
+        trainer = Trainer(callbacks=[SharpnessMonitor(every_n_steps=50)])
+        trainer.fit(model, datamodule)
+        print(monitor.diagnosis())
+
+    ===================================  ==========================================================
+    key                                  value (at each measurement)
+    ===================================  ==========================================================
+    ``sharpness/max_eigenvalue``         largest Hessian eigenvalue of the loss on the fixed batch
+    ``sharpness/stability_limit``        ``(2 + 2 momentum) / lr`` of the first optimizer (SGD only)
+    ``sharpness/ratio``                  max_eigenvalue / stability_limit (SGD only)
+    ===================================  ==========================================================
+    """
+
+    def __init__(
+        self, every_n_steps: int = 50, iterations: int = 20, tolerance: float = 1e-3, verbose: bool = True
+    ) -> None:
+        super().__init__()
+        check_integers(1, every_n_steps=every_n_steps, iterations=iterations)
+        if not (isinstance(tolerance, (int, float)) and tolerance > 0):
+            raise ConfigurationError(f"tolerance must be positive, got {tolerance!r}.")
+        self.every_n_steps, self.iterations, self.tolerance, self.verbose = (
+            every_n_steps,
+            iterations,
+            tolerance,
+            verbose,
+        )
+        #: ``(step, sharpness, stability limit or None)`` of every measurement.
+        self.history: list[tuple[int, float, float | None]] = []
+        self._batch: Any = None
+        self._vector: list[Tensor] | None = None
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._batch is None:
+            self._batch = _detached(batch)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step - 1  # the step this batch just took
+        if step < 0 or step % self.every_n_steps or (self.history and self.history[-1][0] == step):
+            return
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with _silenced_logging(pl_module), torch.enable_grad():
+                measured = top_eigenvalue(
+                    lambda: _loss(pl_module.training_step(self._batch, 0)),
+                    params,
+                    self.iterations,
+                    self.tolerance,
+                    start=self._vector,
+                )
+        finally:
+            pl_module.train(was_training)
+        self._vector = measured.vector
+        limit = stability_limit(trainer.optimizers[0]) if trainer.optimizers else None
+        self.history.append((step, measured.value, limit))
+        metrics = {"sharpness/max_eigenvalue": measured.value}
+        if limit is not None:
+            metrics |= {"sharpness/stability_limit": limit, "sharpness/ratio": measured.value / limit}
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.verbose and trainer.is_global_zero and self.history:
+            rank_zero_info(self.diagnosis())
+
+    def diagnosis(self) -> str:
+        """One line: the last sharpness against the stability limit and what the ratio means."""
+        if not self.history:
+            return "Sharpness: not measured."
+        step, value, limit = self.history[-1]
+        peak_step, peak, _ = max(self.history, key=lambda item: item[1])
+        if limit is None:
+            return (
+                f"Sharpness {value:.4g} at step {step} (peak {peak:.4g} at step {peak_step}); an adaptive optimizer's"
+                " stability limit is on the preconditioned Hessian, not measured here."
+            )
+        ratio = value / limit
+        meaning = (
+            "the learning rate sets the curvature (the Edge of Stability): spikes are the optimizer overshooting;"
+            " a lower learning rate or a warm-up moves the limit"
+            if ratio >= 0.9
+            else "below the limit: the learning rate is not what bounds the curvature"
+        )
+        return (
+            f"Sharpness {value:.4g} at step {step} against the stability limit {limit:.4g} of the learning rate"
+            f" (ratio {ratio:.2f}; peak {peak:.4g} at step {peak_step}): {meaning}."
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "vector": self._vector}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(step), float(value), limit) for step, value, limit in state_dict.get("history", [])]
+        self._vector = state_dict.get("vector")
+
+
+def _loss(output: Any) -> Tensor:
+    loss = output.get("loss") if isinstance(output, dict) else output
+    if not isinstance(loss, Tensor):
+        raise ConfigurationError(
+            "SharpnessMonitor needs a training_step that returns the loss (or a dict with 'loss')."
+        )
+    return loss
+
+
+def _detached(batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.detach().clone()
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_detached(item) for item in batch)
+    if isinstance(batch, dict):
+        return {key: _detached(value) for key, value in batch.items()}
+    return batch
+
+
+@contextmanager
+def _silenced_logging(module: LightningModule) -> Any:
+    """The module's ``self.log`` does nothing inside: a measurement is not a training step."""
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log
