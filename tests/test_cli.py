@@ -236,7 +236,8 @@ def test_checkpoint_naming_its_class_refuses_a_different_model(
     assert "holds a ResNet, but --model is FixupResNet" in result.stderr
 
 
-SEQUENCE_CONFIGS = [c for c in CONFIGS if "CIFAR10DataModule" not in c.read_text()]
+SEQUENCE_CONFIGS = [c for c in CONFIGS if "RecurrentNet" in c.read_text()]
+TRANSFORMER_CONFIGS = [c for c in CONFIGS if "TransformerLM" in c.read_text()]
 
 
 @pytest.mark.parametrize("config", SEQUENCE_CONFIGS, ids=[c.stem for c in SEQUENCE_CONFIGS])
@@ -253,6 +254,33 @@ def test_every_recurrent_config_trains_a_few_steps(
             "--data.train_batches=3",
             "--data.val_size=50",
             "--data.test_size=50",
+            "--trainer.max_steps=3",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    assert cli.trainer.global_step == 3
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_step"])
+
+
+@pytest.mark.parametrize("config", TRANSFORMER_CONFIGS, ids=[c.stem for c in TRANSFORMER_CONFIGS])
+def test_every_transformer_config_trains_a_few_steps(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("".join(chr(32 + i % 65) for i in range(3000)))  # 65 characters, as tiny Shakespeare
+    cli = StabilizeCLI(
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            f"--data.path={text}",
+            "--data.train_batches=3",
+            "--data.val_batches=1",
+            "--model.depth=1",
+            "--model.width=16",
+            "--model.heads=2",
             "--trainer.max_steps=3",
             "--trainer.logger=false",
             "--trainer.enable_progress_bar=false",
