@@ -4,12 +4,19 @@ for data that already lives on the accelerator."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 Split = tuple[Tensor, Tensor]
+
+
+def rank_and_epoch(trainer: Any) -> tuple[int, int]:
+    """The process rank and the current epoch of a datamodule's Trainer, ``(0, 0)`` without one: what seeds the
+    batches a rank draws in an epoch."""
+    return (trainer.global_rank, trainer.current_epoch) if trainer is not None else (0, 0)
 
 
 class _Indices(Dataset[int]):

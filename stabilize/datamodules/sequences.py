@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from typing_extensions import override
 
+from stabilize.datamodules.batching import rank_and_epoch
 from stabilize.errors import ConfigurationError, check_integers
 
 Batch = tuple[Tensor, Tensor]
@@ -27,9 +28,7 @@ class _FreshBatches(IterableDataset):
         return self.count
 
     def __iter__(self) -> Iterator[Batch]:
-        trainer = self.task.trainer
-        rank = trainer.global_rank if trainer is not None else 0
-        epoch = trainer.current_epoch if trainer is not None else 0
+        rank, epoch = rank_and_epoch(self.task.trainer)
         seed = self.task.hparams["seed"] * 1_000_003 + 7919 * (rank + 1) + 31 * epoch  # distinct per rank and epoch
         generator = torch.Generator().manual_seed(seed)
         for _ in range(self.count):

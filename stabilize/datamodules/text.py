@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from typing_extensions import override
 
-from stabilize.datamodules.batching import ResumableDataLoader
+from stabilize.datamodules.batching import ResumableDataLoader, rank_and_epoch
 from stabilize.errors import ConfigurationError, DataError, DataNotFoundError, check_integers
 
 #: The folder of the default text, ``tinyshakespeare.txt``.
@@ -34,9 +34,7 @@ class _Windows(IterableDataset):
         return self.count
 
     def __iter__(self) -> Iterator[Batch]:
-        trainer = self.data.trainer
-        rank = trainer.global_rank if trainer is not None else 0
-        epoch = trainer.current_epoch if trainer is not None else 0
+        rank, epoch = rank_and_epoch(self.data.trainer)
         for index in range(self.data.resume_offset(epoch), self.count):
             seed = self.data.hparams["seed"] * 1_000_003 + 7919 * (rank + 1) + 104_729 * epoch + index
             yield self.data.windows("train", self.data.hparams["batch_size"], torch.Generator().manual_seed(seed))

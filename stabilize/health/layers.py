@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -124,7 +125,7 @@ class LayerIndex:
             plan = self._plans[key] = NormPlan.of(tensors)
         return plan.norms(tensors)
 
-    @property
+    @cached_property
     def sharded(self) -> bool:
         """Whether the parameters are DTensors (FSDP2's ``fully_shard``): each process holds part of each."""
         return any(is_dtensor(p) for p in self.params)
