@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,17 +39,28 @@ from stabilize.health.records import (
     SpikeEvent,
     StepRecord,
 )
-from stabilize.health.spike_counting import count_spikes
+from stabilize.health.spike_counting import StepChunk, count_chunk
+
+#: Steps counted together on the device (see :mod:`stabilize.health.spike_counting`); a logging step or any read of
+#: the counters counts the steps gathered so far.
+CHUNK_STEPS = 64
 
 
-class Observation(NamedTuple):
-    """Device values of one step, kept for the record of a logging step."""
+@dataclass
+class Observation:
+    """One step's per-tensor gradient norms on the device (of the parameters at ``positions``), for the record of
+    a logging step and the non-finite policies; what they need of it is computed when first asked for."""
 
     positions: tuple[int, ...]
     norms: Tensor
-    total: Tensor
-    median: Tensor
-    tensor_nonfinite: Tensor
+
+    @cached_property
+    def total(self) -> Tensor:
+        return self.norms.square().sum().sqrt()
+
+    @cached_property
+    def tensor_nonfinite(self) -> Tensor:
+        return ~torch.isfinite(self.norms)
 
 
 @dataclass
@@ -90,8 +102,16 @@ class GradientMonitor:
     last_step: int = -1
     # Device state between logging steps, and its host copy while no device state exists (checkpoint, new fit).
     counters: DeviceCounters | None = None
+    #: The finite total norms of the last ``median_window`` counted steps, oldest first (NaN where none).
     _window: Tensor | None = None
+    #: Steps observed since the window was filled from a checkpoint (the relative rule's warm-up counts them).
     _window_position: int = 0
+    _last_median: Tensor | None = None
+    #: Steps observed but not yet counted: their numbers, norms and losses (with the steps they belong to).
+    _chunk_steps: list[int] = field(default_factory=list)
+    _chunk_norms: list[Tensor] = field(default_factory=list)
+    _chunk_losses: list[tuple[int, Tensor]] = field(default_factory=list)
+    _chunk_key: tuple[tuple[int, ...], bool, int] = ((), False, 0)
     _saved_norms: list[float] = field(default_factory=list)
     _saved_counters: dict[str, Any] | None = None
     _pending_update: tuple[int, tuple[int, ...], list[Tensor], Tensor] | None = None
@@ -107,6 +127,7 @@ class GradientMonitor:
     def detach(self) -> None:
         """Move the device state to the host (one read) and forget the layers."""
         if self.counters is not None:
+            self._count_chunk()
             self._saved_counters = self.counters.unpack(self.counters.pack().tolist())
         self._saved_norms = self.recent_norms()
         self.counters, self._window, self._pending_update, self.layers = None, None, None, None
@@ -134,39 +155,46 @@ class GradientMonitor:
         norms = layers.gradient_norms(positions)
         if grad_scale is not None:
             norms = norms / grad_scale.to(norms.device)
-        counters = self._counters(norms.device)
-        window = self._window
-        assert window is not None
-        tensor_nonfinite = ~torch.isfinite(norms)
-        step_nonfinite = tensor_nonfinite.any()
-        total = norms.square().sum().sqrt()
-        counted = total.float()  # the device counters are float32 whatever the model's precision
-        if amp:
-            counters.amp_skipped += step_nonfinite
-        else:
-            counters.nonfinite_tensors += tensor_nonfinite.sum()
-            counters.nonfinite_first = torch.where(
-                step_nonfinite & (counters.nonfinite_first < 0), step, counters.nonfinite_first
-            )
-            counters.nonfinite_last = torch.where(step_nonfinite, step, counters.nonfinite_last)
-            counters.layer_nonfinite.index_add_(
-                0, layers.layer_index(positions, norms.device), tensor_nonfinite.float()
-            )
-        finite = ~step_nonfinite
-        median = torch.nanmedian(window)
-        criteria = self.criteria
-        torch.maximum(counters.max_norm, torch.where(finite, counted, 0.0), out=counters.max_norm)
+        self._counters(norms.device)
+        # A chunk holds steps of one parameter subset and one AMP mode; counted when full.
+        if self._chunk_norms and (len(self._chunk_norms) >= CHUNK_STEPS or self._chunk_key[:2] != (positions, amp)):
+            self._count_chunk()
+        if not self._chunk_norms:
+            self._chunk_key = (positions, amp, self._window_position)
         if loss is not None:
-            loss = loss.detach().float().to(norms.device)
-            counters.loss_sum += loss
-            counters.loss_count += 1
-        judged = self._window_position >= criteria.judged_after
-        count_spikes(criteria, counters, step, counted, median, finite, loss, judged)
-        window[self._window_position % criteria.median_window] = torch.where(finite, counted, torch.nan)
+            self._chunk_losses.append((len(self._chunk_norms), loss.detach().reshape(()).to(norms.device)))
+        self._chunk_norms.append(norms)
+        self._chunk_steps.append(step)
         self._window_position += 1
         self.steps += 1
         self.last_step = step
-        return Observation(positions, norms, total, median, tensor_nonfinite)
+        return Observation(positions, norms)
+
+    def _count_chunk(self) -> None:
+        """Count the steps observed since the last count into the device counters (device ops only)."""
+        if not self._chunk_norms:
+            return
+        counters, window = self.counters, self._window
+        assert counters is not None and window is not None
+        device = counters.device
+        positions, amp, first_position = self._chunk_key
+        size = len(self._chunk_norms)
+        steps = self._chunk_steps
+        losses = [loss for _, loss in self._chunk_losses]
+        loss_positions = [position for position, _ in self._chunk_losses]
+        chunk = StepChunk(
+            steps=_device_integers(steps, device),
+            norms=torch.stack(self._chunk_norms),
+            losses=torch.stack(losses) if losses else None,
+            loss_index=None if len(losses) in (0, size) else _device_integers(loss_positions, device),
+            judged=torch.arange(size, device=device) >= self.criteria.judged_after - first_position,
+            amp=amp,
+        )
+        self._window, medians = count_chunk(
+            self.criteria, counters, window, chunk, self._layers().layer_index(positions, device)
+        )
+        self._last_median = medians[-1]
+        self._chunk_steps, self._chunk_norms, self._chunk_losses = [], [], []
 
     def nonfinite_layers(self, observation: Observation) -> list[str]:
         """Layers with a non-finite gradient in ``observation``, in forward order (one host read)."""
@@ -197,6 +225,7 @@ class GradientMonitor:
         Returns the record (``None`` for a step the GradScaler skipped: its overflowed norms say nothing about
         the model) and the host values of ``extras``.
         """
+        self._count_chunk()
         layers = self._layers()
         positions = observation.positions
         params = [layers.params[i] for i in positions]
@@ -210,7 +239,7 @@ class GradientMonitor:
         parts = [
             layer_grad,
             layer_weight,
-            torch.stack([observation.total, observation.median]),
+            torch.stack([observation.total, self._median_now(device).to(observation.total.dtype)]),
             counters.pack(),
             temporal.to(device) if temporal is not None else torch.zeros(0, device=device),
             *[value.detach().float().to(device).reshape(1) for value in extras],
@@ -321,6 +350,7 @@ class GradientMonitor:
     def flush(self) -> None:
         """Turn what the counters hold into events (one host read), e.g. at the end of training."""
         if self.counters is not None:
+            self._count_chunk()
             self._apply_counters(self.counters.unpack(self.counters.pack().tolist()), self.last_step)
             self.counters.reset()
 
@@ -374,12 +404,13 @@ class GradientMonitor:
         """The finite total norms of the running-median window, oldest first (one host read)."""
         if self._window is None:
             return list(self._saved_norms)
-        position = self._window_position % self.criteria.median_window
-        ordered = torch.cat([self._window[position:], self._window[:position]]).tolist()
-        return [value for value in ordered if math.isfinite(value)]
+        self._count_chunk()
+        return [value for value in self._window.tolist() if math.isfinite(value)]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after a resume, device counters included (one host read)."""
+        if self.counters is not None:
+            self._count_chunk()
         counters = self.counters.unpack(self.counters.pack().tolist()) if self.counters else self._saved_counters
         return {
             "prefix": self.prefix,
@@ -447,11 +478,16 @@ class GradientMonitor:
                 self._saved_counters = None
             window_size = self.criteria.median_window
             recent = self._saved_norms[-window_size:]
-            self._window = torch.full((window_size,), math.nan, device=device)
-            if recent:
-                self._window[: len(recent)] = torch.tensor(recent, device=device)
+            nans = [math.nan] * (window_size - len(recent))
+            self._window = torch.tensor(nans + recent, dtype=torch.float32, device=device)
             self._window_position = len(recent)
         return self.counters
+
+    def _median_now(self, device: torch.device) -> Tensor:
+        """The running median the last counted step was judged against (NaN before any)."""
+        if self._last_median is None:
+            return torch.tensor(math.nan, device=device)
+        return self._last_median
 
     def _apply_counters(self, counters: dict[str, Any], record_step: int) -> tuple[int, int, int]:
         """Record the events the counters hold; returns the persistent or above-ceiling spikes, non-finite tensors
@@ -503,3 +539,14 @@ def _split(values: list[float], sizes: list[int]) -> list[list[float]]:
         pieces.append(values[start : start + size])
         start += size
     return [*pieces, values[start:]]
+
+
+def _device_integers(values: list[int], device: torch.device) -> Tensor:
+    """``values`` as a long tensor on ``device`` without a host sync: an ``arange`` when they are consecutive (the
+    usual steps), else a copy from pinned memory on CUDA."""
+    if values == list(range(values[0], values[0] + len(values))):
+        return torch.arange(values[0], values[0] + len(values), device=device)
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

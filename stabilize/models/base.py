@@ -86,8 +86,8 @@ class ImageClassifier(TrainingRecipe):
             raise TypeError(f"{type(self).__name__}.build_network() must return an nn.Module, got {self.network!r}.")
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
-        # Validating the targets (torch.unique) reads them on the host: not in the training hot path.
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        # Training accuracy is one comparison on the device per step (log_train); torchmetrics' per-call Python and
+        # its target validation (torch.unique, a host read) stay out of the training hot path.
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         size = self.expected_image_size or 32
@@ -178,19 +178,14 @@ class ImageClassifier(TrainingRecipe):
         logits = self(x) if stage == "train" else self.evaluation_logits(x)
         smoothing = self.hparams["label_smoothing"] if stage == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-        metric = {"train": self.train_acc, "val": self.val_acc, "test": self.test_acc}[stage]
+        if stage == "train":
+            self.log_train("train/loss", loss, len(y), prog_bar=True)
+            self.log_train("train/acc", (logits.detach().argmax(-1) == y).float().mean(), len(y))
+            return loss
+        metric = self.val_acc if stage == "val" else self.test_acc
         metric(logits.detach(), y)
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss.detach(),
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=on_step and self.has_progress_bar,
-            batch_size=len(y),
-            sync_dist=not on_step,
-        )
-        self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=True, prog_bar=stage != "train")
+        self.log(f"{stage}/loss", loss.detach(), on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True)
         return loss
 
     @override
@@ -218,6 +213,7 @@ class ImageClassifier(TrainingRecipe):
     # ------------------------------------------------------------------------------------- non-finite input check
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         # Lightning's logger connector sets Trainer.log_every_n_steps at run time (it is not a typed attribute).
         interval = max(getattr(self._trainer, "log_every_n_steps", 1), 1)
         if self._trainer is not None and (batch_idx + 1) % interval == 0:
@@ -225,6 +221,7 @@ class ImageClassifier(TrainingRecipe):
 
     @override
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         self._raise_on_nonfinite_inputs()
 
     @override

@@ -127,6 +127,7 @@ class FastCNN(ImageClassifier):
         self.register_buffer("whitening_ready", torch.tensor(not whiten))
         self._whitening_checked = not whiten
         self._slow_weights: list[Tensor] | None = None
+        self._fast_weights: list[Tensor] = []
         self._resumed_slow_weights: list[Tensor] | None = None
         self._total_steps = 1
 
@@ -254,7 +255,9 @@ class FastCNN(ImageClassifier):
         self._total_steps = int(self.trainer.estimated_stepping_batches)
         if self.hparams["lookahead_every"]:
             resumed, self._resumed_slow_weights = self._resumed_slow_weights, None
-            self._slow_weights = resumed or [t.clone() for t in self._lookahead_tensors()]
+            # The same tensors all fit long: listed once, not by walking the module every lookahead step.
+            self._fast_weights = self._lookahead_tensors()
+            self._slow_weights = resumed or [t.clone() for t in self._fast_weights]
 
     @override
     @torch.no_grad()
@@ -263,7 +266,7 @@ class FastCNN(ImageClassifier):
         every = self.hparams["lookahead_every"]
         step = self.trainer.global_step
         if every and self._slow_weights is not None and step % every == 0:
-            fast = self._lookahead_tensors()
+            fast = self._fast_weights
             torch._foreach_lerp_(self._slow_weights, fast, 1.0 - self.lookahead_decay_at(step))
             torch._foreach_copy_(fast, self._slow_weights)
 

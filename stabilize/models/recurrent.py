@@ -176,12 +176,15 @@ class RecurrentNet(TrainingRecipe):
             loss = F.cross_entropy(prediction.flatten(0, 1), y.flatten())
         else:
             loss = F.cross_entropy(prediction, y)
-        on_step = stage == "train"
-        prog_bar = not on_step or self.has_progress_bar
-        self.log(f"{stage}/loss", loss.detach(), on_step=on_step, on_epoch=True, prog_bar=prog_bar, batch_size=len(y))
-        if kind != "regression":
-            correct = (prediction.argmax(-1) == y).float().mean()
-            self.log(f"{stage}/acc", correct, on_step=on_step, on_epoch=True, batch_size=len(y))
+        correct = (prediction.detach().argmax(-1) == y).float().mean() if kind != "regression" else None
+        if stage == "train":
+            self.log_train("train/loss", loss, len(y), prog_bar=True)
+            if correct is not None:
+                self.log_train("train/acc", correct, len(y))
+            return loss
+        self.log(f"{stage}/loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=len(y))
+        if correct is not None:
+            self.log(f"{stage}/acc", correct, on_epoch=True, batch_size=len(y))
         return loss
 
     @override

@@ -173,7 +173,10 @@ class TransformerLM(TrainingRecipe):
         tokens, targets = batch
         logits = self(tokens)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        self.log(f"{stage}/loss", loss.detach(), on_step=stage == "train", on_epoch=True, prog_bar=stage != "train")
+        if stage == "train":
+            self.log_train("train/loss", loss, len(tokens))
+        else:
+            self.log(f"{stage}/loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=len(tokens))
         if stage == "train" and self.hparams["z_loss"]:
             loss = loss + self.hparams["z_loss"] * torch.logsumexp(logits.float(), dim=-1).square().mean()
         return loss

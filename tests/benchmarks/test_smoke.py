@@ -99,3 +99,13 @@ def test_bench_monitor_step(tmp_path: Path) -> None:
     assert figures["step_ms"] > 0 and figures["observe_ms"] > 0
     # The fraction is rounded to 5 decimals: at most 5e-6 off.
     assert figures["observe_fraction_of_step"] == pytest.approx(figures["observe_ms"] / figures["step_ms"], abs=5e-6)
+
+
+def test_bench_host_overhead(tmp_path: Path) -> None:
+    figures = json.loads(run_smoke("bench_host_overhead.py", tmp_path, "--json", str(tmp_path / "host.json"))[-1])
+    assert json.loads((tmp_path / "host.json").read_text()) == figures
+    for family in ("image", "recurrent", "gan"):
+        assert set(figures[family]) == {"raw", "lightning", "module", "callback", "project"}
+        assert figures[family]["lightning"]["median_above_lightning_ms"] == 0.0
+        assert figures[family]["raw"]["median_ratio_to_raw"] == 1.0
+        assert all(row["median_ms"] > 0 and row["steps"] == 2 * (12 - 1 - 2) for row in figures[family].values())
