@@ -39,20 +39,22 @@ RUNS: dict[str, dict[str, Any]] = {
 
 
 class LastMeans(Callback):
-    """Means of ``gan/d_real`` and ``gan/d_fake`` over the last ``window`` training batches."""
+    """Means of ``gan/d_real`` and ``gan/d_fake`` over the last ``window`` training batches (kept on the device,
+    read once at the end)."""
 
     def __init__(self, window: int = 200) -> None:
         self.window = window
-        self.values: dict[str, list[float]] = {"gan/d_real": [], "gan/d_fake": []}
+        self.values: dict[str, list[torch.Tensor]] = {"gan/d_real": [], "gan/d_fake": []}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        latest = pl_module.latest_train_values()
         for key, values in self.values.items():
-            if key in trainer.callback_metrics:
-                values.append(float(trainer.callback_metrics[key]))
+            if key in latest:
+                values.append(latest[key])
                 del values[: -self.window]
 
     def means(self) -> dict[str, float]:
-        return {key: sum(v) / len(v) for key, v in self.values.items() if v}
+        return {key: torch.stack(v).double().mean().item() for key, v in self.values.items() if v}
 
 
 def run_one(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:

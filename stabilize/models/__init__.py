@@ -1,6 +1,7 @@
 """One LightningModule per architecture variant, from the deliberately fragile to the stabilized."""
 
 from stabilize.models.base import ImageClassifier
+from stabilize.models.epoch_means import DeviceLoggedModule, EpochMeans
 from stabilize.models.fast import FastCNN
 from stabilize.models.gan import DCGAN
 from stabilize.models.plain import BatchNormCNN, DeepPlainCNN, PlainCNN
@@ -13,6 +14,8 @@ __all__ = [
     "DCGAN",
     "BatchNormCNN",
     "DeepPlainCNN",
+    "DeviceLoggedModule",
+    "EpochMeans",
     "FastCNN",
     "FixupResNet",
     "ImageClassifier",

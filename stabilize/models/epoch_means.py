@@ -9,13 +9,12 @@ values here cost one in-place add each.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from lightning.pytorch import Trainer
+from typing_extensions import override
 
 
 class EpochMeans:
@@ -80,3 +79,94 @@ def reduce_sum(trainer: Trainer, value: Tensor) -> Tensor:
     if trainer.world_size <= 1:
         return value
     return torch.as_tensor(trainer.strategy.reduce(value, reduce_op="sum"))
+
+
+class DeviceLoggedModule(LightningModule):
+    """A LightningModule whose training scalars go through :meth:`log_train`: Lightning's keys and values, with the
+    per-step cost of a device add. The base of every model here; subclasses that override ``on_train_batch_end`` or
+    ``on_train_epoch_end`` call ``super()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._train_means = EpochMeans()
+        #: This epoch's latest value of each name (value, batch size, progress bar), and the names logged this step.
+        self._latest_train: dict[str, tuple[Tensor, int, bool]] = {}
+        self._logged_this_step: set[str] = set()
+        self._epoch_names: set[str] = set()
+
+    @property
+    def has_progress_bar(self) -> bool:
+        """Whether the Trainer shows a progress bar. Lightning reads every progress-bar value with ``.item()`` at
+        every step, a host sync on a GPU, so per-step values go to the bar only when there is one."""
+        return self._trainer is not None and self.trainer.progress_bar_callback is not None
+
+    def log_train(self, name: str, value: Tensor, batch_size: int, prog_bar: bool = False, epoch: bool = True) -> None:
+        """Log a training scalar under the keys and with the values of ``self.log(name, value, on_step=True,
+        on_epoch=epoch, batch_size=batch_size)``, at a fraction of its cost per step.
+
+        With ``epoch``, loggers get ``{name}_step`` at logging steps (the latest value, as Lightning logs it even
+        when this step did not log the name, provided the step logs some value) and ``{name}_epoch`` (the epoch's
+        mean weighted by ``batch_size``, over all processes) at the end of each epoch; ``trainer.callback_metrics``
+        holds the same keys and ``name`` (the step value during an epoch, the epoch mean after it). Without
+        ``epoch``, ``name`` at logging steps. Between logging steps the value only joins a sum on the device, so
+        ``callback_metrics`` and the progress bar (with ``prog_bar``, shown when the Trainer has one) change at
+        logging steps; :meth:`latest_train_values` has every step's values.
+        """
+        value = value.detach()
+        if epoch:
+            self._train_means.add(name, value, batch_size)
+            self._epoch_names.add(name)
+        self._latest_train[name] = (value, batch_size, prog_bar)
+        if self._trainer is not None and logs_this_step(self.trainer):
+            # The first value of a logging step brings every name's latest value along (Lightning writes them all,
+            # e.g. a generator loss from the last generator step); names logged later in this step overwrite theirs.
+            names = [*self._latest_train] if not self._logged_this_step else [name]
+            for logged in names:
+                self._log_step_value(logged, under_name=True)
+            self._logged_this_step.update(names)
+
+    def latest_train_values(self) -> dict[str, Tensor]:
+        """This epoch's latest training value of each name given to :meth:`log_train`, on the device."""
+        return {name: value for name, (value, _, _) in self._latest_train.items()}
+
+    def _log_step_value(self, name: str, under_name: bool) -> None:
+        value, batch_size, prog_bar = self._latest_train[name]
+        shown = prog_bar and self.has_progress_bar
+        if name not in self._epoch_names:
+            self.log(name, value, on_step=True, on_epoch=False, prog_bar=shown, batch_size=batch_size)
+            return
+        self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=shown, batch_size=batch_size)
+        if under_name:  # callback_metrics[name] holds the step value during an epoch
+            self.log(name, value, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
+
+    def _log_epoch_means(self) -> None:
+        for name, (total, weight) in self._train_means.sums().items():
+            mean = reduce_sum(self.trainer, total) / reduce_sum(self.trainer, total.new_tensor(weight))
+            shown = self._latest_train[name][2] and self.has_progress_bar
+            self.log(f"{name}_epoch", mean, on_step=False, on_epoch=True, prog_bar=shown, batch_size=1)
+            self.log(name, mean, on_step=False, on_epoch=True, logger=False, batch_size=1)
+        self._train_means.reset()
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self.trainer
+        epoch_ends = epoch_ends_after_this_batch(trainer)
+        if epoch_ends or trainer.should_stop:
+            # The latest values of names this step did not log: Lightning writes them at the step a stop was
+            # requested at, and callbacks read them in callback_metrics at the end of an epoch. Not under the plain
+            # name (callback_metrics[name] becomes the epoch mean, logged from this hook too).
+            for name in self._latest_train.keys() - self._logged_this_step:
+                self._log_step_value(name, under_name=False)
+        self._logged_this_step.clear()
+        # Logged here rather than in on_train_epoch_end, so that callbacks' on_train_epoch_end (which runs before the
+        # module's) see this epoch's means in callback_metrics, as with self.log(on_epoch=True).
+        if epoch_ends:
+            self._end_epoch()
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._end_epoch()  # an epoch that a stop request ended early (nothing left otherwise)
+
+    def _end_epoch(self) -> None:
+        self._log_epoch_means()
+        self._latest_train.clear()  # as Lightning's step values, which start empty each epoch

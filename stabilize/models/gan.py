@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, get_args
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -13,6 +12,7 @@ from torchvision.utils import make_grid
 from typing_extensions import override
 
 from stabilize.errors import ConfigurationError, DataError, check_integers
+from stabilize.models.epoch_means import DeviceLoggedModule
 from stabilize.models.gan_networks import (
     DCGANDiscriminator,
     DCGANGenerator,
@@ -22,7 +22,7 @@ from stabilize.models.gan_networks import (
 )
 
 
-class DCGAN(LightningModule):
+class DCGAN(DeviceLoggedModule):
     """A DCGAN (Radford et al., 2016) for 32x32 images, with the SN-GAN discriminator as an option (Miyato et al.,
     2018): the reference module for GANs in this collection, and the case where two networks' gradients fight.
 
@@ -71,10 +71,12 @@ class DCGAN(LightningModule):
         Trainer(max_steps=20_000, callbacks=[GradientHealthCallback()]).fit(model, data)
         images = model.sample()  # (64, 3, 32, 32) in [0, 1], from the fixed noise
 
-    Logged keys (every training step unless noted): ``gan/d_loss`` and ``gan/g_loss`` (generator steps; Lightning
-    adds ``_step`` and ``_epoch`` for the step values and the epoch means), ``gan/d_real``
-    and ``gan/d_fake`` (mean ``sigmoid`` of the discriminator's logits on real and generated images: how sure it is),
-    ``gan/samples`` (image grid), ``gan/classifier_fid`` and ``gan/classifier_is`` (``test`` with ``fid_checkpoint``).
+    Logged keys (at logging steps unless noted, as ``self.log(on_step=True)`` would log them; see
+    :meth:`~stabilize.models.epoch_means.DeviceLoggedModule.log_train`): ``gan/d_loss`` and ``gan/g_loss`` (the latest
+    generator step's; ``_step`` and ``_epoch`` for the step values and the epoch means), ``gan/d_real`` and
+    ``gan/d_fake`` (mean ``sigmoid`` of the discriminator's logits on real and generated images: how sure it is;
+    every step's in :meth:`latest_train_values`), ``gan/samples`` (image grid), ``gan/classifier_fid`` and
+    ``gan/classifier_is`` (``test`` with ``fid_checkpoint``).
     """
 
     def __init__(
@@ -163,16 +165,16 @@ class DCGAN(LightningModule):
         d_loss = discriminator_loss(hp["loss"], real_logits, fake_logits)
         self._step(opt_discriminator, d_loss)
         self.untoggle_optimizer(opt_discriminator)
-        self.log("gan/d_loss", d_loss.detach(), on_step=True, on_epoch=True, batch_size=len(real))
-        self.log("gan/d_real", torch.sigmoid(real_logits.detach()).mean(), on_step=True, batch_size=len(real))
-        self.log("gan/d_fake", torch.sigmoid(fake_logits.detach()).mean(), on_step=True, batch_size=len(real))
+        self.log_train("gan/d_loss", d_loss, len(real))
+        self.log_train("gan/d_real", torch.sigmoid(real_logits.detach()).mean(), len(real), epoch=False)
+        self.log_train("gan/d_fake", torch.sigmoid(fake_logits.detach()).mean(), len(real), epoch=False)
 
         if (batch_idx + 1) % hp["n_critic"] == 0:
             self.toggle_optimizer(opt_generator)
             g_loss = generator_loss(hp["loss"], self.discriminator(self.generator(self.noise(len(real)))))
             self._step(opt_generator, g_loss)
             self.untoggle_optimizer(opt_generator)
-            self.log("gan/g_loss", g_loss.detach(), on_step=True, on_epoch=True, batch_size=len(real))
+            self.log_train("gan/g_loss", g_loss, len(real))
             self._generator_steps += 1
             every = hp["sample_every_n_steps"]
             if every and (self._generator_steps - 1) % every == 0:

@@ -7,14 +7,13 @@ import math
 from typing import Any, Literal, get_args
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 from typing_extensions import override
 
 from stabilize.errors import ConfigurationError, TrainingDivergedError
-from stabilize.models.epoch_means import EpochMeans, epoch_ends_after_this_batch, logs_this_step, reduce_sum
+from stabilize.models.epoch_means import DeviceLoggedModule
 
 OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
 SchedulerName = Literal["cosine", "onecycle", "triangular", "constant"]
@@ -23,7 +22,7 @@ SchedulerName = Literal["cosine", "onecycle", "triangular", "constant"]
 ONECYCLE_DEFAULT_WARMUP = 0.3
 
 
-class TrainingRecipe(LightningModule):
+class TrainingRecipe(DeviceLoggedModule):
     """The optimizer and schedule half of every model here; subclasses add the network, the loss and the metrics.
 
     :meth:`save_hyperparameters` is called here and records the arguments of the whole ``__init__`` chain, so a
@@ -63,67 +62,6 @@ class TrainingRecipe(LightningModule):
         super().__init__()
         check_recipe(optimizer, lr, momentum, betas, weight_decay, scheduler, warmup_fraction)
         self.save_hyperparameters()
-        self._train_means = EpochMeans()
-        self._train_prog_bar: dict[str, bool] = {}
-        self._unlogged_step_values: dict[str, tuple[Tensor, int]] = {}
-
-    @property
-    def has_progress_bar(self) -> bool:
-        """Whether the Trainer shows a progress bar. Lightning reads every progress-bar value with ``.item()`` at
-        every step, a host sync on a GPU, so per-step values go to the bar only when there is one."""
-        return self._trainer is not None and self.trainer.progress_bar_callback is not None
-
-    # --------------------------------------------------------------------------------------------- training logs
-    def log_train(self, name: str, value: Tensor, batch_size: int, prog_bar: bool = False) -> None:
-        """Log a training scalar under the keys and with the values of ``self.log(name, value, on_step=True,
-        on_epoch=True, batch_size=batch_size)``, at a fraction of its cost per step.
-
-        Loggers get ``{name}_step`` (this step's value) at logging steps and ``{name}_epoch`` (the epoch's mean
-        weighted by ``batch_size``, over all processes) at the end of each epoch; ``trainer.callback_metrics`` holds
-        the same keys and ``name`` (the last logged step value during an epoch, the epoch mean after it). Between
-        logging steps the value only joins a sum on the device, so ``callback_metrics`` and the progress bar (with
-        ``prog_bar``, shown when the Trainer has one) change at logging steps, not at every step.
-        """
-        value = value.detach()
-        self._train_means.add(name, value, batch_size)
-        self._train_prog_bar[name] = prog_bar
-        if self._trainer is not None and logs_this_step(self.trainer):
-            self._log_step_value(name, value, batch_size)
-        else:
-            self._unlogged_step_values[name] = (value, batch_size)
-
-    def _log_step_value(self, name: str, value: Tensor, batch_size: int, under_name: bool = True) -> None:
-        shown = self._train_prog_bar[name] and self.has_progress_bar
-        self.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=shown, batch_size=batch_size)
-        if under_name:  # callback_metrics[name] holds the step value during an epoch
-            self.log(name, value, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
-
-    def _log_epoch_means(self) -> None:
-        for name, (total, weight) in self._train_means.sums().items():
-            mean = reduce_sum(self.trainer, total) / reduce_sum(self.trainer, total.new_tensor(weight))
-            shown = self._train_prog_bar[name] and self.has_progress_bar
-            self.log(f"{name}_epoch", mean, on_step=False, on_epoch=True, prog_bar=shown, batch_size=1)
-            self.log(name, mean, on_step=False, on_epoch=True, logger=False, batch_size=1)
-        self._train_means.reset()
-
-    @override
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        epoch_ends = epoch_ends_after_this_batch(self.trainer)
-        if epoch_ends or self.trainer.should_stop:
-            # The last step's values: Lightning writes those of a step a stop was requested at, and callbacks read
-            # them in callback_metrics at the end of an epoch.
-            # callback_metrics[name] is about to become the epoch mean (logged under name from this hook too).
-            for name, (value, batch_size) in self._unlogged_step_values.items():
-                self._log_step_value(name, value, batch_size, under_name=False)
-        self._unlogged_step_values.clear()
-        # Logged here rather than in on_train_epoch_end, so that callbacks' on_train_epoch_end (which runs before the
-        # module's) see this epoch's means in callback_metrics, as with self.log(on_epoch=True).
-        if epoch_ends:
-            self._log_epoch_means()
-
-    @override
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch_means()  # an epoch that a stop request ended early (nothing left otherwise)
 
     def gradient_health_hints(self) -> dict[str, str]:
         """Advice specific to this collection that :class:`~stabilize.callbacks.GradientHealthCallback` adds to its
