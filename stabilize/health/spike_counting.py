@@ -114,7 +114,7 @@ def out_of_range(
         if loss_index is not None:  # only some steps have a loss
             size = torch.full_like(totals, torch.nan).index_copy_(0, loss_index, size)
         known = torch.isfinite(size)
-        first_known = size[torch.argmax(known.to(torch.uint8))]
+        first_known = _at(size, torch.argmax(known.to(torch.uint8)))
         reference = torch.where(counters.first_loss >= 0, counters.first_loss, first_known)
         counters.first_loss.copy_(torch.where(known.any(), reference, counters.first_loss))
         judged = finite & known & (size >= CEILING_LOSS_FLOOR * reference)
@@ -136,7 +136,12 @@ def _note_first_and_last(counters: DeviceCounters, kind: str, flags: Tensor, ste
     first, last = getattr(counters, f"{kind}_first"), getattr(counters, f"{kind}_last")
     any_flag = flags.any()
     as_bytes = flags.to(torch.uint8)
-    first_step = steps[torch.argmax(as_bytes)]
-    last_step = steps[len(flags) - 1 - torch.argmax(as_bytes.flip(0))]
+    first_step = _at(steps, torch.argmax(as_bytes))
+    last_step = _at(steps, len(flags) - 1 - torch.argmax(as_bytes.flip(0)))
     first.copy_(torch.where(any_flag & (first < 0), first_step, first))
     last.copy_(torch.where(any_flag, last_step, last))
+
+
+def _at(values: Tensor, index: Tensor) -> Tensor:
+    """``values[index]`` for a device scalar ``index``, without the host read that indexing with a 0-d tensor does."""
+    return values.index_select(0, index.reshape(1)).reshape(())
