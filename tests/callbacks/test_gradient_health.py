@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stabilize.callbacks import GradientHealthCallback
+from stabilize.health import monitor as monitor_module
 from stabilize.health import verdict, verdict_class
 from stabilize.models import BatchNormCNN, DeepPlainCNN, ResNet
 from tests.callbacks.helpers import GradientProbe, TinyMLP
@@ -232,7 +233,7 @@ def test_nonfinite_raise_names_the_step_and_layers_after_the_diagnosis_so_far(
 @contextlib.contextmanager
 def host_syncs_forbidden():
     """Make every tensor-to-host conversion raise while active."""
-    names = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
     saved = {name: getattr(torch.Tensor, name) for name in names}
 
     def forbidden(self, *args, **kwargs):
@@ -247,7 +248,13 @@ def host_syncs_forbidden():
             setattr(torch.Tensor, name, method)
 
 
-def test_no_host_transfer_on_non_logging_steps_with_the_default_policy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk_steps", [64, 2])
+def test_no_host_transfer_on_non_logging_steps_with_the_default_policy(
+    tmp_path: Path, chunk_steps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With chunks of 2 steps the explosion rules' counting also runs on non-logging steps.
+    monkeypatch.setattr(monitor_module, "CHUNK_STEPS", chunk_steps)
+
     class Guarded(GradientHealthCallback):
         def on_before_backward(self, trainer, pl_module, loss) -> None:
             with host_syncs_forbidden():  # the loss the explosion rules read stays on the device
