@@ -111,7 +111,7 @@ class GradientMonitor:
     _chunk_steps: list[int] = field(default_factory=list)
     _chunk_norms: list[Tensor] = field(default_factory=list)
     _chunk_losses: list[tuple[int, Tensor]] = field(default_factory=list)
-    _chunk_key: tuple[tuple[int, ...], bool, int] = ((), False, 0)
+    _chunk_key: tuple[tuple[int, ...], bool] = ((), False)
     _saved_norms: list[float] = field(default_factory=list)
     _saved_counters: dict[str, Any] | None = None
     _pending_update: tuple[int, tuple[int, ...], list[Tensor], Tensor] | None = None
@@ -157,10 +157,9 @@ class GradientMonitor:
             norms = norms / grad_scale.to(norms.device)
         self._counters(norms.device)
         # A chunk holds steps of one parameter subset and one AMP mode; counted when full.
-        if self._chunk_norms and (len(self._chunk_norms) >= CHUNK_STEPS or self._chunk_key[:2] != (positions, amp)):
+        if self._chunk_norms and (len(self._chunk_norms) >= CHUNK_STEPS or self._chunk_key != (positions, amp)):
             self._count_chunk()
-        if not self._chunk_norms:
-            self._chunk_key = (positions, amp, self._window_position)
+        self._chunk_key = (positions, amp)
         if loss is not None:
             self._chunk_losses.append((len(self._chunk_norms), loss.detach().reshape(()).to(norms.device)))
         self._chunk_norms.append(norms)
@@ -177,8 +176,9 @@ class GradientMonitor:
         counters, window = self.counters, self._window
         assert counters is not None and window is not None
         device = counters.device
-        positions, amp, first_position = self._chunk_key
+        positions, amp = self._chunk_key
         size = len(self._chunk_norms)
+        first_position = self._window_position - size  # the window position of the chunk's first step
         steps = self._chunk_steps
         losses = [loss for _, loss in self._chunk_losses]
         loss_positions = [position for position, _ in self._chunk_losses]
@@ -409,8 +409,7 @@ class GradientMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after a resume, device counters included (one host read)."""
-        if self.counters is not None:
-            self._count_chunk()
+        self._count_chunk()
         counters = self.counters.unpack(self.counters.pack().tolist()) if self.counters else self._saved_counters
         return {
             "prefix": self.prefix,

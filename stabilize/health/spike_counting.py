@@ -78,7 +78,6 @@ def count_chunk(
     if beyond is not None:
         counters.ceiling_steps += beyond.sum()
         ceiling_run = _runs(beyond, counters.ceiling_run)
-        counters.ceiling_run.copy_(ceiling_run[-1])
         counters.persistent_ceiling += (beyond & (ceiling_run >= CEILING_PERSISTENCE)).sum()
         spike = spike | beyond
     counters.spikes += spike.sum()
@@ -88,7 +87,6 @@ def count_chunk(
     peak_ratio = torch.where(spike, ratio, 0.0).nan_to_num(0.0).max()
     counters.spike_max_ratio.copy_(torch.fmax(counters.spike_max_ratio, peak_ratio))
     spike_run = _runs(spike, counters.spike_run)
-    counters.spike_run.copy_(spike_run[-1])
     torch.maximum(counters.spike_longest_run, spike_run.max(), out=counters.spike_longest_run)
     counters.persistent_spikes += (spike & (spike_run >= criteria.spike_persistence)).sum()
     return extended[-window:], medians
@@ -125,10 +123,12 @@ def out_of_range(
 
 def _runs(flags: Tensor, carried: Tensor) -> Tensor:
     """Length of the run of consecutive ``True`` ending at each position (0 where ``False``), continuing a run of
-    ``carried`` steps that ended just before the first position."""
+    ``carried`` steps that ended just before the first position; ``carried`` becomes the run at the last position."""
     index = torch.arange(len(flags), device=flags.device)
     last_false = torch.cummax(torch.where(flags, -1, index), dim=0).values
-    return torch.where(last_false < 0, index + 1 + carried, index - last_false)
+    runs = torch.where(last_false < 0, index + 1 + carried, index - last_false)
+    carried.copy_(runs[-1])
+    return runs
 
 
 def _note_first_and_last(counters: DeviceCounters, kind: str, flags: Tensor, steps: Tensor) -> None:

@@ -141,7 +141,8 @@ class DeviceLoggedModule(LightningModule):
 
     def _log_epoch_means(self) -> None:
         for name, (total, weight) in self._train_means.sums().items():
-            mean = reduce_sum(self.trainer, total) / reduce_sum(self.trainer, total.new_tensor(weight))
+            total, weight_sum = reduce_sum(self.trainer, torch.stack([total, total.new_tensor(weight)]))  # one reduce
+            mean = total / weight_sum
             shown = self._latest_train[name][2] and self.has_progress_bar
             self.log(f"{name}_epoch", mean, on_step=False, on_epoch=True, prog_bar=shown, batch_size=1)
             self.log(name, mean, on_step=False, on_epoch=True, logger=False, batch_size=1)
