@@ -31,6 +31,10 @@ def study_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--budget", default="cpu-small", help=f"data and epochs per run: {', '.join(BUDGETS)} (or one the grid defines)"
     )
+    parser.add_argument(
+        "--runs",
+        help="comma-separated run names or shell patterns to train (default: the budget's runs, else all)",
+    )
     parser.add_argument("--out", help="output folder (default: studies/<grid>-<budget>)")
     parser.add_argument("--data-dir", help="CIFAR-10 folder (default: $STABILIZE_CIFAR10_DIR, else ./data)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
@@ -51,7 +55,8 @@ def study_main(args: Sequence[str]) -> None:
     while created is not None and not created.parent.exists():
         created = created.parent
     try:
-        run_study(grid, options.budget, out, options.data_dir, options.accelerator, command=command)
+        runs = None if options.runs is None else [p.strip() for p in options.runs.split(",") if p.strip()]
+        run_study(grid, options.budget, out, options.data_dir, options.accelerator, command=command, runs=runs)
     except DataNotFoundError as error:
         raise DataNotFoundError(
             f"{error.searched} Point the study at the folder holding {FOLDER}/ with --data-dir (or ${ENV_DATA_DIR})."

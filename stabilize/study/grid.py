@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import difflib
+import fnmatch
 import importlib
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ class Budget:
         val_size: Training images held out for validation.
         batch_size: Images per batch, or ``None`` for the datamodule's default.
         log_every_n_steps: Logging interval, also GradientHealthCallback's detail interval.
+        runs: Names or shell patterns (``adding100-*``) of the grid's runs this budget trains, or ``None`` for all:
+            a longer budget spends its time on the runs whose claim the shorter one left open.
     """
 
     max_epochs: int
@@ -36,6 +41,7 @@ class Budget:
     val_size: int
     batch_size: int | None = None
     log_every_n_steps: int = 10
+    runs: tuple[str, ...] | None = None
 
 
 #: ``cpu-small``: a look at the article's claims on a 2-core CPU in minutes per run; ``full``: He et al.'s schedule
@@ -73,6 +79,25 @@ class Grid:
             raise ConfigurationError(f"Unknown budget {name!r}; grid {self.name!r} offers {sorted(self.budgets)}.")
         return self.budgets[name]
 
+    def select(self, patterns: Sequence[str] | None) -> Grid:
+        """This grid with only the runs a name or shell pattern of ``patterns`` matches, in the grid's order
+        (``None``: all of them).
+
+        Raises:
+            ConfigurationError: For a pattern that matches no run, with the nearest run names.
+        """
+        if patterns is None:
+            return self
+        names = [run.name for run in self.runs]
+        for pattern in patterns:
+            if not fnmatch.filter(names, pattern):
+                near = difflib.get_close_matches(pattern, names, n=3) or names[:5]
+                raise ConfigurationError(
+                    f"grid {self.name!r} has no run matching {pattern!r}; did you mean {', '.join(near)}?"
+                )
+        kept = [run for run in self.runs if any(fnmatch.fnmatchcase(run.name, p) for p in patterns)]
+        return replace(self, runs=kept)
+
 
 def load_grid(path: str | Path) -> Grid:
     """Read a grid YAML, a file or a shipped grid's name (``quickstart``: see :mod:`stabilize.shipped`); every entry
@@ -105,8 +130,22 @@ def load_grid(path: str | Path) -> Grid:
         known = {f.name for f in fields(Budget)}
         if not isinstance(overrides, dict) or not set(overrides) <= known:
             raise ConfigurationError(f"{path}: budget {budget_name!r} may set only {sorted(known)}.")
+        if "runs" in overrides:
+            overrides = {**overrides, "runs": _patterns(overrides["runs"], f"{path}: budget {budget_name!r}: runs")}
         budgets[budget_name] = replace(base, **overrides)
-    return Grid(raw.get("name", path.stem), raw.get("description", ""), runs, budgets, int(raw.get("seed", 42)))
+    grid = Grid(raw.get("name", path.stem), raw.get("description", ""), runs, budgets, int(raw.get("seed", 42)))
+    for budget_name, budget in budgets.items():
+        try:
+            grid.select(budget.runs)
+        except ConfigurationError as error:
+            raise ConfigurationError(f"{path}: budget {budget_name!r}: {error}") from error
+    return grid
+
+
+def _patterns(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(f"{where} must be a non-empty list of run names or patterns.")
+    return tuple(value)
 
 
 def check_runs(grid: Grid, budget: Budget, data_dir: str | None) -> None:

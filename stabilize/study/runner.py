@@ -6,7 +6,7 @@ import functools
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,11 @@ def run_study(
     accelerator: str = "auto",
     echo: Callable[[str], None] = print,
     command: str | None = None,
+    runs: Sequence[str] | None = None,
 ) -> list[RunResult]:
     """Train every run of ``grid`` at ``budget_name`` into ``out/<run>/`` and write the report into ``out``.
+
+    The runs are those ``runs`` names (names or shell patterns), else those the budget names, else all of them.
 
     A run whose ``result.json`` exists is not trained again, so a killed study restarts at the first unfinished run;
     a run stopped by SIGTERM or Ctrl+C continues exactly from the checkpoint it wrote (``<run>/interrupted.ckpt``).
@@ -48,6 +51,7 @@ def run_study(
         ConfigurationError: Before anything trains, for an unknown budget or a run whose arguments do not work.
     """
     budget = grid.budget(budget_name)
+    grid = grid.select(runs if runs is not None else budget.runs)
     check_runs(grid, budget, data_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -193,6 +197,6 @@ def _save_config(run: RunSpec, budget: Budget, trainer_args: dict[str, Any], mod
                 *run.callbacks,
             ]
         ],
-        "budget": budget.__dict__,
+        "budget": {key: value for key, value in budget.__dict__.items() if key != "runs"},
     }
     path.write_text(yaml.safe_dump(jsonable(config), sort_keys=False))
