@@ -21,7 +21,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import save_image
 
-from stabilize.callbacks import GradientHealthCallback
+from stabilize.callbacks import GradientHealthCallback, SampleQuality
 from stabilize.datamodules import CIFAR10DataModule
 from stabilize.health import verdict
 from stabilize.models import DCGAN
@@ -63,8 +63,6 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         ngf=args.width,
         ndf=args.width,
         sample_every_n_steps=args.sample_every,
-        fid_checkpoint=args.fid_checkpoint,
-        fid_samples=args.fid_samples,
         **RUNS[name],
     )
     data = CIFAR10DataModule(
@@ -76,7 +74,11 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         accelerator="cpu",
         max_steps=2 * args.batches,  # optimizer steps: one per network and batch
         logger=TensorBoardLogger(out, name=name, version="tensorboard"),
-        callbacks=[health, means],
+        callbacks=[
+            health,
+            means,
+            *([SampleQuality(args.fid_checkpoint, args.fid_samples)] if args.fid_checkpoint else []),
+        ],
         log_every_n_steps=args.log_every,
         enable_checkpointing=False,
         enable_progress_bar=False,

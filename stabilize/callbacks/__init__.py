@@ -4,6 +4,14 @@ from stabilize.callbacks.gradient_clipping import GradientClipping
 from stabilize.callbacks.gradient_health import GradientHealthCallback
 from stabilize.callbacks.interrupt_checkpoint import InterruptCheckpoint
 from stabilize.callbacks.line_progress import LineProgress
+from stabilize.callbacks.sample_quality import SampleQuality
 from stabilize.callbacks.sharpness_monitor import SharpnessMonitor
 
-__all__ = ["GradientClipping", "GradientHealthCallback", "InterruptCheckpoint", "LineProgress", "SharpnessMonitor"]
+__all__ = [
+    "GradientClipping",
+    "GradientHealthCallback",
+    "InterruptCheckpoint",
+    "LineProgress",
+    "SampleQuality",
+    "SharpnessMonitor",
+]

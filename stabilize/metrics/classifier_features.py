@@ -105,7 +105,7 @@ def classifier_quality_metrics(checkpoint: str | Path) -> dict[str, FrechetIncep
 
 
 #: The name of the classifier that ships with the package (a ResNet-20 trained here on CIFAR-10, 1.1 MB): pass it
-#: wherever a classifier checkpoint is asked for (``--model.fid_checkpoint cifar10-resnet20``).
+#: wherever a classifier checkpoint is asked for (``SampleQuality(classifier="cifar10-resnet20")``).
 SHIPPED_CLASSIFIER = "cifar10-resnet20"
 
 
@@ -130,8 +130,8 @@ def quality_metrics(source: str | Path) -> dict[str, FrechetInceptionDistance | 
     if str(source) != STANDARD_INCEPTION:
         return dict(classifier_quality_metrics(source))
     offline = (
-        f"Use a classifier of this project instead (e.g. the shipped one, --model.fid_checkpoint"
-        f" {SHIPPED_CLASSIFIER}): its classifier-FID needs no download."
+        f"Use a classifier of this project instead (e.g. the shipped one, SampleQuality(classifier="
+        f"{SHIPPED_CLASSIFIER!r})): its classifier-FID needs no download."
     )
     try:
         return {

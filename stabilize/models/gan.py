@@ -6,8 +6,6 @@ from typing import Any, get_args
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.utils import make_grid
 from typing_extensions import override
 
@@ -50,13 +48,6 @@ class DCGAN(DeviceLoggedModule):
         sample_every_n_steps: Every this many generator steps, log a grid of images generated from a fixed noise
             batch (``gan/samples``, TensorBoard). 0 disables it.
         num_samples: Images in that grid (the fixed noise is part of the checkpoint).
-        fid_checkpoint: A checkpoint of a classifier trained here (e.g. ``configs/resnet20.yaml``;
-            ``"cifar10-resnet20"`` names the one that ships with the package): ``test`` then logs
-            ``gan/classifier_fid`` and ``gan/classifier_is`` on its features (see
-            :mod:`stabilize.metrics.classifier_features`: comparable only between runs with the same checkpoint).
-            ``"inception"``: the standard ``gan/fid`` and ``gan/inception_score`` instead, where torch-fidelity and
-            its Inception weights are present locally.
-        fid_samples: Real test images (and as many generated ones) the classifier-FID uses.
 
     Data: images in ``[0, 1]`` (``CIFAR10DataModule(normalize=False)``; labels are ignored); they are mapped to the
     generator's ``[-1, 1]``.
@@ -70,13 +61,15 @@ class DCGAN(DeviceLoggedModule):
         data = CIFAR10DataModule(normalize=False, augment=False, val_size=0)
         Trainer(max_steps=20_000, callbacks=[GradientHealthCallback()]).fit(model, data)
         images = model.sample()  # (64, 3, 32, 32) in [0, 1], from the fixed noise
+        Trainer(callbacks=[SampleQuality("cifar10-resnet20")]).test(model, data)  # gan/classifier_fid, _is
 
     Logged keys (at logging steps unless noted, as ``self.log(on_step=True)`` would log them; see
     :meth:`~stabilize.models.epoch_means.DeviceLoggedModule.log_train`): ``gan/d_loss`` and ``gan/g_loss`` (the latest
     generator step's; ``_step`` and ``_epoch`` for the step values and the epoch means), ``gan/d_real`` and
     ``gan/d_fake`` (mean ``sigmoid`` of the discriminator's logits on real and generated images: how sure it is;
-    every step's in :meth:`latest_train_values`), ``gan/samples`` (image grid), ``gan/classifier_fid`` and
-    ``gan/classifier_is`` (``test`` with ``fid_checkpoint``).
+    every step's in :meth:`latest_train_values`), ``gan/samples`` (image grid). The quality of the samples is
+    measured by :class:`~stabilize.callbacks.SampleQuality` (``gan/classifier_fid``, ``gan/classifier_is``) through
+    :meth:`generate_images`.
     """
 
     def __init__(
@@ -95,8 +88,6 @@ class DCGAN(DeviceLoggedModule):
         gradient_clip_val: float | None = None,
         sample_every_n_steps: int = 500,
         num_samples: int = 64,
-        fid_checkpoint: str | None = None,
-        fid_samples: int = 5000,
     ) -> None:
         super().__init__()
         if loss not in get_args(GANLoss):
@@ -108,17 +99,13 @@ class DCGAN(DeviceLoggedModule):
             ndf=ndf,
             n_critic=n_critic,
             num_samples=num_samples,
-            fid_samples=fid_samples,
         )
         check_integers(0, sample_every_n_steps=sample_every_n_steps)
         if lr_generator <= 0 or lr_discriminator <= 0 or not all(0 <= b < 1 for b in betas):
             raise ConfigurationError("learning rates must be positive and betas in [0, 1).")
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ConfigurationError(f"gradient_clip_val must be positive or None, got {gradient_clip_val}.")
-        # Evaluation settings, not part of the model: kept out of the checkpoint, so that `stabilize test
-        # --ckpt_path ... --model.fid_checkpoint ...` uses the value given then, not the one saved in training.
-        self.save_hyperparameters(ignore=["fid_checkpoint", "fid_samples"])
-        self.fid_checkpoint, self.fid_samples = fid_checkpoint, fid_samples
+        self.save_hyperparameters()
         self.automatic_optimization = False
         self.generator = DCGANGenerator(latent_dim, ngf, batch_norm=generator_batch_norm)
         self.discriminator = DCGANDiscriminator(ndf, batch_norm=discriminator_batch_norm, spectral_norm=spectral_norm)
@@ -129,9 +116,6 @@ class DCGAN(DeviceLoggedModule):
         self.last_sample_grid: Tensor | None = None
         self._input_checked = False
         self._generator_steps = 0  # in this process (the sample cadence)
-        # Kept out of the registered modules: the classifier must not enter this model's checkpoints.
-        self._quality: dict[str, Metric] = {}
-        self._fid_images = 0
 
     def forward(self, z: Tensor) -> Tensor:
         """Generated images in ``[-1, 1]`` for noise ``z`` of shape ``(N, latent_dim)``."""
@@ -151,6 +135,11 @@ class DCGAN(DeviceLoggedModule):
 
     def noise(self, n: int) -> Tensor:
         return torch.randn(n, self.hparams["latent_dim"], device=self.device)
+
+    def generate_images(self, count: int) -> Tensor:
+        """``count`` images in ``[0, 1]`` from fresh noise (:class:`~stabilize.callbacks.sample_quality.ImageGenerator`:
+        what :class:`~stabilize.callbacks.SampleQuality` measures)."""
+        return self.sample(self.noise(count))
 
     # ------------------------------------------------------------------------------------------------- training
     @override
@@ -223,36 +212,10 @@ class DCGAN(DeviceLoggedModule):
 
     # ---------------------------------------------------------------------------------------------- evaluation
     @override
-    def on_test_start(self) -> None:
-        source = self.fid_checkpoint
-        if source and not self._quality:
-            from stabilize.metrics import quality_metrics
-
-            self._quality = dict(quality_metrics(source))
-        for metric in self._quality.values():
-            metric.reset()
-            metric.to(self.device)
-        self._fid_images = 0
-
-    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        if not self._quality or self._fid_images >= self.fid_samples:
-            return
-        real = self._real_images(batch)[: self.fid_samples - self._fid_images].add(1).div(2)
-        fake = self.sample(self.noise(len(real)))
-        for metric in self._quality.values():
-            if isinstance(metric, FrechetInceptionDistance):
-                metric.update(real, real=True)
-                metric.update(fake, real=False)
-            else:  # an Inception Score looks at the generated images only
-                metric.update(fake)
-        self._fid_images += len(real)
-
-    @override
-    def on_test_epoch_end(self) -> None:
-        for name, metric in self._quality.items():
-            value = metric.compute()
-            self.log(f"gan/{name}", (value if isinstance(value, Tensor) else value[0]).float())
+        """Only checks the images: testing a GAN is measuring its samples, which
+        :class:`~stabilize.callbacks.SampleQuality` does against these batches."""
+        self._real_images(batch)
 
     # ------------------------------------------------------------------------------------------------ diagnosis
     def gradient_health_hints(self) -> dict[str, str]:

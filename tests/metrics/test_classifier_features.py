@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from stabilize.callbacks import SampleQuality
 from stabilize.datamodules import CIFAR10DataModule
 from stabilize.errors import ConfigurationError
 from stabilize.metrics import ClassifierFeatures, classifier_quality_metrics
@@ -52,19 +55,43 @@ def test_a_checkpoint_of_another_kind_is_refused(tmp_path: Path) -> None:
         ClassifierFeatures.from_checkpoint(tmp_path / "gan.ckpt")
 
 
-def test_dcgan_test_logs_classifier_fid_and_score(
+def test_sample_quality_logs_classifier_fid_and_score_of_a_dcgan(
     classifier_checkpoint: Path, tiny_cifar: Path, tmp_path: Path
 ) -> None:
-    model = DCGAN(latent_dim=16, ngf=8, ndf=8, fid_checkpoint=str(classifier_checkpoint), fid_samples=30)
+    model = DCGAN(latent_dim=16, ngf=8, ndf=8)
     data = CIFAR10DataModule(str(tiny_cifar), val_size=0, batch_size=20, normalize=False, augment=False)
-    trainer = quiet_trainer(tmp_path, max_steps=2)
+    quality = SampleQuality(str(classifier_checkpoint), samples=30)
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[quality])
     trainer.fit(model, data)
     result = trainer.test(model, data, verbose=False)[0]
     # IS = exp(mean KL) >= 1 exactly; torchmetrics sums the KL terms in float32, so a generator whose samples all get
     # the same class probabilities (two steps of training) can land a few float32 ulps below 1 (0.99999994 seen).
     assert result["gan/classifier_fid"] > 0 and result["gan/classifier_is"] >= 1.0 - 1e-6
-    assert model._fid_images == 30
-    assert not any(key.startswith("_quality") for key in model.state_dict())
+    assert quality.measured == 30  # two batches of 20, the second cut to 10
+    assert not any("classifier" in key for key in trainer.lightning_module.state_dict())
+    trainer.save_checkpoint(tmp_path / "gan.ckpt")
+    assert not any("classifier" in key for key in torch.load(tmp_path / "gan.ckpt", weights_only=False)["state_dict"])
+
+
+def test_sample_quality_names_what_a_module_lacks(tiny_cifar: Path, tmp_path: Path) -> None:
+    data = CIFAR10DataModule(str(tiny_cifar), val_size=0, batch_size=20, normalize=False, augment=False)
+    trainer = quiet_trainer(tmp_path, callbacks=[SampleQuality()])
+    with pytest.raises(ConfigurationError, match="ResNet has no generate_images"):
+        trainer.test(ResNet(depth=8), data, verbose=False)
+
+
+@pytest.mark.parametrize("samples", [0, -3, 2.5, True])
+def test_sample_quality_refuses_a_sample_count_that_is_not_a_positive_integer(samples: object) -> None:
+    with pytest.raises(ConfigurationError, match="positive integer number of samples"):
+        SampleQuality(samples=samples)  # type: ignore[arg-type]
+
+
+def test_models_never_import_the_metrics() -> None:
+    # The quality metrics are an evaluation concern (SampleQuality): stabilize.models must stay importable without
+    # stabilize.metrics, which imports ImageClassifier from stabilize.models (no import cycle).
+    code = "import sys, stabilize.models; print('stabilize.metrics' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_the_standard_inception_metrics_say_what_they_need_when_it_is_missing() -> None:
