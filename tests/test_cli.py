@@ -386,14 +386,18 @@ def test_study_by_name_speaks_studys_flags_when_data_is_missing(tmp_path: Path) 
     assert not (tmp_path / "studies").exists()  # nothing half-made
 
 
-def test_the_wheel_ships_the_configs_and_grids(tmp_path: Path) -> None:
-    """Built and unpacked outside the checkout, the package finds its configs and grids by name."""
+def test_the_wheel_installed_in_a_fresh_venv_runs_the_quickstart_from_another_folder(
+    tiny_cifar: Path, tmp_path: Path
+) -> None:
+    """README's first command as a `pip install` user runs it: the wheel installed with pip into a new venv (its
+    dependencies, torch and Lightning, borrowed from this environment through a path file rather than installed
+    again), the `stabilize` console script run outside the checkout, the shipped grid found by name."""
+    import sysconfig
     import zipfile
 
     setuptools = pytest.importorskip("setuptools")
     if tuple(int(part) for part in setuptools.__version__.split(".")[:2]) < (70, 1):
         pytest.importorskip("wheel")  # older setuptools builds wheels only with the wheel package
-
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
         capture_output=True,
@@ -405,15 +409,50 @@ def test_the_wheel_ships_the_configs_and_grids(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "stabilize/configs/resnet20.yaml" in names and "stabilize/configs/study/quickstart.yaml" in names
     assert "stabilize/assets/cifar10-resnet20-classifier.ckpt" in names
-    site = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(site)
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    code = (
-        "import stabilize;from stabilize.study import load_grid;print(stabilize.__file__, load_grid('quickstart').name)"
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    fresh_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # A plain path line: the directories are searched after the venv's own, and the .pth files in them (this
+    # checkout's editable install among them) are not processed, so `stabilize` can only come from the wheel.
+    dependencies = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (Path(fresh_site) / "borrowed_dependencies.pth").write_text("\n".join(sorted(dependencies)) + "\n")
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    shown = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    assert shown.stdout.split() == [str(site / "stabilize" / "__init__.py"), "quickstart"]
+    assert installed.returncode == 0, installed.stderr[-2000:]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "STABILIZE_CIFAR10_DIR")}
+    env["PYTHONWARNINGS"] = "ignore"
+    shown = subprocess.run(
+        [str(python), "-c", "import stabilize; print(stabilize.__file__)"], cwd=elsewhere, env=env, capture_output=True
+    )
+    assert shown.stdout.decode().strip() == str(Path(fresh_site) / "stabilize" / "__init__.py")
+    study = subprocess.run(
+        [str(venv / "bin" / "stabilize"), "study", "quickstart", "--smoke", f"--data-dir={tiny_cifar}"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert study.returncode == 0, study.stderr[-3000:]
+    lines = study.stdout.splitlines()
+    header = next(n for n, line in enumerate(lines) if line.split()[:3] == ["run", "test", "acc"])
+    rows = [line.split()[0] for line in lines[header + 1 : header + 4]]
+    assert rows == ["plain-20-sigmoid", "batchnorm-20-sigmoid", "resnet-20-sigmoid"]
+    assert (elsewhere / "studies" / "quickstart-cpu-small-smoke" / "report.md").is_file()
 
 
 def test_a_log_file_gets_plain_lines_not_redraws_nor_tips(tiny_cifar: Path, tmp_path: Path) -> None:

@@ -35,7 +35,12 @@ def study_parser() -> argparse.ArgumentParser:
         "--runs",
         help="comma-separated run names or shell patterns to train (default: the budget's runs, else all)",
     )
-    parser.add_argument("--out", help="output folder (default: studies/<grid>-<budget>)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a dry run: every run for 3 batches on whatever data there is (check a grid before a long or GPU run)",
+    )
+    parser.add_argument("--out", help="output folder (default: studies/<grid>-<budget>[-smoke])")
     parser.add_argument("--data-dir", help="CIFAR-10 folder (default: $STABILIZE_CIFAR10_DIR, else ./data)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     return parser
@@ -47,7 +52,9 @@ def study_main(args: Sequence[str]) -> None:
     if (options.grid is None) == (options.config is None):
         parser.error("name one grid: `stabilize study quickstart` or `--config <grid.yaml>`")
     grid = load_grid(options.grid or options.config)
-    out = Path(options.out or Path("studies") / f"{grid.name}-{options.budget}")
+    if options.smoke:
+        grid = grid.smoke(options.budget)
+    out = Path(options.out or Path("studies") / f"{grid.name}-{options.budget}{'-smoke' if options.smoke else ''}")
     check_writable_folder(out, "--out")
     command = " ".join(["stabilize study", *args])
     # The topmost folder this study will create, removed again if the study fails before writing any file into it.

@@ -90,6 +90,45 @@ def test_unknown_budget_exits_with_one_message(tmp_path: Path, capsys: pytest.Ca
     assert "Unknown budget 'huge'" in capsys.readouterr().err
 
 
+def test_a_budget_names_its_runs_and_runs_picks_by_name_or_pattern(tmp_path: Path) -> None:
+    text = TWO_RUNS.replace("budgets:\n", "budgets:\n  only-resnet: {max_epochs: 9, runs: [resnet]}\n")
+    grid = load_grid(write_grid(tmp_path, text))
+    assert grid.budget("only-resnet").runs == ("resnet",) and grid.budget("tiny").runs is None
+    assert [run.name for run in grid.select(grid.budget("only-resnet").runs).runs] == ["resnet"]
+    assert [run.name for run in grid.select(["*"]).runs] == ["plain", "resnet"]  # the grid's order
+    assert [run.name for run in grid.select(["res*", "plain"]).runs] == ["plain", "resnet"]
+    assert grid.select(None) is grid
+    with pytest.raises(ConfigurationError, match="no run matching 'resnt'; did you mean resnet"):
+        grid.select(["resnt"])
+
+
+@pytest.mark.parametrize(
+    ("runs", "message"),
+    [("[resnt]", "budget 'medium': grid 'tiny' has no run matching 'resnt'"), ("resnet", "must be a non-empty list")],
+)
+def test_a_budget_naming_runs_that_do_not_exist_fails_on_load(tmp_path: Path, runs: str, message: str) -> None:
+    text = TWO_RUNS.replace("budgets:\n", f"budgets:\n  medium: {{runs: {runs}}}\n")
+    with pytest.raises(ConfigurationError, match=message):
+        load_grid(write_grid(tmp_path, text))
+
+
+def test_a_misspelt_run_on_the_command_line_is_one_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    grid = str(write_grid(tmp_path, TWO_RUNS))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", grid, "--budget", "tiny", "--runs", "plain,resnt", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "no run matching 'resnt'; did you mean resnet?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_smoke_grid_runs_every_run_for_three_batches(tiny_cifar: Path, tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path, TWO_RUNS)).smoke("tiny")
+    budget = grid.budget("tiny")
+    assert (budget.max_epochs, budget.train_subset, budget.log_every_n_steps) == (1, None, 1)
+    results = run_study(grid, "tiny", tmp_path / "out", data_dir=str(tiny_cifar), accelerator="cpu", echo=print)
+    assert [result["steps"] for result in results] == [3, 3]
+
+
 def test_the_quickstart_grid_runs_end_to_end_on_tiny_data(tiny_cifar: Path, tmp_path: Path) -> None:
     grid = load_grid(REPO / "configs" / "study" / "quickstart.yaml")
     grid = dataclasses.replace(grid, budgets={"cpu-small": TINY})
