@@ -8,6 +8,9 @@
 #
 # Parts and limits (seconds): hot-path test 90, fast94 under Lightning 5 seeds 200, airbench94 5 seeds 100,
 # throughput 100, augmentation 45, profiles 100. SUITE_PARTS="fast94 airbench" runs only those.
+# SUITE_PARTS=depth (not in the default set: it needs a call of its own) runs the depth grid at budget gpu-short
+# (issue 23: He et al.'s ordering, about 8 minutes; limit 560) into $OUT/depth-gpu-short; a call cut short by the
+# limit leaves its finished runs, which the next call with the same command reuses.
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -40,6 +43,7 @@ for p in $PARTS; do
         airbench) part airbench 100 $PY benchmarks/bench_time_to_accuracy.py --part airbench $SMOKE --json "$OUT/airbench94.json" ;;
         throughput) part throughput 100 $PY benchmarks/bench_gpu_throughput.py --part throughput $SMOKE --json "$OUT/throughput.json" ;;
         augment) part augment 45 $PY benchmarks/bench_gpu_throughput.py --part augment $SMOKE --json "$OUT/augment.json" ;;
+        depth) part depth 560 $PY -m stabilize study depth --budget gpu-short $SMOKE --data-dir "${STABILIZE_CIFAR10_DIR:-data}" --out "$OUT/depth-gpu-short" ;;
         profile) part profile 100 $PY benchmarks/bench_time_to_accuracy.py --part profile $SMOKE --json "$OUT/profile.json" ;;
         *) echo "unknown part $p" | tee -a "$LOG" ;;
     esac

@@ -34,6 +34,9 @@ class Budget:
         log_every_n_steps: Logging interval, also GradientHealthCallback's detail interval.
         runs: Names or shell patterns (``adding100-*``) of the grid's runs this budget trains, or ``None`` for all:
             a longer budget spends its time on the runs whose claim the shorter one left open.
+        model: Model arguments of every run at this budget (``channels_last: true`` on a GPU); a run's own win.
+        data: Datamodule arguments of every run at this budget (``device: cuda``); a run's own win.
+        trainer: Trainer arguments of every run at this budget (``precision: bf16-mixed``); a run's own win.
     """
 
     max_epochs: int
@@ -42,6 +45,9 @@ class Budget:
     batch_size: int | None = None
     log_every_n_steps: int = 10
     runs: tuple[str, ...] | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
 
 
 #: ``cpu-small``: a look at the article's claims on a 2-core CPU in minutes per run; ``full``: He et al.'s schedule
@@ -78,6 +84,24 @@ class Grid:
         if name not in self.budgets:
             raise ConfigurationError(f"Unknown budget {name!r}; grid {self.name!r} offers {sorted(self.budgets)}.")
         return self.budgets[name]
+
+    def at_budget(self, name: str, runs: Sequence[str] | None = None) -> tuple[Grid, Budget]:
+        """The runs budget ``name`` trains (those ``runs`` names or patterns, else the budget's own, else all), each
+        with the budget's model, data and Trainer settings under its own; and the budget."""
+        budget = self.budget(name)
+        chosen = self.select(runs if runs is not None else budget.runs).runs
+        return replace(
+            self,
+            runs=[
+                replace(
+                    run,
+                    model_args={**budget.model, **run.model_args},
+                    data_args={**budget.data, **run.data_args},
+                    trainer_args={**budget.trainer, **run.trainer_args},
+                )
+                for run in chosen
+            ],
+        ), budget
 
     def smoke(self, budget_name: str) -> Grid:
         """This grid cut to a dry run at ``budget_name``: every run for 3 training batches and one validation and test
@@ -146,6 +170,9 @@ def load_grid(path: str | Path) -> Grid:
             raise ConfigurationError(f"{path}: budget {budget_name!r} may set only {sorted(known)}.")
         if "runs" in overrides:
             overrides = {**overrides, "runs": _patterns(overrides["runs"], f"{path}: budget {budget_name!r}: runs")}
+        for part in ("model", "data", "trainer"):
+            if not isinstance(overrides.get(part, {}), dict):
+                raise ConfigurationError(f"{path}: budget {budget_name!r}: {part} must be a mapping of arguments.")
         budgets[budget_name] = replace(base, **overrides)
     grid = Grid(raw.get("name", path.stem), raw.get("description", ""), runs, budgets, int(raw.get("seed", 42)))
     for budget_name, budget in budgets.items():

@@ -50,8 +50,7 @@ def run_study(
     Raises:
         ConfigurationError: Before anything trains, for an unknown budget or a run whose arguments do not work.
     """
-    budget = grid.budget(budget_name)
-    grid = grid.select(runs if runs is not None else budget.runs)
+    grid, budget = grid.at_budget(budget_name, runs)
     check_runs(grid, budget, data_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -197,6 +196,8 @@ def _save_config(run: RunSpec, budget: Budget, trainer_args: dict[str, Any], mod
                 *run.callbacks,
             ]
         ],
-        "budget": {key: value for key, value in budget.__dict__.items() if key != "runs"},
+        "budget": {
+            key: value for key, value in budget.__dict__.items() if key not in ("runs", "model", "data", "trainer")
+        },
     }
     path.write_text(yaml.safe_dump(jsonable(config), sort_keys=False))

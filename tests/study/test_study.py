@@ -102,6 +102,20 @@ def test_a_budget_names_its_runs_and_runs_picks_by_name_or_pattern(tmp_path: Pat
         grid.select(["resnt"])
 
 
+def test_a_budget_sets_model_data_and_trainer_arguments_under_each_runs_own(tmp_path: Path) -> None:
+    budget = (
+        "  gpuish: {model: {channels_last: true, depth: 20}, data: {device: cuda}, trainer: {precision: bf16-mixed}}"
+    )
+    grid = load_grid(write_grid(tmp_path, TWO_RUNS.replace("budgets:\n", f"budgets:\n{budget}\n")))
+    runs, _ = grid.at_budget("gpuish")
+    for run in runs.runs:
+        assert run.model_args["channels_last"] is True and run.model_args["depth"] == 8  # the grid's depth wins
+        assert run.data_args == {"device": "cuda"} and run.trainer_args == {"precision": "bf16-mixed"}
+    assert [run.name for run in grid.at_budget("gpuish", ["res*"])[0].runs] == ["resnet"]
+    with pytest.raises(ConfigurationError, match="budget 'bad': trainer must be a mapping"):
+        load_grid(write_grid(tmp_path, TWO_RUNS.replace("budgets:\n", "budgets:\n  bad: {trainer: [1]}\n")))
+
+
 @pytest.mark.parametrize(
     ("runs", "message"),
     [("[resnt]", "budget 'medium': grid 'tiny' has no run matching 'resnt'"), ("resnet", "must be a non-empty list")],
