@@ -1,5 +1,6 @@
 """Lightning callbacks that watch the health of the gradients."""
 
+from stabilize.callbacks.forward_statistics_monitor import ForwardStatisticsMonitor
 from stabilize.callbacks.gradient_clipping import GradientClipping
 from stabilize.callbacks.gradient_health import GradientHealthCallback
 from stabilize.callbacks.interrupt_checkpoint import InterruptCheckpoint
@@ -8,6 +9,7 @@ from stabilize.callbacks.sample_quality import SampleQuality
 from stabilize.callbacks.sharpness_monitor import SharpnessMonitor
 
 __all__ = [
+    "ForwardStatisticsMonitor",
     "GradientClipping",
     "GradientHealthCallback",
     "InterruptCheckpoint",

@@ -4,7 +4,7 @@ QK-norm, z-loss, residual scaling, initialisation)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,19 @@ class Block(nn.Module):
         self.q_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+        #: Set by the model for a measured forward pass: the largest attention logit is kept in ``logit_max``.
+        self.measure = False
+        self.logit_max: Tensor | None = None
 
     def attention(self, x: Tensor) -> Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).unbind(2)
         q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        if self.measure:  # the fused kernel never forms the logits: form them once, for the measurement only
+            with torch.no_grad():
+                logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+                future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+                self.logit_max = logits.masked_fill(future, float("-inf")).amax()
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
@@ -86,6 +94,12 @@ class TransformerLM(TrainingRecipe):
 
     Raises:
         ConfigurationError: For a size out of range, ``width`` not divisible by ``heads`` or an unknown option.
+
+    Forward statistics (:class:`~stabilize.health.forward_statistics.ForwardStatisticsSource`, read by
+    :class:`~stabilize.callbacks.ForwardStatisticsMonitor` at its logging steps): ``block_rms/<i>`` (the residual
+    stream's RMS after block ``i``), ``attention_logit_max/<i>`` (block ``i``'s largest scaled query-key product,
+    causal positions only; computed beside the fused attention kernel, so only when measured) and
+    ``output_logit_max`` (the largest absolute output logit).
     """
 
     def __init__(
@@ -139,6 +153,8 @@ class TransformerLM(TrainingRecipe):
         if tie_embeddings:
             self.head.weight = self.embed.weight
         self._initialise(init, depth, (8 * depth) ** -0.25 if deepnorm else 1.0)
+        self.record_forward_statistics = False
+        self.forward_statistics: dict[str, Tensor] = {}
 
     def _initialise(self, init: str, depth: int, branch_scale: float) -> None:
         if init == "gpt2":
@@ -165,9 +181,19 @@ class TransformerLM(TrainingRecipe):
                 f" {tokens.dtype} of shape {tuple(tokens.shape)}."
             )
         x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
-        for block in self.blocks:
+        measure = self.record_forward_statistics and self.training
+        statistics: dict[str, Tensor] = {}
+        for index, block in enumerate(cast(list[Block], self.blocks)):
+            block.measure = measure
             x = block(x)
-        return self.head(self.final_norm(x))
+            if measure and block.logit_max is not None:
+                statistics[f"block_rms/{index}"] = x.detach().float().square().mean().sqrt()
+                statistics[f"attention_logit_max/{index}"] = block.logit_max
+        logits = self.head(self.final_norm(x))
+        if measure:
+            statistics["output_logit_max"] = logits.detach().abs().amax()
+            self.forward_statistics = statistics
+        return logits
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         tokens, targets = batch
