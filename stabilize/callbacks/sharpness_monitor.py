@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from stabilize.errors import ConfigurationError, check_integers
-from stabilize.health.sharpness import stability_limit, top_eigenvalue
+from stabilize.health.sharpness import adam_preconditioner, stability_limit, top_eigenvalue
 
 
 class SharpnessMonitor(Callback):
@@ -24,9 +24,11 @@ class SharpnessMonitor(Callback):
     The loss is the module's own ``training_step`` on one fixed batch (the first training batch, kept), with its
     logging silenced, in eval mode: BatchNorm uses its running statistics and dropout is off, so a measurement is
     reproducible. Power iteration on Hessian-vector products (double backward), warm-started from the previous
-    eigenvector. Under DDP each process measures on its own first batch; rank zero's value is logged. Adaptive
-    optimizers (Adam, RMSprop) get the sharpness without a limit (theirs is on the preconditioned Hessian, which is not
-    measured here).
+    eigenvector. Under DDP each process measures on its own first batch; rank zero's value is logged. With Adam or
+    AdamW the monitor measures the *preconditioned* sharpness instead, the largest eigenvalue of ``P^-1 H`` with Adam's
+    ``P = sqrt(v_hat) + eps`` read from the optimizer's state, against its limit ``(2 + 2 beta1) / ((1 - beta1) lr)``
+    (38 / lr at beta1 = 0.9; Cohen et al. 2022). Other adaptive optimizers (RMSprop, Adagrad) get the plain sharpness
+    without a limit.
 
     Args:
         every_n_steps: Optimizer steps between measurements (step 0 included).
@@ -47,9 +49,10 @@ class SharpnessMonitor(Callback):
     ===================================  ==========================================================
     key                                  value (at each measurement)
     ===================================  ==========================================================
-    ``sharpness/max_eigenvalue``         largest Hessian eigenvalue of the loss on the fixed batch
-    ``sharpness/stability_limit``        ``(2 + 2 momentum) / lr`` of the first optimizer (SGD only)
-    ``sharpness/ratio``                  max_eigenvalue / stability_limit (SGD only)
+    ``sharpness/max_eigenvalue``         largest Hessian eigenvalue of the loss on the fixed batch (not Adam)
+    ``sharpness/preconditioned``         largest eigenvalue of ``P^-1 H`` (Adam and AdamW, instead)
+    ``sharpness/stability_limit``        ``(2 + 2 momentum) / lr`` (SGD); ``(2 + 2 beta1) / ((1 - beta1) lr)`` (Adam)
+    ``sharpness/ratio``                  measured eigenvalue / stability_limit (SGD, Adam)
     ===================================  ==========================================================
     """
 
@@ -70,6 +73,8 @@ class SharpnessMonitor(Callback):
         self.history: list[tuple[int, float, float | None]] = []
         self._batch: Any = None
         self._vector: list[Tensor] | None = None
+        #: Whether the history holds Adam's preconditioned sharpness.
+        self.preconditioned = False
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -84,6 +89,11 @@ class SharpnessMonitor(Callback):
         if step < 0 or step % self.every_n_steps or (self.history and self.history[-1][0] == step):
             return
         params = [p for p in pl_module.parameters() if p.requires_grad]
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        preconditioner = None if optimizer is None else adam_preconditioner(optimizer, params)
+        self.preconditioned = preconditioner is not None
+        if self._vector is not None and [v.shape for v in self._vector] != [p.shape for p in params]:
+            self._vector = None  # the parameters changed (a resumed run with another model): start afresh
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -94,13 +104,14 @@ class SharpnessMonitor(Callback):
                     self.iterations,
                     self.tolerance,
                     start=self._vector,
+                    preconditioner=preconditioner,
                 )
         finally:
             pl_module.train(was_training)
         self._vector = measured.vector
-        limit = stability_limit(trainer.optimizers[0]) if trainer.optimizers else None
+        limit = None if optimizer is None else stability_limit(optimizer)
         self.history.append((step, measured.value, limit))
-        metrics = {"sharpness/max_eigenvalue": measured.value}
+        metrics = {f"sharpness/{'preconditioned' if self.preconditioned else 'max_eigenvalue'}": measured.value}
         if limit is not None:
             metrics |= {"sharpness/stability_limit": limit, "sharpness/ratio": measured.value / limit}
         if trainer.is_global_zero:
@@ -118,10 +129,11 @@ class SharpnessMonitor(Callback):
             return "Sharpness: not measured."
         step, value, limit = self.history[-1]
         peak_step, peak, _ = max(self.history, key=lambda item: item[1])
+        what = "Preconditioned sharpness (Adam's P^-1 H)" if self.preconditioned else "Sharpness"
         if limit is None:
             return (
-                f"Sharpness {value:.4g} at step {step} (peak {peak:.4g} at step {peak_step}); an adaptive optimizer's"
-                " stability limit is on the preconditioned Hessian, not measured here."
+                f"{what} {value:.4g} at step {step} (peak {peak:.4g} at step {peak_step}); this optimizer's"
+                " stability limit is not known here (SGD and Adam have one)."
             )
         ratio = value / limit
         meaning = (
@@ -131,18 +143,19 @@ class SharpnessMonitor(Callback):
             else "below the limit: the learning rate is not what bounds the curvature"
         )
         return (
-            f"Sharpness {value:.4g} at step {step} against the stability limit {limit:.4g} of the learning rate"
+            f"{what} {value:.4g} at step {step} against the stability limit {limit:.4g} of the learning rate"
             f" (ratio {ratio:.2f}; peak {peak:.4g} at step {peak_step}): {meaning}."
         )
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "vector": self._vector}
+        return {"history": self.history, "vector": self._vector, "preconditioned": self.preconditioned}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [(int(step), float(value), limit) for step, value, limit in state_dict.get("history", [])]
         self._vector = state_dict.get("vector")
+        self.preconditioned = bool(state_dict.get("preconditioned", False))
 
 
 def _loss(output: Any) -> Tensor:

@@ -5,6 +5,13 @@ with heavy-ball momentum ``beta``); Cohen et al. (ICLR 2021) showed full-batch t
 that limit and then hovers there (the Edge of Stability). :func:`top_eigenvalue` finds the sharpness by power
 iteration on Hessian-vector products (double backward, no Hessian built), warm-started from the previous
 eigenvector so that a few iterations suffice between measurements.
+
+Adaptive optimizers (Adam, AdamW) take preconditioned steps ``P^-1 g`` with ``P = diag(sqrt(v_hat) + eps)``; for them
+the quantity with a stability limit is the *preconditioned* sharpness, the largest eigenvalue of ``P^-1 H``, and the
+limit is ``(2 + 2 beta1) / ((1 - beta1) lr)`` (38 / lr at beta1 = 0.9; Cohen et al. 2022, "Adaptive Gradient Methods
+at the Edge of Stability"). :func:`adam_preconditioner` reads ``P`` from the optimizer's state and
+:func:`top_eigenvalue` takes it as ``preconditioner``: it iterates on the symmetric ``P^-1/2 H P^-1/2``, which has the
+eigenvalues of ``P^-1 H``.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ def top_eigenvalue(
     tolerance: float = 1e-3,
     start: Sequence[Tensor] | None = None,
     generator: torch.Generator | None = None,
+    preconditioner: Sequence[Tensor] | None = None,
 ) -> Sharpness:
     """The Hessian eigenvalue of largest magnitude of ``loss()`` with respect to ``params``, by power iteration.
 
@@ -56,6 +64,8 @@ def top_eigenvalue(
         tolerance: Stop once the estimate changes by less than this fraction between iterations.
         start: The previous eigenvector (warm start); a random unit vector when ``None``.
         generator: Source of the random start.
+        preconditioner: ``P`` per parameter (positive, the parameter's shape): the eigenvalue of ``P^-1 H`` instead
+            (:func:`adam_preconditioner`); the eigenvector is then that of ``P^-1/2 H P^-1/2``.
 
     Raises:
         ValueError: If ``iterations`` is not positive or ``tolerance`` is not positive.
@@ -63,6 +73,7 @@ def top_eigenvalue(
     if iterations < 1 or not tolerance > 0:
         raise ValueError(f"iterations must be positive and tolerance positive, got {iterations}, {tolerance}.")
     params = list(params)
+    scale = None if preconditioner is None else [p.rsqrt() for p in preconditioner]
     gradients = torch.autograd.grad(loss(), params, create_graph=True)
     if start is None:
         vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
@@ -72,7 +83,11 @@ def top_eigenvalue(
     value, converged, done = math.nan, False, 0
     while done < iterations:
         done += 1
-        product = hessian_vector_product(gradients, params, vector)
+        if scale is None:
+            product = hessian_vector_product(gradients, params, vector)
+        else:  # P^-1/2 H P^-1/2 v: symmetric, so power iteration and the Rayleigh quotient still apply
+            product = hessian_vector_product(gradients, params, [s * v for s, v in zip(scale, vector)])
+            product = [s * h for s, h in zip(scale, product)]
         estimate = float(sum((h * v).sum() for h, v in zip(product, vector)))  # Rayleigh quotient, |v| = 1
         norm = math.sqrt(float(sum(h.square().sum() for h in product)))
         if norm == 0:
@@ -87,17 +102,51 @@ def top_eigenvalue(
 
 
 def stability_limit(optimizer: torch.optim.Optimizer) -> float | None:
-    """The sharpness above which gradient descent with this optimizer's (first group's) learning rate diverges on a
-    quadratic: ``2 / lr`` for SGD, ``(2 + 2 momentum) / lr`` with heavy-ball momentum (Nesterov: the same bound is
-    used as an approximation). ``None`` for adaptive optimizers (Adam, RMSprop...), whose limit is on the
-    preconditioned Hessian, which is not measured here."""
-    if not isinstance(optimizer, torch.optim.SGD):
-        return None
+    """The sharpness above which this optimizer's (first group's) learning rate diverges on a quadratic: ``2 / lr``
+    for SGD, ``(2 + 2 momentum) / lr`` with heavy-ball momentum (Nesterov: the same bound is used as an
+    approximation); for Adam and AdamW the limit of the *preconditioned* sharpness, ``(2 + 2 beta1) / ((1 - beta1)
+    lr)``. ``None`` for other optimizers (RMSprop, Adagrad...) and a zero learning rate."""
     group = optimizer.param_groups[0]
     lr = float(group["lr"])
     if lr <= 0:
         return None
-    return (2.0 + 2.0 * float(group.get("momentum", 0.0))) / lr
+    if isinstance(optimizer, torch.optim.SGD):
+        return (2.0 + 2.0 * float(group.get("momentum", 0.0))) / lr
+    if is_adam(optimizer):
+        beta1 = float(group["betas"][0])
+        return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
+    return None
+
+
+def is_adam(optimizer: torch.optim.Optimizer) -> bool:
+    """Adam or AdamW (AdamW is a subclass of Adam in recent torch, not in all)."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor] | None:
+    """Adam's ``P = sqrt(v_hat) + eps`` for each of ``params`` (``v_hat``: the bias-corrected second moment of its
+    state), or ``None`` before the optimizer's first step or for another optimizer. A parameter the optimizer has no
+    state for gets ``eps`` (its steps would be ``g / eps``: the most sensitive direction, not hidden)."""
+    if not is_adam(optimizer):
+        return None
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    result = []
+    for param in params:
+        group = groups.get(id(param))
+        if group is None:
+            return None
+        state = optimizer.state.get(param, {})
+        eps = float(group["eps"])
+        if "exp_avg_sq" not in state:
+            result.append(torch.full_like(param, eps))
+            continue
+        step = float(state["step"])
+        beta2 = float(group["betas"][1])
+        v_hat = state["exp_avg_sq"] / (1.0 - beta2**step)
+        result.append((v_hat.sqrt() + eps).to(param.dtype))
+    if all("exp_avg_sq" not in optimizer.state.get(p, {}) for p in params):
+        return None
+    return result
 
 
 def _normalized(vector: list[Tensor]) -> list[Tensor]:
