@@ -448,6 +448,12 @@ class GradientHealthCallback(Callback):
     def _name(self, index: int) -> str:
         return self._monitors[index].prefix.rstrip("/") or f"optimizer_{index}"
 
+    def spike_steps(self) -> list[int]:
+        """The first step of every logging interval with gradient spikes, of every optimizer (transient spikes and
+        explosions alike), in order: what :class:`~stabilize.callbacks.SharpnessMonitor` compares with the
+        sharpness."""
+        return sorted({event["first_step"] for monitor in self._monitors.values() for event in monitor.spikes})
+
     @property
     def history(self) -> list[StepRecord]:
         """The records of every logging step (of the first optimizer; see :meth:`history_of` for others)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,6 +14,10 @@ from typing_extensions import override
 
 from stabilize.errors import ConfigurationError, check_integers
 from stabilize.health.sharpness import adam_preconditioner, stability_limit, top_eigenvalue
+
+#: Sharpness over its stability limit from which the learning rate, not the data, bounds the curvature: gradient
+#: descent's sharpness hovers just below or around 1 at the Edge of Stability (Cohen et al. 2021, Fig. 1: within ~10%).
+AT_THE_LIMIT = 0.9
 
 
 class SharpnessMonitor(Callback):
@@ -121,12 +126,42 @@ class SharpnessMonitor(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.verbose and trainer.is_global_zero and self.history:
-            rank_zero_info(self.diagnosis())
+            # Any callback that reports gradient spikes (GradientHealthCallback.spike_steps) is asked for them.
+            sources = [getattr(c, "spike_steps", None) for c in trainer.callbacks]  # type: ignore[attr-defined]
+            spikes = sorted({step for source in sources if callable(source) for step in source()})
+            rank_zero_info(self.diagnosis(spikes))
 
-    def diagnosis(self) -> str:
-        """One line: the last sharpness against the stability limit and what the ratio means."""
+    def spikes_at_the_limit(self, spike_steps: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Split ``spike_steps`` into those whose latest measurement before them was at the limit (ratio at least
+        :data:`AT_THE_LIMIT`: the optimizer overshooting the curvature it climbed to) and the others (a hard batch,
+        or a cause the sharpness does not see). Steps before the first measurement, or without a limit, are others."""
+        at_limit, others = [], []
+        for spike in spike_steps:
+            before = [(step, value, limit) for step, value, limit in self.history if step <= spike]
+            if before and before[-1][2] is not None and before[-1][1] / before[-1][2] >= AT_THE_LIMIT:
+                at_limit.append(spike)
+            else:
+                others.append(spike)
+        return at_limit, others
+
+    def diagnosis(self, spike_steps: Sequence[int] = ()) -> str:
+        """One line: the last sharpness against the stability limit and what the ratio means; with the steps of
+        gradient spikes, a second line saying which came while the sharpness was at the limit."""
         if not self.history:
             return "Sharpness: not measured."
+        line = self._sharpness_line()
+        if not spike_steps or all(limit is None for _, _, limit in self.history):
+            return line
+        at_limit, others = self.spikes_at_the_limit(spike_steps)
+        if not at_limit:
+            return f"{line}\nGradient spikes at steps {_steps(others)}: none came while the sharpness was at the limit."
+        return (
+            f"{line}\nGradient spikes at steps {_steps(at_limit)} came while the sharpness was at the limit (ratio"
+            f" >= {AT_THE_LIMIT} at the measurement before each): the learning rate, not the data, made them"
+            + (f"; those at steps {_steps(others)} did not." if others else ".")
+        )
+
+    def _sharpness_line(self) -> str:
         step, value, limit = self.history[-1]
         peak_step, peak, _ = max(self.history, key=lambda item: item[1])
         what = "Preconditioned sharpness (Adam's P^-1 H)" if self.preconditioned else "Sharpness"
@@ -139,7 +174,7 @@ class SharpnessMonitor(Callback):
         meaning = (
             "the learning rate sets the curvature (the Edge of Stability): spikes are the optimizer overshooting;"
             " a lower learning rate or a warm-up moves the limit"
-            if ratio >= 0.9
+            if ratio >= AT_THE_LIMIT
             else "below the limit: the learning rate is not what bounds the curvature"
         )
         return (
@@ -156,6 +191,11 @@ class SharpnessMonitor(Callback):
         self.history = [(int(step), float(value), limit) for step, value, limit in state_dict.get("history", [])]
         self._vector = state_dict.get("vector")
         self.preconditioned = bool(state_dict.get("preconditioned", False))
+
+
+def _steps(steps: Sequence[int], shown: int = 8) -> str:
+    listed = ", ".join(str(step) for step in steps[:shown])
+    return listed + (f" and {len(steps) - shown} more" if len(steps) > shown else "")
 
 
 def _loss(output: Any) -> Tensor:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -128,3 +129,30 @@ def test_under_adam_the_monitor_measures_the_preconditioned_sharpness(tmp_path: 
     text = (Path(logger.log_dir) / "metrics.csv").read_text()
     assert "sharpness/preconditioned" in text and "sharpness/max_eigenvalue" not in text
     assert monitor.diagnosis().startswith("Preconditioned sharpness (Adam's P^-1 H)")
+
+
+def test_spikes_are_told_apart_by_the_sharpness_before_them() -> None:
+    monitor = SharpnessMonitor(every_n_steps=10, verbose=False)
+    monitor.history = [(0, 5.0, 20.0), (10, 19.0, 20.0), (20, 12.0, 20.0), (30, 21.0, 20.0)]
+    assert monitor.spikes_at_the_limit([3, 12, 19, 25, 31, 40]) == ([12, 19, 31, 40], [3, 25])
+    text = monitor.diagnosis([3, 12, 25])
+    assert "Gradient spikes at steps 12 came while the sharpness was at the limit" in text
+    assert "those at steps 3, 25 did not." in text
+    assert monitor.diagnosis([3, 25]).endswith("none came while the sharpness was at the limit.")
+    assert "\n" not in monitor.diagnosis([])
+
+
+def test_at_fit_end_the_spikes_come_from_the_health_callback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from lightning.pytorch import seed_everything
+
+    from stabilize.callbacks import GradientHealthCallback
+
+    seed_everything(0)
+    health = GradientHealthCallback(log_every_n_steps=4, warmup_steps=3, verbose=False)
+    monitor = SharpnessMonitor(every_n_steps=2, iterations=10)
+    # The loss scaled by 1e6 at step 5 plants one gradient spike there (as in the health callback's tests); at
+    # LR 1e-9 the limit 2e9 is far above any sharpness, so the spike did not come at the limit.
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(tmp_path, max_steps=8, callbacks=[health, monitor]).fit(TinyMLP(lr=1e-9, loss_scale_at={5: 1e6}))
+    assert health.spike_steps() == [5]
+    assert "Gradient spikes at steps 5: none came while the sharpness was at the limit." in caplog.text
