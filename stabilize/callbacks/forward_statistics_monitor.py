@@ -18,7 +18,7 @@ from stabilize.health.forward_statistics import (
     residual_growth,
 )
 
-#: Advice per finding when the module's ``gradient_health_hints()`` has none of its own.
+#: Advice per finding when the module's ``forward_statistics_hints()`` has none of its own.
 DEFAULT_HINTS = {
     "attention_logits": "normalize queries and keys (QK-norm) or lower the learning rate",
     "output_logits": "add a z-loss on the output logits or lower the learning rate",
@@ -37,8 +37,9 @@ class ForwardStatisticsMonitor(Callback):
     :data:`~stabilize.health.forward_statistics.ATTENTION_LOGIT_LIMIT` (attention-logit growth, Wortsman et al.
     2023: QK-norm or a lower LR), output logits above :data:`~stabilize.health.forward_statistics.OUTPUT_LOGIT_LIMIT`
     (output-logit divergence: z-loss), each with the step and layer of its largest value; with neither, one line
-    with the largest values and the residual stream's growth over depth. A module that does not implement the
-    protocol is left alone (one info line).
+    with the largest values and the residual stream's growth over depth. A module's ``forward_statistics_hints()``
+    (keys ``"attention_logits"``, ``"output_logits"``) words the advice in its own flags. A module that does not
+    implement the protocol is left alone (one info line).
 
     Args:
         log_every_n_steps: Optimizer steps between measurements (step 0 included); ``None``: the Trainer's
@@ -87,11 +88,9 @@ class ForwardStatisticsMonitor(Callback):
                 f"ForwardStatisticsMonitor: {type(pl_module).__name__} measures no forward statistics"
                 " (record_forward_statistics / forward_statistics); nothing to monitor."
             )
-        hints = getattr(pl_module, "gradient_health_hints", None)
-        self._hints = {
-            **DEFAULT_HINTS,
-            **{k: v for k, v in (hints() if callable(hints) else {}).items() if k in DEFAULT_HINTS},
-        }
+        hints = getattr(pl_module, "forward_statistics_hints", None)
+        own = hints() if callable(hints) else {}
+        self._hints = {kind: own.get(kind, default) for kind, default in DEFAULT_HINTS.items()}
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

@@ -112,7 +112,8 @@ class CharTextDataModule(LightningDataModule):
         if not self.path.is_file():
             raise DataNotFoundError(
                 f"No text at {self.path}: point path (--data.path) at a UTF-8 text file, or ${ENV_TEXT_DIR} at the"
-                f" folder holding {DEFAULT_FILE}."
+                f" folder holding {DEFAULT_FILE}.",
+                searched=f"No text at {self.path}.",
             )
         text = self.path.read_text(encoding="utf-8")
         self.vocabulary = "".join(sorted(set(text)))

@@ -204,8 +204,9 @@ def diagnosis_lines(
         if len(names) > _LISTED_LAYERS:
             lines.append(f"    ... and {len(names) - _LISTED_LAYERS} more")
         dead = sum(last["layers"][name]["grad_norm"] == 0.0 for name in names)
-        remedies += vanishing_remedies(traits, dead)
+        # The model's own advice first: it knows its architecture (a transformer already has residual connections).
         remedies += [hints["vanishing"]] if "vanishing" in hints else []
+        remedies += vanishing_remedies(traits, dead)
     elif summary["ever_vanished"]:
         lines.append(f"  Vanishing earlier but recovered: {', '.join(list(summary['ever_vanished'])[:5])}.")
     else:

@@ -239,4 +239,16 @@ class TransformerLM(TrainingRecipe):
             " attention and output logits from growing at high learning rates"
         )
         hints["exploding"] = f"{hints['exploding']}; {advice}"
+        if self.hparams["norm_position"] == "post":
+            hints["vanishing"] = (
+                "post-LN transformers stall without a warm-up (Xiong et al. 2020): --model.warmup_fraction 0.05, or"
+                " pre-LN (--model.norm_position pre), or a lower --model.lr"
+            )
         return hints
+
+    def forward_statistics_hints(self) -> dict[str, str]:
+        """Advice for :class:`~stabilize.callbacks.ForwardStatisticsMonitor`'s findings, in this model's flags."""
+        return {
+            "attention_logits": "--model.qk_norm true (QK-norm) or a lower --model.lr",
+            "output_logits": "--model.z_loss 1e-4 or a lower --model.lr",
+        }

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stabilize.datamodules.cifar10 import ENV_DATA_DIR, FOLDER
+from stabilize.datamodules.text import DEFAULT_FILE, ENV_TEXT_DIR
 from stabilize.errors import DataNotFoundError, check_writable_folder
 from stabilize.shipped import shipped_names
 from stabilize.study.grid import BUDGETS, load_grid
@@ -66,7 +67,8 @@ def study_main(args: Sequence[str]) -> None:
         run_study(grid, options.budget, out, options.data_dir, options.accelerator, command=command, runs=runs)
     except DataNotFoundError as error:
         raise DataNotFoundError(
-            f"{error.searched} Point the study at the folder holding {FOLDER}/ with --data-dir (or ${ENV_DATA_DIR})."
+            f"{error.searched} Point the study at its data: the folder holding {FOLDER}/ with --data-dir (or"
+            f" ${ENV_DATA_DIR}); a text grid's file with ${ENV_TEXT_DIR} (the folder holding {DEFAULT_FILE})."
         ) from error
     finally:
         if created is not None and created.is_dir() and not any(p.is_file() for p in created.rglob("*")):

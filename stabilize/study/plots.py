@@ -87,3 +87,58 @@ def global_norms(results: Sequence[RunResult], path: Path) -> None:
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
+
+
+def lr_groups(results: Sequence[RunResult]) -> dict[str, list[tuple[float, RunResult]]]:
+    """Runs that differ only in their learning rate (``model_args["lr"]``), grouped, each group sorted by LR and
+    labelled by what sets it apart from the other groups (the model arguments that vary between groups, else the
+    model's name). Only groups of two or more learning rates."""
+    keyed: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[float, RunResult]]] = {}
+    for result in results:
+        args = result.get("model_args") or {}
+        if "lr" not in args:
+            continue
+        settings = tuple(sorted((k, repr(v)) for k, v in args.items() if k != "lr"))
+        keyed.setdefault((result["model"], settings), []).append((float(args["lr"]), result))
+    groups = {key: sorted(runs, key=lambda item: item[0]) for key, runs in keyed.items() if len(runs) >= 2}
+    settings_of = {key: dict(key[1]) for key in groups}
+    varying = sorted(
+        {k for own in settings_of.values() for k in own if any(o.get(k) != own.get(k) for o in settings_of.values())}
+    )
+    labelled = {}
+    for key, runs in groups.items():
+        own = settings_of[key]
+        label = ", ".join(f"{k}={own.get(k, 'default')}" for k in varying) or key[0].rsplit(".", 1)[-1]
+        labelled[label] = runs
+    return labelled
+
+
+def lr_sensitivity(results: Sequence[RunResult], path: Path) -> bool:
+    """Final validation loss against the learning rate, one line per group of runs that differ only in it (Wortsman
+    et al. 2023's "LR sensitivity"); a run whose loss is not finite is marked on the top edge. Returns whether there
+    was anything to draw (no file otherwise)."""
+    groups = lr_groups(results)
+    if not groups:
+        return False
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    axis = figure.subplots()
+    losses = [r.get("val_loss") for runs in groups.values() for _, r in runs]
+    finite = [float(v) for v in losses if v is not None and math.isfinite(v)]
+    top = max(finite, default=1.0) * 1.1
+    for label, runs in groups.items():
+        points = [(lr, r.get("val_loss")) for lr, r in runs]
+        kept = [(lr, v) for lr, v in points if v is not None and math.isfinite(v)]
+        (line,) = axis.plot([lr for lr, _ in kept], [v for _, v in kept], marker="o", label=label)
+        failed = [lr for lr, v in points if v is None or not math.isfinite(v)]
+        if failed:
+            axis.scatter(failed, [top] * len(failed), marker="x", color=line.get_color(), s=40, zorder=3)
+    axis.set(
+        xscale="log",
+        xlabel="peak learning rate",
+        ylabel="final validation loss",
+        title="LR sensitivity (x on the top edge: the loss was not finite)",
+    )
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    return True

@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
 
@@ -23,6 +24,7 @@ class StudyRecorder(Callback):
         train_loss: ``(step, loss)`` of every optimizer step.
         epoch_loss: Mean training loss of each epoch.
         val_acc: ``(step, epoch, accuracy)`` at each validation epoch end.
+        val_loss: ``(step, epoch, loss)`` at each validation epoch end (``val/loss``).
         test_acc: ``(step, accuracy)`` at each epoch end but the last.
         wall_time: Seconds from the start of training to its end (evaluations included).
     """
@@ -31,6 +33,7 @@ class StudyRecorder(Callback):
         self.train_loss: list[tuple[int, float]] = []
         self.epoch_loss: list[float] = []
         self.val_acc: list[tuple[int, int, float]] = []
+        self.val_loss: list[tuple[int, int, float]] = []
         self.test_acc: list[tuple[int, float]] = []
         self.wall_time = 0.0
         self._start = 0.0
@@ -69,6 +72,9 @@ class StudyRecorder(Callback):
         accuracy = trainer.callback_metrics.get("val/acc")
         if accuracy is not None:
             self.val_acc.append((trainer.global_step, trainer.current_epoch, float(accuracy)))
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.val_loss.append((trainer.global_step, trainer.current_epoch, float(loss)))
         last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if not last_epoch:
             self._record_test_accuracy(trainer, pl_module)
@@ -84,6 +90,7 @@ class StudyRecorder(Callback):
             "train_loss": self.train_loss,
             "epoch_loss": self.epoch_loss,
             "val_acc": self.val_acc,
+            "val_loss": self.val_loss,
             "test_acc": self.test_acc,
             "pending": self._restored
             + list(zip(self._steps, torch.stack(self._losses).tolist() if self._losses else [])),
@@ -95,13 +102,14 @@ class StudyRecorder(Callback):
         self.train_loss = [tuple(item) for item in state_dict["train_loss"]]
         self.epoch_loss = list(state_dict["epoch_loss"])
         self.val_acc = [tuple(item) for item in state_dict["val_acc"]]
+        self.val_loss = [tuple(item) for item in state_dict.get("val_loss", [])]
         self.test_acc = [tuple(item) for item in state_dict["test_acc"]]
         self._restored = [(int(step), float(loss)) for step, loss in state_dict.get("pending", [])]
         self._earlier_seconds = float(state_dict.get("seconds", 0.0))
 
     def _record_test_accuracy(self, trainer: Trainer, pl_module: LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)  # set by fit(); not a typed attribute of Trainer
-        if datamodule is None:
+        if datamodule is None or not is_overridden("test_dataloader", datamodule, LightningDataModule):
             return
         was_training = pl_module.training
         pl_module.eval()

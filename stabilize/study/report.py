@@ -14,7 +14,7 @@ import torch
 from stabilize.health.records import jsonable
 from stabilize.study import plots
 from stabilize.study.grid import Budget, Grid
-from stabilize.study.results import COLUMNS, EXTRA_COLUMNS, RunResult, cell
+from stabilize.study.results import COLUMNS, EXTRA_COLUMNS, LOSS_COLUMNS, RunResult, cell
 
 PLOTS = {
     "curves.png": plots.learning_curves,
@@ -23,15 +23,28 @@ PLOTS = {
 }
 
 
+def columns(results: Sequence[RunResult]) -> tuple[tuple[str, str, str], ...]:
+    """README's columns; with the validation and test losses after "val acc" when some run has no test accuracy
+    but a loss (a regression or a language model: its number is the loss); without a score column no run has."""
+    shown: tuple[tuple[str, str, str], ...] = COLUMNS
+    if any(r.get("test_acc") is None and (r.get("val_loss") or r.get("test_loss")) is not None for r in results):
+        at = [key for key, _, _ in COLUMNS].index("val_acc") + 1
+        shown = COLUMNS[:at] + LOSS_COLUMNS + COLUMNS[at:]
+    # A score no run has (accuracy of language models, a test loss without a test split) is left out.
+    scores = {"test_acc", "val_acc", "val_loss", "test_loss"}
+    return tuple(c for c in shown if c[0] not in scores or any(r.get(c[0]) is not None for r in results))
+
+
 def table(results: Sequence[RunResult], markdown: bool = True) -> str:
     """The results as a Markdown table (or aligned plain text for the console)."""
-    rows = [[header for _, header, _ in COLUMNS]]
-    rows += [[cell(result, key, form) for key, _, form in COLUMNS] for result in results]
+    shown = columns(results)
+    rows = [[header for _, header, _ in shown]]
+    rows += [[cell(result, key, form) for key, _, form in shown] for result in results]
     if markdown:
         lines = ["| " + " | ".join(row) + " |" for row in rows]
-        lines.insert(1, "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS) - 1)) + "|---|")
+        lines.insert(1, "|" + "|".join("---" if i == 0 else "---:" for i in range(len(shown) - 1)) + "|---|")
         return "\n".join(lines)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(shown))]
     return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows)
 
 
@@ -75,5 +88,10 @@ def write_report(
         "",
         "![global gradient norm](global_norm.png)",
         "",
+        *(
+            ["![LR sensitivity](lr_sensitivity.png)", ""]
+            if plots.lr_sensitivity(results, out / "lr_sensitivity.png")
+            else []
+        ),
     ]
     (out / "report.md").write_text("\n".join(lines))

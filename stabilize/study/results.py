@@ -17,6 +17,7 @@ class RunResult(TypedDict):
     final_train_loss: float | None
     train_acc: float | None
     val_acc: float | None
+    val_loss: float | None
     best_val_acc: float | None
     best_epoch: int | None
     test_acc: float | None
@@ -30,6 +31,10 @@ class RunResult(TypedDict):
     num_layers: int
     exploding_steps: int
     verdict: str
+    #: The run's model arguments as the grid gives them (defaults of the class left out).
+    model_args: dict[str, Any]
+    #: ``diagnosis()`` of the run's other monitors (ForwardStatisticsMonitor, SharpnessMonitor), by class name.
+    diagnoses: dict[str, str]
     curves: dict[str, Any]
 
 
@@ -46,9 +51,15 @@ COLUMNS = (
     ("exploding_steps", "exploding steps", "{}"),
     ("verdict", "verdict", "{}"),
 )
+#: Shown after "val acc" when some run has no test accuracy but a loss (a regression or a language model).
+LOSS_COLUMNS = (
+    ("val_loss", "val loss", "{:.4g}"),
+    ("test_loss", "test loss", "{:.4g}"),
+)
 EXTRA_COLUMNS = (
     ("train_acc", "train acc", "{:.1%}"),
-    ("test_loss", "test loss", "{:.3g}"),
+    ("val_loss", "val loss", "{:.4g}"),
+    ("test_loss", "test loss", "{:.4g}"),
     ("best_epoch", "best epoch", "{}"),
     ("steps", "steps", "{}"),
     ("median_grad_norm", "median grad norm", "{:.3g}"),
@@ -65,6 +76,8 @@ def collect(
     test_acc: float | None,
     steps: int,
     test_loss: float | None = None,
+    model_args: dict[str, Any] | None = None,
+    diagnoses: dict[str, str] | None = None,
 ) -> RunResult:
     summary = health.summary().get("optimizer_0")
     history = health.history
@@ -80,6 +93,7 @@ def collect(
         "final_train_loss": recorder.epoch_loss[-1] if recorder.epoch_loss else None,
         "train_acc": train_acc,
         "val_acc": recorder.val_acc[-1][2] if recorder.val_acc else None,
+        "val_loss": recorder.val_loss[-1][2] if recorder.val_loss else None,
         "best_val_acc": best[2] if best else None,
         "best_epoch": best[1] if best else None,
         "test_acc": test_acc,
@@ -95,9 +109,12 @@ def collect(
         "num_layers": summary["num_layers"] if summary else 0,
         "exploding_steps": sum(e["steps"] for e in summary["explosions"]) if summary else 0,
         "verdict": verdict(summary) if summary else "no gradients recorded",
+        "model_args": dict(model_args or {}),
+        "diagnoses": dict(diagnoses or {}),
         "curves": {
             "train_loss": recorder.train_loss,
             "val_acc": [(step, acc) for step, _, acc in recorder.val_acc],
+            "val_loss": [(step, loss) for step, _, loss in recorder.val_loss],
             "test_acc": test_points,
             "global_norm": [(r["step"], r["global_norm"]) for r in history],
             "global_norm_max": [(r["step"], r.get("max_norm", r["global_norm"])) for r in history],

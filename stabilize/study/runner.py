@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from stabilize.callbacks import GradientHealthCallback, InterruptCheckpoint, LineProgress
@@ -69,9 +70,12 @@ def run_study(
             (out / run.name / INTERRUPTED).unlink(missing_ok=True)  # the result is the record now
             if result["test_acc"] is not None:
                 score = f"test accuracy {result['test_acc']:.1%}"
+            elif result.get("test_loss") is not None:
+                score = f"test loss {result['test_loss']:.4g}"
+            elif result.get("val_loss") is not None:
+                score = f"validation loss {result['val_loss']:.4g}"
             else:
-                loss = result.get("test_loss")
-                score = "test loss n/a" if loss is None else f"test loss {loss:.4g}"
+                score = "no test or validation score"
             echo(
                 f"run {number}/{len(grid.runs)} {run.name}: {score}, {result['wall_time_s']:.0f} s,"
                 f" gradients: {result['verdict']}"
@@ -130,11 +134,12 @@ def _train(
     run_dir = out / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     _save_config(run, budget, trainer_args, model, datamodule, run_dir / "config.yaml")
+    extra = [callback_class(**arguments) for callback_class, arguments in run.callbacks]
     trainer = Trainer(
         logger=TensorBoardLogger(out, name=run.name, version="tensorboard"),
         callbacks=[
             health,
-            *(callback_class(**arguments) for callback_class, arguments in run.callbacks),
+            *extra,
             recorder,
             InterruptCheckpoint(
                 str(run_dir),
@@ -148,14 +153,32 @@ def _train(
     )
     trainer.fit(model, datamodule, ckpt_path=checkpoint)
     train_acc = trainer.callback_metrics.get("train/acc_epoch")
-    tested = trainer.test(model, datamodule, verbose=False)
+    testable = is_overridden("test_step", model, LightningModule) and is_overridden(
+        "test_dataloader", datamodule, LightningDataModule
+    )
+    tested = trainer.test(model, datamodule, verbose=False) if testable else []
     test_acc = tested[0].get("test/acc") if tested else None
     test_loss = tested[0].get("test/loss") if tested else None
     health.save_json(run_dir / "gradient_health.json")
     model_name = f"{type(model).__module__}.{type(model).__qualname__}"
     train_accuracy = float(train_acc) if train_acc is not None else None
+    # The other monitors' own findings (ForwardStatisticsMonitor, SharpnessMonitor), by class.
+    diagnoses = {}
+    for callback in extra:
+        diagnose = getattr(callback, "diagnosis", None)
+        if callable(diagnose):
+            diagnoses[type(callback).__name__] = str(diagnose())
     return collect(
-        run.name, model_name, recorder, health, train_accuracy, test_acc, trainer.global_step, test_loss=test_loss
+        run.name,
+        model_name,
+        recorder,
+        health,
+        train_accuracy,
+        test_acc,
+        trainer.global_step,
+        test_loss=test_loss,
+        model_args=run.model_args,
+        diagnoses=diagnoses,
     )
 
 
