@@ -243,3 +243,36 @@ def test_a_run_that_fails_leaves_no_half_made_folder(tiny_cifar: Path, tmp_path:
     with pytest.raises(BrokenCallbackError):
         run_study(failing, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=lambda line: None)
     assert not (out / "plain").exists()
+
+
+def test_a_language_model_grid_runs_without_a_test_split(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("abcdefgh" * 300)
+    grid_text = f"""
+name: tiny-lm
+defaults:
+  model:
+    class_path: TransformerLM
+    init_args: {{vocab_size: 8, context: 8, depth: 1, width: 16, heads: 2}}
+  data:
+    class_path: CharTextDataModule
+    init_args: {{path: {text}, context: 8, batch_size: 4, train_batches: 6, val_batches: 1}}
+  callbacks: [{{class_path: ForwardStatisticsMonitor, init_args: {{log_every_n_steps: 3, verbose: false}}}}]
+budgets:
+  tiny: {{max_epochs: 1, train_subset: null, val_size: 0, log_every_n_steps: 3}}
+runs:
+  - name: low
+    model: {{init_args: {{lr: 0.001}}}}
+  - name: high
+    model: {{init_args: {{lr: 0.01}}}}
+"""
+    lines: list[str] = []
+    grid = load_grid(write_grid(tmp_path, grid_text))
+    results = run_study(grid, "tiny", tmp_path / "out", accelerator="cpu", echo=lines.append)
+    assert all(r["test_acc"] is None and r["test_loss"] is None and r["val_loss"] > 0 for r in results)
+    assert all(r["diagnoses"]["ForwardStatisticsMonitor"].startswith("Forward statistics healthy") for r in results)
+    assert [r["model_args"]["lr"] for r in results] == [0.001, 0.01]
+    assert any(line.startswith("run 2/2 high: validation loss") for line in lines)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| run | val loss | train loss |" in report and "lr_sensitivity.png" in report
+    assert (tmp_path / "out" / "lr_sensitivity.png").is_file()
