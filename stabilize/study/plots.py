@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -14,6 +15,14 @@ from stabilize.study.results import RunResult
 def _positive(points: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
     kept = [(x, y) for x, y in points if y is not None and math.isfinite(y) and y > 0]
     return [x for x, _ in kept], [y for _, y in kept]
+
+
+def _finish(figure: Figure, axis: Any, path: Path, **settings: Any) -> None:
+    """Label the axis, add its legend and write the figure."""
+    axis.set(**settings)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
 
 
 def learning_curves(results: Sequence[RunResult], path: Path) -> None:
@@ -58,15 +67,15 @@ def gradient_flow(results: Sequence[RunResult], path: Path) -> None:
         zeros = [x for x, n in zip(depth, norms) if n == 0]
         if zeros:
             axis.scatter(zeros, [floor] * len(zeros), marker="x", color=line.get_color(), s=20, zorder=3)
-    axis.set(
+    _finish(
+        figure,
+        axis,
+        path,
         xlabel="relative depth of the layer (0 = input, 1 = output)",
         ylabel="gradient L2 norm at the last record",
         title="Gradient flow at the end of training (x on the bottom edge: exactly zero)",
         yscale="log",
     )
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path)
 
 
 def global_norms(results: Sequence[RunResult], path: Path) -> None:
@@ -78,15 +87,15 @@ def global_norms(results: Sequence[RunResult], path: Path) -> None:
         # The largest norm between two records: the spikes the verdict speaks of, which the logged steps miss.
         peak_steps, peaks = _positive(result["curves"].get("global_norm_max", []))
         axis.plot(peak_steps, peaks, linewidth=0.6, alpha=0.5, color=line.get_color())
-    axis.set(
+    _finish(
+        figure,
+        axis,
+        path,
         xlabel="optimizer step",
         ylabel="global gradient norm",
         title="Global gradient norm at each record (faint: largest since the previous record)",
         yscale="log",
     )
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path)
 
 
 def lr_groups(results: Sequence[RunResult]) -> dict[str, list[tuple[float, RunResult]]]:
@@ -132,13 +141,13 @@ def lr_sensitivity(results: Sequence[RunResult], path: Path) -> bool:
         failed = [lr for lr, v in points if v is None or not math.isfinite(v)]
         if failed:
             axis.scatter(failed, [top] * len(failed), marker="x", color=line.get_color(), s=40, zorder=3)
-    axis.set(
+    _finish(
+        figure,
+        axis,
+        path,
         xscale="log",
         xlabel="peak learning rate",
         ylabel="final validation loss",
         title="LR sensitivity (x on the top edge: the loss was not finite)",
     )
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path)
     return True
