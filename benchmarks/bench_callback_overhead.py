@@ -11,7 +11,11 @@ CIFAR-sized images, SGD) under Lightning's Trainer:
 - ``gradient_health_every_step_ungated``: the same without the wall-time limits, so that histograms and figures
   really are drawn every 10 and 20 steps: its self-time by kind of step shows what each costs;
 - ``lightning_grad_norm`` (the anchor): Lightning's ``grad_norm`` utility plus ``log_dict`` on every step, the
-  usual way to watch gradient norms in Lightning.
+  usual way to watch gradient norms in Lightning;
+- ``sharpness_every_100`` and ``sharpness_every_100_32_examples``: ``SharpnessMonitor(every_n_steps=100)`` on the
+  whole batch and on 32 of its examples: the first measurement (cold, up to 20 power iterations from a random
+  vector) and the second (warm-started) in ms and in baseline steps, and what measuring every 100 steps costs a
+  long run (``--configs`` picks configurations).
 
 Each round runs every configuration once (``--steps`` optimizer steps each), interleaved, so drifts of this
 machine's speed hit all of them alike. A step's time is measured from ``on_train_batch_start`` to
@@ -43,7 +47,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm
 
-from stabilize.callbacks import GradientHealthCallback
+from stabilize.callbacks import GradientHealthCallback, SharpnessMonitor
 from stabilize.models import ResNet
 
 
@@ -132,7 +136,12 @@ CONFIGS = {
         GradientHealthCallback(log_every_n_steps=1, histogram_min_interval_s=0, figure_min_interval_s=0, verbose=False)
     ],
     "lightning_grad_norm": lambda: [LightningGradNorm()],
+    # SharpnessMonitor measures at steps 0 (cold: a random start vector) and 100 (warm-started from step 0's
+    # eigenvector); its cost is those two measurements, reported on their own below.
+    "sharpness_every_100": lambda: [SharpnessMonitor(every_n_steps=100, verbose=False)],
+    "sharpness_every_100_32_examples": lambda: [SharpnessMonitor(every_n_steps=100, examples=32, verbose=False)],
 }
+SHARPNESS_CONFIGS = ("sharpness_every_100", "sharpness_every_100_32_examples")
 
 
 def run_once(
@@ -170,19 +179,25 @@ def main() -> None:
     parser.add_argument("--log-every-n-steps", type=int, default=50, help="the Trainer's default")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="only these (baseline is always run)")
     args = parser.parse_args()
+    names = ["baseline", *(c for c in args.configs or CONFIGS if c != "baseline")]
     if args.smoke:
         args.rounds, args.steps, args.batch_size, args.depth, args.log_every_n_steps = 1, 4, 8, 8, 2
     warnings.filterwarnings("ignore")
     batches = RandomBatches(args.batch_size, args.steps)
-    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    self_time = dict.fromkeys(CONFIGS, 0.0)
-    final_record: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    self_time = dict.fromkeys(names, 0.0)
+    final_record: dict[str, list[float]] = {name: [] for name in names}
+    # SharpnessMonitor's measurements at steps 0 and 100 (in on_train_batch_end, after StepTimer counted the step:
+    # self-time index step + 1).
+    measurements: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     by_kind: dict[str, list[float]] = {kind: [] for kind in STEP_KINDS}
     with tempfile.TemporaryDirectory() as log_dir:
         for _ in range(args.rounds):
-            for name in CONFIGS:
+            for name in names:
                 step_times, spent = run_once(name, args, batches, log_dir)
+                measurements[name].append((spent.get(1, 0.0), spent.get(args.steps, 0.0)))
                 times[name] += step_times
                 # The fit's last step draws the final figure and histograms whatever the cadence: a cost per fit,
                 # reported on its own rather than spread over this benchmark's short runs.
@@ -229,6 +244,21 @@ def main() -> None:
             results[f"every_step_{kind}"] = {"self_ms": round(median, 2), "steps": len(values)}
             share = median / (base_median * 1e3)
             print(f"{kind:>30} {median:>9.2f} ms  {share:>7.2%} of a step  ({len(values)} steps)")
+    measured = [name for name in SHARPNESS_CONFIGS if name in names]
+    if measured:
+        every = 100
+        print(f"SharpnessMonitor, one measurement ({base_median * 1e3:.1f} ms baseline step):")
+        for name in measured:
+            cold = statistics.median(first for first, _ in measurements[name]) * 1e3
+            warm = statistics.median(second for _, second in measurements[name]) * 1e3
+            # A long run measures warm-started every `every` steps: that cost spread over the steps between.
+            ratio = 1 + warm / (every * base_median * 1e3)
+            results[f"{name}_measurement"] = {"cold_ms": round(cold, 1), "warm_ms": round(warm, 1), "ratio": ratio}
+            print(
+                f"{name:>34}  first (cold) {cold:>8.0f} ms = {cold / (base_median * 1e3):5.1f} steps;"
+                f" warm {warm:>8.0f} ms = {warm / (base_median * 1e3):5.1f} steps: every {every} steps"
+                f" {ratio:.3f}x training time"
+            )
     print(json.dumps(results))
 
 

@@ -39,11 +39,15 @@ class SharpnessMonitor(Callback):
         every_n_steps: Optimizer steps between measurements (step 0 included).
         iterations: Most power iterations per measurement.
         tolerance: Relative change at which the power iteration stops.
+        examples: Measure on the first this many examples of the batch (``None``: all of it). The cost of a
+            measurement is proportional to it: a quarter of a batch of 128 costs a quarter (see
+            ``benchmarks/bench_callback_overhead.py``); the sharpness of a smaller sample is noisier and, for small
+            samples, larger (Cohen et al. measure on thousands).
         verbose: Print the summary line when ``fit`` ends.
 
     Raises:
-        ConfigurationError: If ``every_n_steps`` or ``iterations`` is not a positive integer or ``tolerance`` is not
-            positive.
+        ConfigurationError: If ``every_n_steps``, ``iterations`` or ``examples`` is not a positive integer or
+            ``tolerance`` is not positive.
 
     Example::
 
@@ -62,10 +66,18 @@ class SharpnessMonitor(Callback):
     """
 
     def __init__(
-        self, every_n_steps: int = 50, iterations: int = 20, tolerance: float = 1e-3, verbose: bool = True
+        self,
+        every_n_steps: int = 50,
+        iterations: int = 20,
+        tolerance: float = 1e-3,
+        examples: int | None = None,
+        verbose: bool = True,
     ) -> None:
         super().__init__()
         check_integers(1, every_n_steps=every_n_steps, iterations=iterations)
+        if examples is not None:
+            check_integers(1, examples=examples)
+        self.examples = examples
         if not (isinstance(tolerance, (int, float)) and tolerance > 0):
             raise ConfigurationError(f"tolerance must be positive, got {tolerance!r}.")
         self.every_n_steps, self.iterations, self.tolerance, self.verbose = (
@@ -84,7 +96,7 @@ class SharpnessMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._batch is None:
-            self._batch = _detached(batch)
+            self._batch = _detached(batch, self.examples)
 
     @override
     def on_train_batch_end(
@@ -207,13 +219,16 @@ def _loss(output: Any) -> Tensor:
     return loss
 
 
-def _detached(batch: Any) -> Any:
+def _detached(batch: Any, examples: int | None = None) -> Any:
+    """A copy of ``batch`` that training cannot change, cut to its first ``examples`` examples (along the first
+    dimension of every tensor) when given."""
     if isinstance(batch, Tensor):
-        return batch.detach().clone()
+        kept = batch if examples is None or batch.ndim == 0 else batch[:examples]
+        return kept.detach().clone()
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_detached(item) for item in batch)
+        return type(batch)(_detached(item, examples) for item in batch)
     if isinstance(batch, dict):
-        return {key: _detached(value) for key, value in batch.items()}
+        return {key: _detached(value, examples) for key, value in batch.items()}
     return batch
 
 

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from stabilize.callbacks import SharpnessMonitor
+from stabilize.errors import ConfigurationError
 from stabilize.health.sharpness import adam_preconditioner, stability_limit, top_eigenvalue
 from tests.callbacks.helpers import TinyMLP
 from tests.helpers.trainer import quiet_trainer
@@ -156,3 +157,12 @@ def test_at_fit_end_the_spikes_come_from_the_health_callback(tmp_path: Path, cap
         quiet_trainer(tmp_path, max_steps=8, callbacks=[health, monitor]).fit(TinyMLP(lr=1e-9, loss_scale_at={5: 1e6}))
     assert health.spike_steps() == [5]
     assert "Gradient spikes at steps 5: none came while the sharpness was at the limit." in caplog.text
+
+
+def test_the_measurement_batch_can_be_a_few_examples(tmp_path: Path) -> None:
+    monitor = SharpnessMonitor(every_n_steps=2, iterations=5, examples=3, verbose=False)
+    quiet_trainer(tmp_path, max_steps=3, callbacks=[monitor]).fit(TinyMLP(batch_size=8))
+    x, y = monitor._batch
+    assert x.shape[0] == 3 and y.shape[0] == 3 and len(monitor.history) == 2
+    with pytest.raises(ConfigurationError, match="examples"):
+        SharpnessMonitor(examples=0)
