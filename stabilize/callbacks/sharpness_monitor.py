@@ -26,14 +26,16 @@ class SharpnessMonitor(Callback):
     with momentum): at a ratio near 1 the learning rate, not the data, sets the curvature (the Edge of Stability,
     Cohen et al. 2021), and spikes are the optimizer overshooting.
 
-    The loss is the module's own ``training_step`` on one fixed batch (the first training batch, kept), with its
-    logging silenced, in eval mode: BatchNorm uses its running statistics and dropout is off, so a measurement is
-    reproducible. Power iteration on Hessian-vector products (double backward), warm-started from the previous
-    eigenvector. Under DDP each process measures on its own first batch; rank zero's value is logged. With Adam or
-    AdamW the monitor measures the *preconditioned* sharpness instead, the largest eigenvalue of ``P^-1 H`` with Adam's
-    ``P = sqrt(v_hat) + eps`` read from the optimizer's state, against its limit ``(2 + 2 beta1) / ((1 - beta1) lr)``
-    (38 / lr at beta1 = 0.9; Cohen et al. 2022). Other adaptive optimizers (RMSprop, Adagrad) get the plain sharpness
-    without a limit.
+    The loss is the module's own ``training_step`` on one fixed batch (the first training batch, kept), with its logging
+    silenced, in eval mode: BatchNorm uses its running statistics and dropout is off, so a measurement is reproducible;
+    in full precision (outside the Trainer's autocast, so under AMP too). A module may define ``sharpness_loss(batch)``
+    to name the loss instead; one that optimizes manually must (its ``training_step`` steps the optimizers), or the
+    monitor refuses to start. Power iteration on Hessian-vector products (double backward), warm-started from the
+    previous eigenvector. Under DDP each process measures on its own first batch; rank zero's value is logged. With Adam
+    or AdamW the monitor measures the *preconditioned* sharpness instead, the largest eigenvalue of ``P^-1 H`` with
+    Adam's ``P = sqrt(v_hat) + eps`` read from the optimizer's state, against its limit ``(2 + 2 beta1) / ((1 - beta1)
+    lr)`` (38 / lr at beta1 = 0.9; Cohen et al. 2022). Other adaptive optimizers (RMSprop, Adagrad) get the plain
+    sharpness without a limit.
 
     Args:
         every_n_steps: Optimizer steps between measurements (step 0 included).
@@ -47,7 +49,8 @@ class SharpnessMonitor(Callback):
 
     Raises:
         ConfigurationError: If ``every_n_steps``, ``iterations`` or ``examples`` is not a positive integer or
-            ``tolerance`` is not positive.
+            ``tolerance`` is not positive; when ``fit`` starts, for a manually optimized module without
+            ``sharpness_loss``.
 
     Example::
 
@@ -94,6 +97,15 @@ class SharpnessMonitor(Callback):
         self.preconditioned = False
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not pl_module.automatic_optimization and not callable(getattr(pl_module, "sharpness_loss", None)):
+            raise ConfigurationError(
+                f"SharpnessMonitor: {type(pl_module).__name__} optimizes manually, so its training_step steps the"
+                " optimizers and cannot be called to measure; give it a sharpness_loss(batch) method that returns"
+                " the loss whose sharpness you want (e.g. the discriminator's)."
+            )
+
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._batch is None:
             self._batch = _detached(batch, self.examples)
@@ -102,8 +114,10 @@ class SharpnessMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step - 1  # the step this batch just took
-        if step < 0 or step % self.every_n_steps or (self.history and self.history[-1][0] == step):
+        # The last optimizer step this batch took; a batch may take several (manual optimization, a GAN's two
+        # networks), so the monitor measures at the first batch end in each block of every_n_steps steps.
+        step = trainer.global_step - 1
+        if step < 0 or (self.history and self.history[-1][0] // self.every_n_steps >= step // self.every_n_steps):
             return
         params = [p for p in pl_module.parameters() if p.requires_grad]
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -111,12 +125,14 @@ class SharpnessMonitor(Callback):
         self.preconditioned = preconditioner is not None
         if self._vector is not None and [v.shape for v in self._vector] != [p.shape for p in params]:
             self._vector = None  # the parameters changed (a resumed run with another model): start afresh
+        own = getattr(pl_module, "sharpness_loss", None)
+        measured_loss = own if callable(own) else (lambda batch: pl_module.training_step(batch, 0))
         was_training = pl_module.training
         pl_module.eval()
         try:
             with _silenced_logging(pl_module), torch.enable_grad():
                 measured = top_eigenvalue(
-                    lambda: _loss(pl_module.training_step(self._batch, 0)),
+                    lambda: _loss(measured_loss(self._batch)),
                     params,
                     self.iterations,
                     self.tolerance,

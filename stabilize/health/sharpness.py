@@ -72,13 +72,18 @@ def top_eigenvalue(
     """
     if iterations < 1 or not tolerance > 0:
         raise ValueError(f"iterations must be positive and tolerance positive, got {iterations}, {tolerance}.")
-    params = list(params)
-    scale = None if preconditioner is None else [p.rsqrt() for p in preconditioner]
-    gradients = torch.autograd.grad(loss(), params, create_graph=True)
+    everything = list(params)
+    all_gradients = torch.autograd.grad(loss(), everything, create_graph=True, allow_unused=True)
+    # Parameters the loss does not use (the generator, for a discriminator's loss) have zero Hessian rows: left out
+    # of the iteration, and zero in the returned eigenvector so that it can warm-start the next measurement.
+    used = [i for i, g in enumerate(all_gradients) if g is not None]
+    params = [everything[i] for i in used]
+    gradients = [all_gradients[i] for i in used]
+    scale = None if preconditioner is None else [preconditioner[i].rsqrt() for i in used]
     if start is None:
         vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
     else:
-        vector = [v.detach().clone() for v in start]
+        vector = [start[i].detach().clone() for i in used]
     vector = _normalized(vector)
     value, converged, done = math.nan, False, 0
     while done < iterations:
@@ -98,7 +103,10 @@ def top_eigenvalue(
             value, converged = estimate, True
             break
         value = estimate
-    return Sharpness(value, [v.detach() for v in vector], done, converged)
+    full = [torch.zeros_like(p) for p in everything]
+    for i, v in zip(used, vector):
+        full[i] = v.detach()
+    return Sharpness(value, full, done, converged)
 
 
 def stability_limit(optimizer: torch.optim.Optimizer) -> float | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -166,3 +167,28 @@ def test_the_measurement_batch_can_be_a_few_examples(tmp_path: Path) -> None:
     assert x.shape[0] == 3 and y.shape[0] == 3 and len(monitor.history) == 2
     with pytest.raises(ConfigurationError, match="examples"):
         SharpnessMonitor(examples=0)
+
+
+def test_a_manually_optimized_module_needs_a_sharpness_loss(tmp_path: Path, tiny_cifar: Path) -> None:
+    from stabilize.datamodules import CIFAR10DataModule
+    from stabilize.models import DCGAN
+
+    data = CIFAR10DataModule(str(tiny_cifar), val_size=0, batch_size=20, normalize=False, augment=False)
+    with pytest.raises(ConfigurationError, match="DCGAN optimizes manually"):
+        quiet_trainer(tmp_path, max_steps=2, callbacks=[SharpnessMonitor()]).fit(
+            DCGAN(latent_dim=8, ngf=4, ndf=4), data
+        )
+
+    class MeasuredGAN(DCGAN):
+        def sharpness_loss(self, batch: Any) -> torch.Tensor:
+            real = self._real_images(batch)
+            return torch.nn.functional.softplus(-self.discriminator(real)).mean()  # the discriminator's real-image loss
+
+    monitor = SharpnessMonitor(every_n_steps=2, iterations=5, verbose=False)
+    model = MeasuredGAN(latent_dim=8, ngf=4, ndf=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    quiet_trainer(tmp_path, max_steps=4, callbacks=[monitor]).fit(model, data)
+    # Two batches, each a discriminator and a generator step (global steps 0-1, 2-3): measured at the first batch
+    # end in each block of 2 steps, and no optimizer step came from a measurement (4 in all, as without it).
+    assert [step for step, _, _ in monitor.history] == [1, 3] and model.trainer.global_step == 4
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
