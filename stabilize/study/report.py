@@ -48,6 +48,16 @@ def table(results: Sequence[RunResult], markdown: bool = True) -> str:
     return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows)
 
 
+def _diagnoses(results: Sequence[RunResult]) -> list[str]:
+    """The other monitors' diagnoses (ForwardStatisticsMonitor, SharpnessMonitor), one bullet per run and monitor."""
+    lines = [
+        f"- {result['name']}, {monitor}: " + text.replace("\n", " ")
+        for result in results
+        for monitor, text in (result.get("diagnoses") or {}).items()
+    ]
+    return ["The runs' other monitors:", "", *lines, ""] if lines else []
+
+
 def write_report(
     grid: Grid, budget_name: str, budget: Budget, results: Sequence[RunResult], out: Path, command: str | None = None
 ) -> None:
@@ -82,6 +92,7 @@ def write_report(
         " spikes included. results.csv adds train accuracy, test loss, best epoch, steps and the median and largest"
         " gradient norm.",
         "",
+        *_diagnoses(results),
         "![learning curves](curves.png)",
         "",
         "![gradient flow](gradient_flow.png)",

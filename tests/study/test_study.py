@@ -275,4 +275,5 @@ runs:
     assert any(line.startswith("run 2/2 high: validation loss") for line in lines)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| run | val loss | train loss |" in report and "lr_sensitivity.png" in report
+    assert "- high, ForwardStatisticsMonitor: Forward statistics healthy" in report
     assert (tmp_path / "out" / "lr_sensitivity.png").is_file()
