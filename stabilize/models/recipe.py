@@ -43,6 +43,7 @@ class TrainingRecipe(DeviceLoggedModule):
             All step once per optimizer step.
         warmup_fraction: Fraction of the total optimizer steps spent warming up (cosine, one-cycle and
             triangular, whose peak it places; one-cycle uses 0.3 when this is 0).
+        final_lr_fraction: Where the cosine ends, as a fraction of the peak (nanoGPT decays to a tenth: 0.1).
 
     Raises:
         ConfigurationError: If an argument is out of range or names an unknown optimizer or schedule.
@@ -58,9 +59,12 @@ class TrainingRecipe(DeviceLoggedModule):
         weight_decay: float = 5e-4,
         scheduler: SchedulerName = "cosine",
         warmup_fraction: float = 0.0,
+        final_lr_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         check_recipe(optimizer, lr, momentum, betas, weight_decay, scheduler, warmup_fraction)
+        if not 0.0 <= final_lr_fraction <= 1.0:
+            raise ConfigurationError(f"final_lr_fraction must be in [0, 1], got {final_lr_fraction}.")
         self.save_hyperparameters()
 
     def gradient_health_hints(self) -> dict[str, str]:
@@ -144,17 +148,17 @@ class TrainingRecipe(DeviceLoggedModule):
         warmup = round(hp["warmup_fraction"] * total)
         if hp["scheduler"] == "triangular":
             return LambdaLR(optimizer, triangular(total, warmup))
-        return LambdaLR(optimizer, cosine_with_warmup(total, warmup))
+        return LambdaLR(optimizer, cosine_with_warmup(total, warmup, hp.get("final_lr_fraction", 0.0)))
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Any:
-    """LR multiplier: linear warm-up over ``warmup_steps``, then a cosine from 1 to 0 at ``total_steps``."""
+def cosine_with_warmup(total_steps: int, warmup_steps: int, final: float = 0.0) -> Any:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then a cosine from 1 to ``final`` at ``total_steps``."""
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return multiplier
 

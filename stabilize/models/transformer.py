@@ -91,6 +91,7 @@ class TransformerLM(TrainingRecipe):
         weight_decay: Decoupled weight decay of the matrices (0.1 here).
         scheduler: The learning-rate schedule (cosine here).
         warmup_fraction: Share of the steps warming the learning rate up (0.05 here).
+        final_lr_fraction: Where the cosine ends, as a fraction of ``lr`` (nanoGPT: 0.1).
 
     Raises:
         ConfigurationError: For a size out of range, ``width`` not divisible by ``heads`` or an unknown option.
@@ -124,6 +125,7 @@ class TransformerLM(TrainingRecipe):
         weight_decay: float = 0.1,
         scheduler: SchedulerName = "cosine",
         warmup_fraction: float = 0.05,
+        final_lr_fraction: float = 0.0,
     ) -> None:
         check_integers(
             1, vocab_size=vocab_size, context=context, depth=depth, width=width, heads=heads, mlp_ratio=mlp_ratio
@@ -141,7 +143,9 @@ class TransformerLM(TrainingRecipe):
             raise ConfigurationError("residual_scaling='deepnorm' scales post-LN residuals: use norm_position='post'.")
         if not (math.isfinite(z_loss) and z_loss >= 0):
             raise ConfigurationError(f"z_loss must be a non-negative number, got {z_loss}.")
-        super().__init__(optimizer, lr, momentum, nesterov, betas, weight_decay, scheduler, warmup_fraction)
+        super().__init__(
+            optimizer, lr, momentum, nesterov, betas, weight_decay, scheduler, warmup_fraction, final_lr_fraction
+        )
         deepnorm = residual_scaling == "deepnorm"
         gain = (2 * depth) ** 0.25 if deepnorm else 1.0
         self.embed = nn.Embedding(vocab_size, width)

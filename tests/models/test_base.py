@@ -63,6 +63,10 @@ def test_cosine_with_warmup_shape() -> None:
     assert multiplier(9) == pytest.approx(1.0)
     assert multiplier(55) == pytest.approx(0.5)
     assert multiplier(100) == pytest.approx(0.0)
+    # nanoGPT's schedule ends at a tenth of the peak: halfway down the cosine is then 0.1 + 0.9 * 0.5.
+    to_a_tenth = cosine_with_warmup(total_steps=100, warmup_steps=10, final=0.1)
+    assert to_a_tenth(9) == pytest.approx(1.0) and to_a_tenth(55) == pytest.approx(0.55)
+    assert to_a_tenth(100) == pytest.approx(0.1) and to_a_tenth(10_000) == pytest.approx(0.1)
 
 
 def test_sgd_uses_nesterov_momentum_and_weight_decay_skips_norms_and_biases() -> None:
