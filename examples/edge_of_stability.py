@@ -50,9 +50,13 @@ class FullyConnectedTanh(LightningModule):
         )
         self.losses: list[Tensor] = []  # every step's, kept on the device, read once at the end
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def sharpness_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """The loss SharpnessMonitor measures (without the bookkeeping of a training step)."""
         x, y = batch
-        loss = 0.5 * (self.network(x) - F.one_hot(y, 10).float()).square().sum(1).mean()
+        return 0.5 * (self.network(x) - F.one_hot(y, 10).float()).square().sum(1).mean()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self.sharpness_loss(batch)
         self.losses.append(loss.detach())
         return loss
 

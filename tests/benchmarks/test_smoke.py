@@ -48,6 +48,27 @@ def test_bench_callback_overhead(tmp_path: Path) -> None:
     assert configurations <= set(figures)
     assert figures["baseline"]["median_ratio"] == 1.0
     assert figures["every_step_logging step"]["self_ms"] > 0
+    # The smoke run stops before step 100: only the cold measurement at step 0 happens.
+    sharpness = figures["sharpness_every_100_measurement"]
+    assert sharpness["cold_ms"] > 0 and sharpness["warm_ms"] == 0 and sharpness["ratio"] >= 1.0
+
+
+def test_the_edge_of_stability_example(tmp_path: Path) -> None:
+    script = BENCHMARKS.parent / "examples" / "edge_of_stability.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--lrs", "0.05", "0.1", "--out", str(tmp_path / "eos")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a guard against a hang
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((tmp_path / "eos" / "results.json").read_text())
+    assert [run["lr"] for run in runs] == [0.05, 0.1] and [run["limit"] for run in runs] == [40.0, 20.0]
+    assert all(len(run["loss"]) == 20 and [s for s, _ in run["sharpness"]] == [0, 5, 10, 15] for run in runs)
+    assert (tmp_path / "eos" / "edge_of_stability.png").stat().st_size > 0
+    assert "| 0.05 | 40 |" in (tmp_path / "eos" / "report.md").read_text()
 
 
 def test_bench_time_to_accuracy(tmp_path: Path) -> None:
