@@ -122,12 +122,15 @@ def _subclasses(base: type) -> set[type]:
 
 
 def _short_names(base: type, package: str) -> list[str]:
-    """Public subclasses of ``base`` defined in ``package``, by name."""
+    """Public subclasses of ``base`` defined in ``package``, by name, without the bases to build on (a class that
+    sets ``abstract_base = True`` itself)."""
     return sorted(
         {
             cls.__name__
             for cls in _subclasses(base)
-            if cls.__module__.startswith(package) and not cls.__name__.startswith("_")
+            if cls.__module__.startswith(package)
+            and not cls.__name__.startswith("_")
+            and not cls.__dict__.get("abstract_base", False)
         }
     )
 

@@ -340,6 +340,10 @@ def test_help_lists_every_subcommand_and_version_prints(capsys: pytest.CaptureFi
     text = capsys.readouterr().out
     for subcommand in ("fit", "validate", "test", "predict", "study", "configs"):
         assert f"\n  {subcommand} " in text, subcommand
+    models = next(line for line in text.splitlines() if line.startswith("Models:")).split(": ")[1].split(", ")
+    assert {"ResNet", "TransformerLM", "DCGAN"} <= set(models)
+    assert not {"TrainingRecipe", "ImageClassifier", "DeviceLoggedModule"} & set(models)  # bases, not models
+    assert "SequenceTaskDataModule" not in text
     main(["--version"])
     assert capsys.readouterr().out.strip() == f"stabilize {stabilize.__version__}"
 

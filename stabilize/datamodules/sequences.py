@@ -50,6 +50,9 @@ class SequenceTaskDataModule(LightningDataModule):
         ConfigurationError: For a non-positive size.
     """
 
+    #: A base to build on, not one to train: ``stabilize --help`` leaves it out of its list of classes.
+    abstract_base = True
+
     def __init__(
         self,
         batch_size: int = 50,

@@ -50,6 +50,9 @@ class ImageClassifier(TrainingRecipe):
         ValueError: If a numeric argument is out of range.
     """
 
+    #: A base to build on, not one to train: ``stabilize --help`` leaves it out of its list of classes.
+    abstract_base = True
+
     #: Spatial size the network insists on, or ``None`` when any size works.
     expected_image_size: int | None = None
     #: Smallest height and width the network accepts (its pooling needs at least one pixel at the end).

@@ -86,6 +86,9 @@ class DeviceLoggedModule(LightningModule):
     per-step cost of a device add. The base of every model here; subclasses that override ``on_train_batch_end`` or
     ``on_train_epoch_end`` call ``super()``."""
 
+    #: A base to build on, not one to train: ``stabilize --help`` leaves it out of its list of classes.
+    abstract_base = True
+
     def __init__(self) -> None:
         super().__init__()
         self._train_means = EpochMeans()

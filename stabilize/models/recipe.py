@@ -49,6 +49,9 @@ class TrainingRecipe(DeviceLoggedModule):
         ConfigurationError: If an argument is out of range or names an unknown optimizer or schedule.
     """
 
+    #: A base to build on, not one to train: ``stabilize --help`` leaves it out of its list of classes.
+    abstract_base = True
+
     def __init__(
         self,
         optimizer: OptimizerName = "sgd",
