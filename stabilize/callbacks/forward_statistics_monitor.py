@@ -123,6 +123,14 @@ class ForwardStatisticsMonitor(Callback):
         if self.verbose and self.records and trainer.is_global_zero:
             rank_zero_info(self.diagnosis())
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": [(record.step, record.values) for record in self.records]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.records = [ForwardRecord(int(step), dict(values)) for step, values in state_dict.get("records", [])]
+
     def diagnosis(self) -> str:
         """The findings in plain words, or one line of the largest values when there are none."""
         found = findings(self.records)

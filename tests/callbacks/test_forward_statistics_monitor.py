@@ -98,6 +98,9 @@ def test_a_tiny_transformer_run_logs_every_key_at_logging_steps_and_is_healthy(t
     logged = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"forward/attention_logit_max/1", "forward/block_rms/0", "forward/output_logit_max"} <= set(logged)
     assert monitor.diagnosis().startswith("Forward statistics healthy over 3 records: largest attention logit")
+    resumed = ForwardStatisticsMonitor()
+    resumed.load_state_dict(monitor.state_dict())  # a resumed run keeps the records its findings are judged on
+    assert resumed.records == monitor.records
 
 
 def test_a_module_without_forward_statistics_is_left_alone(tmp_path: Path, tiny_cifar: Path) -> None:
