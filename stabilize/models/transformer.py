@@ -25,16 +25,24 @@ class Block(nn.Module):
     residual scaling is on). ``qk_norm`` normalizes queries and keys per head before their dot product."""
 
     def __init__(
-        self, width: int, heads: int, mlp_ratio: int, norm_position: str, qk_norm: bool, residual_gain: float
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: int,
+        norm_position: str,
+        qk_norm: bool,
+        residual_gain: float,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.heads, self.norm_position, self.residual_gain = heads, norm_position, residual_gain
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.q_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+        self.norm1, self.norm2 = nn.LayerNorm(width, bias=bias), nn.LayerNorm(width, bias=bias)
+        self.qkv = nn.Linear(width, 3 * width, bias=bias)
+        self.proj = nn.Linear(width, width, bias=bias)
+        self.q_norm = nn.LayerNorm(width // heads, bias=bias) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(width // heads, bias=bias) if qk_norm else nn.Identity()
+        hidden = mlp_ratio * width
+        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, width, bias=bias))
         #: Set by the model for a measured forward pass: the largest attention logit is kept in ``logit_max``.
         self.measure = False
         self.logit_max: Tensor | None = None
@@ -83,6 +91,7 @@ class TransformerLM(TrainingRecipe):
         residual_scaling: ``"none"`` or ``"deepnorm"`` (post-LN only).
         init: ``"gpt2"`` or ``"default"`` (PyTorch's).
         tie_embeddings: Share the input embedding and the output head's weight.
+        bias: Biases in the linear layers and LayerNorms (nanoGPT's default has none: ``False``).
         optimizer: The optimizer, as for :class:`~stabilize.models.recipe.TrainingRecipe` (AdamW here).
         lr: Peak learning rate.
         momentum: SGD/RMSprop momentum.
@@ -117,6 +126,7 @@ class TransformerLM(TrainingRecipe):
         residual_scaling: ResidualScaling = "none",
         init: TransformerInit = "gpt2",
         tie_embeddings: bool = True,
+        bias: bool = True,
         optimizer: OptimizerName = "adamw",
         lr: float = 1e-3,
         momentum: float = 0.9,
@@ -150,9 +160,11 @@ class TransformerLM(TrainingRecipe):
         gain = (2 * depth) ** 0.25 if deepnorm else 1.0
         self.embed = nn.Embedding(vocab_size, width)
         self.position = nn.Embedding(context, width)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, norm_position, qk_norm, gain) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, norm_position, qk_norm, gain, bias) for _ in range(depth)
+        )
         # Pre-LN ends with a normalization of the residual stream; post-LN's last block already normalized it.
-        self.final_norm = nn.LayerNorm(width) if norm_position == "pre" else nn.Identity()
+        self.final_norm = nn.LayerNorm(width, bias=bias) if norm_position == "pre" else nn.Identity()
         self.head = nn.Linear(width, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.weight

@@ -18,7 +18,9 @@ def tiny(**kwargs) -> TransformerLM:
     return TransformerLM(**{"vocab_size": 11, "context": 8, "depth": 2, "width": 16, "heads": 2, **kwargs})
 
 
-@pytest.mark.parametrize("options", [{}, {"norm_position": "post"}, {"qk_norm": True}, {"tie_embeddings": False}])
+@pytest.mark.parametrize(
+    "options", [{}, {"norm_position": "post"}, {"qk_norm": True}, {"tie_embeddings": False}, {"bias": False}]
+)
 def test_shapes_causality_and_tied_head(options: dict) -> None:
     torch.manual_seed(0)
     model = tiny(**options).eval()
