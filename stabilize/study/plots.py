@@ -117,7 +117,7 @@ def lr_groups(results: Sequence[RunResult]) -> dict[str, list[tuple[float, RunRe
     labelled = {}
     for key, runs in groups.items():
         own = settings_of[key]
-        label = ", ".join(f"{k}={own.get(k, 'default')}" for k in varying) or key[0].rsplit(".", 1)[-1]
+        label = ", ".join(f"{k}={own.get(k, 'default').strip(chr(39))}" for k in varying) or key[0].rsplit(".", 1)[-1]
         labelled[label] = runs
     return labelled
 

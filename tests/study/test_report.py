@@ -37,8 +37,8 @@ def test_runs_that_differ_only_in_lr_are_one_line_labelled_by_what_differs(tmp_p
         result("no-lr", val_loss=2.0),
     ]
     groups = lr_groups(results)  # type: ignore[arg-type]
-    assert list(groups) == ["norm_position='pre'", "norm_position='post'"]
-    assert [lr for lr, _ in groups["norm_position='pre'"]] == [1e-3, 3e-3]
+    assert list(groups) == ["norm_position=pre", "norm_position=post"]
+    assert [lr for lr, _ in groups["norm_position=pre"]] == [1e-3, 3e-3]
     assert lr_sensitivity(results, tmp_path / "lr.png") and (tmp_path / "lr.png").stat().st_size > 0  # type: ignore[arg-type]
     assert not lr_sensitivity(results[4:], tmp_path / "none.png") and not (tmp_path / "none.png").exists()  # type: ignore[arg-type]
 
