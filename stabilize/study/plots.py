@@ -17,6 +17,13 @@ def _positive(points: Sequence[Sequence[float]]) -> tuple[list[float], list[floa
     return [x for x, _ in kept], [y for _, y in kept]
 
 
+def _mark_on_edge(axis: Any, line: Any, xs: Sequence[float], edge: float, size: float) -> None:
+    """Points the axis cannot show (an exact zero on a log axis, a loss that is not finite) as x markers at ``edge``,
+    in the colour of their line."""
+    if xs:
+        axis.scatter(xs, [edge] * len(xs), marker="x", color=line.get_color(), s=size, zorder=3)
+
+
 def _finish(figure: Figure, axis: Any, path: Path, **settings: Any) -> None:
     """Label the axis, add its legend and write the figure."""
     axis.set(**settings)
@@ -64,9 +71,7 @@ def gradient_flow(results: Sequence[RunResult], path: Path) -> None:
         label = f"{result['name']} ({len(norms)} parameter layers)"
         (line,) = axis.plot(xs, ys, marker="o", markersize=2.5, linewidth=1.2, label=label)
         # A log axis cannot show an exactly zero gradient: mark those layers on the bottom edge.
-        zeros = [x for x, n in zip(depth, norms) if n == 0]
-        if zeros:
-            axis.scatter(zeros, [floor] * len(zeros), marker="x", color=line.get_color(), s=20, zorder=3)
+        _mark_on_edge(axis, line, [x for x, n in zip(depth, norms) if n == 0], floor, size=20)
     _finish(
         figure,
         axis,
@@ -138,9 +143,7 @@ def lr_sensitivity(results: Sequence[RunResult], path: Path) -> bool:
         points = [(lr, r.get("val_loss")) for lr, r in runs]
         kept = [(lr, v) for lr, v in points if v is not None and math.isfinite(v)]
         (line,) = axis.plot([lr for lr, _ in kept], [v for _, v in kept], marker="o", label=label)
-        failed = [lr for lr, v in points if v is None or not math.isfinite(v)]
-        if failed:
-            axis.scatter(failed, [top] * len(failed), marker="x", color=line.get_color(), s=40, zorder=3)
+        _mark_on_edge(axis, line, [lr for lr, v in points if v is None or not math.isfinite(v)], top, size=40)
     _finish(
         figure,
         axis,
