@@ -43,7 +43,6 @@ class TrainingRecipe(DeviceLoggedModule):
             All step once per optimizer step.
         warmup_fraction: Fraction of the total optimizer steps spent warming up (cosine, one-cycle and
             triangular, whose peak it places; one-cycle uses 0.3 when this is 0).
-        final_lr_fraction: Where the cosine ends, as a fraction of the peak (nanoGPT decays to a tenth: 0.1).
 
     Raises:
         ConfigurationError: If an argument is out of range or names an unknown optimizer or schedule.
@@ -62,12 +61,9 @@ class TrainingRecipe(DeviceLoggedModule):
         weight_decay: float = 5e-4,
         scheduler: SchedulerName = "cosine",
         warmup_fraction: float = 0.0,
-        final_lr_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         check_recipe(optimizer, lr, momentum, betas, weight_decay, scheduler, warmup_fraction)
-        if not 0.0 <= final_lr_fraction <= 1.0:
-            raise ConfigurationError(f"final_lr_fraction must be in [0, 1], got {final_lr_fraction}.")
         self.save_hyperparameters()
 
     def gradient_health_hints(self) -> dict[str, str]:
@@ -151,6 +147,8 @@ class TrainingRecipe(DeviceLoggedModule):
         warmup = round(hp["warmup_fraction"] * total)
         if hp["scheduler"] == "triangular":
             return LambdaLR(optimizer, triangular(total, warmup))
+        # A subclass may end the cosine above zero (TransformerLM's final_lr_fraction; its own argument, so that the
+        # checkpoints of the other models keep reloading with their own signatures).
         return LambdaLR(optimizer, cosine_with_warmup(total, warmup, hp.get("final_lr_fraction", 0.0)))
 
 

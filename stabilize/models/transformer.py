@@ -153,9 +153,9 @@ class TransformerLM(TrainingRecipe):
             raise ConfigurationError("residual_scaling='deepnorm' scales post-LN residuals: use norm_position='post'.")
         if not (math.isfinite(z_loss) and z_loss >= 0):
             raise ConfigurationError(f"z_loss must be a non-negative number, got {z_loss}.")
-        super().__init__(
-            optimizer, lr, momentum, nesterov, betas, weight_decay, scheduler, warmup_fraction, final_lr_fraction
-        )
+        if not 0.0 <= final_lr_fraction <= 1.0:
+            raise ConfigurationError(f"final_lr_fraction must be in [0, 1], got {final_lr_fraction}.")
+        super().__init__(optimizer, lr, momentum, nesterov, betas, weight_decay, scheduler, warmup_fraction)
         deepnorm = residual_scaling == "deepnorm"
         gain = (2 * depth) ** 0.25 if deepnorm else 1.0
         self.embed = nn.Embedding(vocab_size, width)

@@ -91,3 +91,18 @@ def test_learns_a_tiny_text_and_the_callback_reads_tied_weights_once(tmp_path: P
     (summary,) = health.summary().values()
     assert summary["shared_parameters"] == {"embed.weight": ["head.weight"]}
     assert "head" not in health.history[-1]["layers"] and summary["explosions"] == []
+
+
+def test_the_cosine_ends_at_the_final_lr_fraction(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("abcdefgh" * 100)
+    data = CharTextDataModule(str(text), context=8, batch_size=4, train_batches=10, val_batches=0)
+    model = TransformerLM(
+        vocab_size=data.vocab_size, context=8, depth=1, width=16, heads=2, lr=1e-3, final_lr_fraction=0.5
+    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, data)
+    # After the last of 10 steps the schedule stands at its end: half the peak (the cosine's floor), not zero.
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5e-3, rel=1e-6)
+    trainer.save_checkpoint(tmp_path / "lm.ckpt")
+    assert TransformerLM.load_from_checkpoint(tmp_path / "lm.ckpt").hparams["final_lr_fraction"] == 0.5
