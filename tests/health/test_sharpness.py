@@ -192,3 +192,52 @@ def test_a_manually_optimized_module_needs_a_sharpness_loss(tmp_path: Path, tiny
     # end in each block of 2 steps, and no optimizer step came from a measurement (4 in all, as without it).
     assert [step for step, _, _ in monitor.history] == [1, 3] and model.trainer.global_step == 4
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_tied_weights_are_one_parameter_in_the_hessian() -> None:
+    # A tied autoencoder: the same matrix encodes (W x) and decodes (W^T h); module.parameters() yields it once, and the
+    # sharpness is that of the loss as a function of the one matrix, both uses included.
+    torch.manual_seed(0)
+    weight = nn.Parameter(0.5 * torch.randn(3, 5, dtype=torch.float64))
+    x = torch.randn(32, 5, dtype=torch.float64)
+
+    def loss_of(w: torch.Tensor) -> torch.Tensor:
+        return ((torch.tanh(x @ w.T) @ w - x) ** 2).mean()
+
+    hessian = torch.autograd.functional.hessian(lambda flat: loss_of(flat.view(3, 5)), weight.detach().flatten())
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    largest = eigenvalues[eigenvalues.abs().argmax()].item()
+    found = top_eigenvalue(lambda: loss_of(weight), [weight], iterations=3000, tolerance=1e-11)
+    # float64 throughout; converged to a relative change of 1e-11, the estimate is within ~1e-8 of the dense value.
+    assert found.converged and found.value == pytest.approx(largest, rel=1e-6)
+
+
+def test_a_batchnorm_cnn_in_eval_mode_matches_its_dense_hessian() -> None:
+    # The monitor measures in eval mode: BatchNorm normalizes with its running statistics, a fixed affine map, so the
+    # loss is a function of the parameters alone and its Hessian is well defined (in train mode it would also depend on
+    # the batch's statistics).
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 1)
+    ).double()
+    with torch.no_grad():  # running statistics away from their initial values
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    net.eval()
+    x, y = torch.randn(8, 1, 6, 6, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    names = [name for name, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        pieces = dict(
+            zip(names, (piece.view(shape) for piece, shape in zip(flat.split([math.prod(s) for s in shapes]), shapes)))
+        )
+        return ((functional_call(net, pieces, (x,)) - y) ** 2).mean()
+
+    flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+    eigenvalues = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat))
+    largest = eigenvalues[eigenvalues.abs().argmax()].item()
+    found = top_eigenvalue(lambda: ((net(x) - y) ** 2).mean(), list(net.parameters()), iterations=3000, tolerance=1e-11)
+    assert found.converged and found.value == pytest.approx(largest, rel=1e-6)
