@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Regenerates every committed result under docs/results with the current code, in the order README shows them
-# (about 2 hours on the 2-core CPU machine; each study writes report.md, results.json/csv, plots and per-run
+# (about 4 hours on the 2-core CPU machine; each study writes report.md, results.json/csv, plots and per-run
 # gradient_health.json). Needs CIFAR-10 at ../shared/cifar10 (or DATA=...). Usage: bash docs/results/regenerate.sh
-# [names...], names from: quickstart rnn optimizers depth augmentation gan gan-6000 notebook examples
-# ("examples": README's two one-line demonstrations, printed to docs/results/examples/*.txt).
+# [names...], names from: quickstart rnn rnn-medium optimizers depth augmentation augmentation-medium transformer
+# edge-of-stability gan gan-6000 notebook examples ("examples": README's two one-line demonstrations, printed to
+# docs/results/examples/*.txt; "-medium": the grid at budget cpu-medium, one thread per run as committed;
+# "transformer" needs the text at ../shared/text or TEXT=...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/cifar10}
+TEXT=${TEXT:-../shared/text}
 GAN_ARGS=(--data-dir "$DATA" --fid-checkpoint docs/results/gan/resnet20-classifier.ckpt --fid-samples 5000
   --width 32 --batch-size 64 --log-every 25 --sample-every 250 --seed 42 --runs minimax non-saturating hinge-spectral-norm)
 
@@ -19,6 +22,18 @@ regenerate() {
       local batches=2500
       [ "$name" = gan-6000 ] && batches=6000
       python examples/gan_losses.py "${GAN_ARGS[@]}" --batches "$batches" --out "docs/results/$name"
+      ;;
+    rnn-medium | augmentation-medium)
+      rm -rf "docs/results/$name"
+      OMP_NUM_THREADS=1 stabilize study "${name%-medium}" --budget cpu-medium --data-dir "$DATA" --out "docs/results/$name"
+      ;;
+    transformer)
+      rm -rf docs/results/transformer
+      OMP_NUM_THREADS=1 STABILIZE_TEXT_DIR="$TEXT" stabilize study transformer --out docs/results/transformer
+      ;;
+    edge-of-stability)
+      python examples/edge_of_stability.py --data-dir "$DATA" --out docs/results/edge-of-stability \
+        --lrs 0.03 0.04 0.06 --steps 500 --every 25
       ;;
     notebook)
       STABILIZE_CIFAR10_DIR="$DATA" jupyter execute --inplace --timeout=-1 notebooks/vanishing_gradients.ipynb
@@ -38,7 +53,7 @@ regenerate() {
   esac
 }
 
-for name in "${@:-quickstart rnn optimizers depth augmentation gan gan-6000 notebook examples}"; do
+for name in "${@:-quickstart rnn rnn-medium optimizers depth augmentation augmentation-medium transformer edge-of-stability gan gan-6000 notebook examples}"; do
   for one in $name; do
     echo "== $one: $(date -u +%H:%M:%S)"
     regenerate "$one"

@@ -195,8 +195,9 @@ class SharpnessMonitor(Callback):
         what = "Preconditioned sharpness (Adam's P^-1 H)" if self.preconditioned else "Sharpness"
         if limit is None:
             return (
-                f"{what} {value:.4g} at step {step} (peak {peak:.4g} at step {peak_step}); this optimizer's"
-                " stability limit is not known here (SGD and Adam have one)."
+                f"{what} {value:.4g} at step {step} (peak {peak:.4g} at step {peak_step}); no stability limit at"
+                " that step: SGD and Adam have one, other optimizers do not, and a learning rate of 0 (the end of a"
+                " schedule) has none."
             )
         ratio = value / limit
         meaning = (
