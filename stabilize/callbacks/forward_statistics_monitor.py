@@ -13,7 +13,9 @@ from stabilize.errors import ConfigurationError
 from stabilize.health.forward_statistics import (
     ForwardRecord,
     ForwardStatisticsSource,
+    attention_peak,
     findings,
+    output_peak,
     read_statistics,
     residual_growth,
 )
@@ -140,14 +142,11 @@ class ForwardStatisticsMonitor(Callback):
             )
         if not self.records:
             return "Forward statistics: nothing measured."
-        attention = max((v for r in self.records for _, v in r.layers("attention_logit_max")), default=None)
-        output = max(
-            (r.values["output_logit_max"] for r in self.records if "output_logit_max" in r.values), default=None
-        )
+        attention, output = attention_peak(self.records), output_peak(self.records)
         growth = residual_growth(self.records[-1])
         parts = [
-            *([f"largest attention logit {attention:.3g}"] if attention is not None else []),
-            *([f"largest output logit {output:.3g}"] if output is not None else []),
+            *([f"largest attention logit {attention.value:.3g}"] if attention is not None else []),
+            *([f"largest output logit {output.value:.3g}"] if output is not None else []),
             *([f"residual stream {growth:.3g}x from the first block to the last"] if growth is not None else []),
         ]
         return f"Forward statistics healthy over {len(self.records)} records: {', '.join(parts)}."

@@ -90,23 +90,44 @@ class Finding:
         )
 
 
+@dataclass(frozen=True)
+class Peak:
+    """The largest value of a statistic over the records: where it was, and what it was at the first record."""
+
+    value: float
+    step: int
+    layer: int | None
+    first: float
+
+
+def attention_peak(records: Sequence[ForwardRecord]) -> Peak | None:
+    """The largest attention logit of any layer, or ``None`` without one."""
+    values = [(value, r.step, layer) for r in records for layer, value in r.layers(ATTENTION_LOGIT_MAX)]
+    if not values:
+        return None
+    value, step, layer = max(values)
+    return Peak(value, step, layer, dict(records[0].layers(ATTENTION_LOGIT_MAX)).get(layer, float("nan")))
+
+
+def output_peak(records: Sequence[ForwardRecord]) -> Peak | None:
+    """The largest absolute output logit, or ``None`` without one."""
+    values = [(r.values[OUTPUT_LOGIT_MAX], r.step) for r in records if OUTPUT_LOGIT_MAX in r.values]
+    if not values:
+        return None
+    value, step = max(values)
+    return Peak(value, step, None, values[0][0])
+
+
 def findings(records: Sequence[ForwardRecord]) -> list[Finding]:
     """Attention-logit growth (a layer's largest attention logit above :data:`ATTENTION_LOGIT_LIMIT`) and output-logit
     divergence (the largest absolute output logit above :data:`OUTPUT_LOGIT_LIMIT`), each at its largest record."""
-    found: list[Finding] = []
-    attention = [
-        (value, record.step, layer) for record in records for layer, value in record.layers(ATTENTION_LOGIT_MAX)
-    ]
-    if attention:
-        value, step, layer = max(attention)
-        if value > ATTENTION_LOGIT_LIMIT:
-            first = dict(records[0].layers(ATTENTION_LOGIT_MAX)).get(layer, float("nan"))
-            found.append(Finding("attention_logits", step, value, layer, first))
-    output = [(r.values[OUTPUT_LOGIT_MAX], r.step) for r in records if OUTPUT_LOGIT_MAX in r.values]
-    if output:
-        value, step = max(output)
-        if value > OUTPUT_LOGIT_LIMIT:
-            found.append(Finding("output_logits", step, value, None, output[0][0]))
+    found = []
+    for kind, peak, limit in (
+        ("attention_logits", attention_peak(records), ATTENTION_LOGIT_LIMIT),
+        ("output_logits", output_peak(records), OUTPUT_LOGIT_LIMIT),
+    ):
+        if peak is not None and peak.value > limit:
+            found.append(Finding(kind, peak.step, peak.value, peak.layer, peak.first))
     return found
 
 
