@@ -107,15 +107,11 @@ class Grid:
         """This grid cut to a dry run at ``budget_name``: every run for 3 training batches and one validation and test
         batch, on all the training data the datamodule has (so a tiny copy works), to check that a grid meant for
         another machine (``gpu-short``) builds, trains and reports before spending that machine's time on it."""
-        budget = replace(
-            self.budget(budget_name),
-            max_epochs=1,
-            train_subset=None,
-            val_size=min(self.budget(budget_name).val_size, 64),
-        )
+        budget = self.budget(budget_name)
+        dry = replace(budget, max_epochs=1, train_subset=None, val_size=min(budget.val_size, 64), log_every_n_steps=1)
         limits = {"limit_train_batches": 3, "limit_val_batches": 1, "limit_test_batches": 1, "log_every_n_steps": 1}
         runs = [replace(run, trainer_args={**run.trainer_args, **limits}) for run in self.runs]
-        return replace(self, runs=runs, budgets={**self.budgets, budget_name: replace(budget, log_every_n_steps=1)})
+        return replace(self, runs=runs, budgets={**self.budgets, budget_name: dry})
 
     def select(self, patterns: Sequence[str] | None) -> Grid:
         """This grid with only the runs a name or shell pattern of ``patterns`` matches, in the grid's order

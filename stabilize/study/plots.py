@@ -112,7 +112,7 @@ def lr_groups(results: Sequence[RunResult]) -> dict[str, list[tuple[float, RunRe
         args = result.get("model_args") or {}
         if "lr" not in args:
             continue
-        settings = tuple(sorted((k, repr(v)) for k, v in args.items() if k != "lr"))
+        settings = tuple(sorted((k, str(v)) for k, v in args.items() if k != "lr"))
         keyed.setdefault((result["model"], settings), []).append((float(args["lr"]), result))
     groups = {key: sorted(runs, key=lambda item: item[0]) for key, runs in keyed.items() if len(runs) >= 2}
     settings_of = {key: dict(key[1]) for key in groups}
@@ -122,7 +122,7 @@ def lr_groups(results: Sequence[RunResult]) -> dict[str, list[tuple[float, RunRe
     labelled = {}
     for key, runs in groups.items():
         own = settings_of[key]
-        label = ", ".join(f"{k}={own.get(k, 'default').strip(chr(39))}" for k in varying) or key[0].rsplit(".", 1)[-1]
+        label = ", ".join(f"{k}={own.get(k, 'default')}" for k in varying) or key[0].rsplit(".", 1)[-1]
         labelled[label] = runs
     return labelled
 

@@ -27,7 +27,7 @@ def columns(results: Sequence[RunResult]) -> tuple[tuple[str, str, str], ...]:
     """README's columns; with the validation and test losses after "val acc" when some run has no test accuracy
     but a loss (a regression or a language model: its number is the loss); without a score column no run has."""
     shown: tuple[tuple[str, str, str], ...] = COLUMNS
-    if any(r.get("test_acc") is None and (r.get("val_loss") or r.get("test_loss")) is not None for r in results):
+    if any(r.get("test_acc") is None and any(r.get(key) is not None for key, _, _ in LOSS_COLUMNS) for r in results):
         at = [key for key, _, _ in COLUMNS].index("val_acc") + 1
         shown = COLUMNS[:at] + LOSS_COLUMNS + COLUMNS[at:]
     # A score no run has (accuracy of language models, a test loss without a test split) is left out.

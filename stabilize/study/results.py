@@ -58,8 +58,7 @@ LOSS_COLUMNS = (
 )
 EXTRA_COLUMNS = (
     ("train_acc", "train acc", "{:.1%}"),
-    ("val_loss", "val loss", "{:.4g}"),
-    ("test_loss", "test loss", "{:.4g}"),
+    *LOSS_COLUMNS,
     ("best_epoch", "best epoch", "{}"),
     ("steps", "steps", "{}"),
     ("median_grad_norm", "median grad norm", "{:.3g}"),
