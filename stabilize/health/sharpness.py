@@ -138,7 +138,7 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
     if not is_adam(optimizer):
         return None
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    result = []
+    result, stepped = [], False
     for param in params:
         group = groups.get(id(param))
         if group is None:
@@ -148,13 +148,12 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
         if "exp_avg_sq" not in state:
             result.append(torch.full_like(param, eps))
             continue
+        stepped = True
         step = float(state["step"])
         beta2 = float(group["betas"][1])
         v_hat = state["exp_avg_sq"] / (1.0 - beta2**step)
         result.append((v_hat.sqrt() + eps).to(param.dtype))
-    if all("exp_avg_sq" not in optimizer.state.get(p, {}) for p in params):
-        return None
-    return result
+    return result if stepped else None
 
 
 def _normalized(vector: list[Tensor]) -> list[Tensor]:
