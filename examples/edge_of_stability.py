@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from stabilize.callbacks import GradientHealthCallback, SharpnessMonitor
-from stabilize.datamodules.augment import CIFAR10_MEAN, CIFAR10_STD
+from stabilize.datamodules.augment import CIFAR10_MEAN, CIFAR10_STD, to_float
 from stabilize.datamodules.cifar10_files import find_batches_folder, load_cifar10
 
 
@@ -73,9 +73,8 @@ def cifar_subset(data_dir: str | None, size: int, smoke: bool) -> TensorDataset:
     if folder is None:
         raise SystemExit(f"No CIFAR-10 at {data_dir}: pass --data-dir (the folder holding cifar-10-batches-py).")
     tensors = load_cifar10(folder)
-    images = tensors["train_x"][:size].float() / 255
-    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    return TensorDataset((images - mean) / std, tensors["train_y"][:size])
+    images = to_float(tensors["train_x"][:size], CIFAR10_MEAN, CIFAR10_STD)
+    return TensorDataset(images, tensors["train_y"][:size])
 
 
 def run_one(lr: float, data: TensorDataset, args: argparse.Namespace) -> dict[str, Any]:
