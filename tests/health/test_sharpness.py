@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -241,3 +242,73 @@ def test_a_batchnorm_cnn_in_eval_mode_matches_its_dense_hessian() -> None:
     largest = eigenvalues[eigenvalues.abs().argmax()].item()
     found = top_eigenvalue(lambda: ((net(x) - y) ** 2).mean(), list(net.parameters()), iterations=3000, tolerance=1e-11)
     assert found.converged and found.value == pytest.approx(largest, rel=1e-6)
+
+
+class AutocastRecorder(TinyMLP):
+    """Notes, for every call of its training_step, whether CPU autocast was on."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.1)
+        self.autocast_calls: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        self.autocast_calls.append(torch.is_autocast_enabled("cpu"))
+        return super().training_step(batch, batch_idx)
+
+
+def test_under_amp_the_monitor_measures_in_full_precision(tmp_path: Path) -> None:
+    monitor = SharpnessMonitor(every_n_steps=1, iterations=500, tolerance=1e-7, verbose=False)
+    model = AutocastRecorder()
+    quiet_trainer(tmp_path, max_steps=1, callbacks=[monitor], precision="bf16-mixed").fit(model)
+    # The Trainer's step ran under bf16 autocast, the monitor's call (one loss; its Hessian-vector products
+    # differentiate that graph again) did not.
+    assert model.autocast_calls == [True, False]
+    # One step, one measurement after it: the weights measured are the final ones. Recomputed in float32 with the
+    # same convergence: the two differ only by where each power iteration stopped (relative change 1e-7), far
+    # below bf16's ~4e-3 rounding, which a measurement under autocast would show.
+    model.eval()
+    x, y = monitor._batch
+    again = top_eigenvalue(
+        lambda: torch.nn.functional.cross_entropy(model(x), y),
+        list(model.parameters()),
+        iterations=500,
+        tolerance=1e-7,
+    )
+    assert monitor.history[0][1] == pytest.approx(again.value, rel=1e-4)
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from stabilize.callbacks import SharpnessMonitor
+from tests.callbacks.helpers import TinyMLP
+
+devices, out = int(sys.argv[1]), sys.argv[2]
+seed_everything(0)
+monitor = SharpnessMonitor(every_n_steps=2, iterations=500, tolerance=1e-7, verbose=False)
+trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=5,
+                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  use_distributed_sampler=False, callbacks=[monitor])
+trainer.fit(TinyMLP(lr=0.1, momentum=0.9))  # every rank loads the same batches (no distributed sampler)
+json.dump(monitor.history, open(f"{out}_rank{trainer.global_rank}.json", "w"))
+"""
+
+
+def test_under_ddp_every_rank_measures_what_one_process_measures(tmp_path: Path) -> None:
+    from tests.helpers.commands import python_script
+
+    script = tmp_path / "ddp_sharpness.py"
+    script.write_text(DDP_SCRIPT)
+    for devices in (1, 2):
+        python_script(script, str(devices), str(tmp_path / f"devices{devices}"), cwd=tmp_path)
+    single = json.loads((tmp_path / "devices1_rank0.json").read_text())
+    ranks = [json.loads((tmp_path / f"devices2_rank{rank}.json").read_text()) for rank in (0, 1)]
+    # With the same batches on both ranks DDP's averaged gradient is each rank's own, so the weights, the fixed
+    # batch and hence the sharpness are the single process's; converged to a relative change of 1e-7, the values
+    # agree to far better than 1e-4.
+    assert [step for step, _, _ in single] == [0, 2, 4]
+    for history in ranks:
+        assert [step for step, _, _ in history] == [0, 2, 4]
+        for (_, value, limit), (_, one_value, one_limit) in zip(history, single):
+            assert value == pytest.approx(one_value, rel=1e-4) and limit == pytest.approx(one_limit)
