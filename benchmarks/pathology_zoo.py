@@ -3,16 +3,16 @@ GradientHealthCallback at its defaults, to measure the verdict's false alarms an
 
 Every case is a model written here (MLPs, a CNN, RNN/LSTM, a small transformer, GANs: not the project's models), a
 few hundred optimizer steps on synthetic data, seconds on a CPU. A case's label (healthy, vanishing, exploding,
-collapse) holds by construction, and the run's outcome checks it: a healthy run must learn to the stated accuracy or
-loss on held-out data, a failing one must fail (stay near chance, diverge or go non-finite). A case whose outcome
-contradicts its label is reported as ``label not borne out`` and left out of the confusion matrix.
+collapse, stalled) holds by construction, and the run's outcome checks it: a healthy run must learn to the stated
+accuracy or loss on held-out data, a failing one must fail (stay near chance, diverge or go non-finite). A case
+whose outcome contradicts its label is reported as ``label not borne out`` and left out of the confusion matrix.
 
 The verdict's class is :func:`stabilize.health.verdict_class` of each optimizer's summary, the worst across
-optimizers (exploding, then vanishing, collapse, healthy); non-finite gradients count as exploding.
+optimizers (exploding, then vanishing, collapse, stalled, healthy); non-finite gradients count as exploding.
 
-    python benchmarks/pathology_zoo.py                 # all cases, ~3 minutes on 2 cores
+    python benchmarks/pathology_zoo.py                 # all 29 cases, ~3 minutes on 2 cores
     python benchmarks/pathology_zoo.py --cases mlp-adam deep-sigmoid
-    python benchmarks/pathology_zoo.py --smoke         # four cases, one per label (the test runs this)
+    python benchmarks/pathology_zoo.py --smoke         # five cases, one per label (the test runs this)
 
 Writes ``benchmarks/results/pathology_zoo.json`` (``--out``) and prints each case and the confusion matrix.
 """
@@ -46,7 +46,7 @@ from stabilize.models import RecurrentNet
 
 LABELS = VERDICT_CLASSES
 CLASSES = 4  # chance accuracy 25%
-SMOKE_CASES = ("mlp-adam", "deep-sigmoid", "lr-too-high", "minimax-gan")
+SMOKE_CASES = ("mlp-adam", "deep-sigmoid", "lr-too-high", "minimax-gan", "lr-too-low")
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -694,6 +694,16 @@ def cases() -> list[Case]:
             adding_mse(at_least=0.15),
             steps=100,
         ),
+        # --------------------------------------------------------------------------------------- stalled
+        Case(
+            "lr-too-low",
+            "stalled",
+            "the healthy 6-layer MLP under plain gradient descent at LR 1e-5: every step moves the weights by ~1e-5"
+            " of their scale, so the loss cannot fall in 400 steps; the gradients themselves are fine",
+            lambda: Supervised(he_mlp(6), optimizer="gd", lr=1e-5),
+            dataset(teacher),
+            failing_acc,
+        ),
         # -------------------------------------------------------------------------------------- collapse
         Case(
             "minimax-gan",
@@ -750,7 +760,7 @@ def run_case(case: Case, seed: int = 0) -> dict[str, Any]:
     borne_out, outcome = case.outcome(module)
     summaries = health.summary()
     classes = [verdict_class(summary) for summary in summaries.values()]
-    worst = next((c for c in ("exploding", "vanishing", "collapse") if c in classes), "healthy")
+    worst = next((c for c in ("exploding", "vanishing", "collapse", "stalled") if c in classes), "healthy")
     verdicts = {name: verdict(summary) for name, summary in summaries.items()}
     return {
         "name": case.name,

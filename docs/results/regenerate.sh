@@ -5,13 +5,21 @@
 # [names...], names from: quickstart rnn rnn-medium optimizers depth augmentation augmentation-medium transformer
 # edge-of-stability gan gan-6000 notebook examples ("examples": README's two one-line demonstrations, printed to
 # docs/results/examples/*.txt; "-medium": the grid at budget cpu-medium, one thread per run as committed;
-# "transformer" needs the text at ../shared/text or TEXT=...).
+# "transformer" needs the text at ../shared/text or TEXT=...). REJUDGE=1 trains nothing: each study reruns over its
+# committed runs, judges their saved gradient records again under the current rules and rewrites its report (seconds;
+# for a change of the verdict rules).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/cifar10}
 TEXT=${TEXT:-../shared/text}
 GAN_ARGS=(--data-dir "$DATA" --fid-checkpoint docs/results/gan/resnet20-classifier.ckpt --fid-samples 5000
   --width 32 --batch-size 64 --log-every 25 --sample-every 250 --seed 42 --runs minimax non-saturating hinge-spectral-norm)
+
+# A study reuses (and judges again) the finished runs it finds in its output folder: start from an empty one, unless
+# REJUDGE=1 asks for exactly that.
+fresh() {
+  [ "${REJUDGE:-0}" = 1 ] || rm -rf "docs/results/$1"
+}
 
 regenerate() {
   local name=$1
@@ -24,11 +32,11 @@ regenerate() {
       python examples/gan_losses.py "${GAN_ARGS[@]}" --batches "$batches" --out "docs/results/$name"
       ;;
     rnn-medium | augmentation-medium)
-      rm -rf "docs/results/$name"
+      fresh "$name"
       OMP_NUM_THREADS=1 stabilize study "${name%-medium}" --budget cpu-medium --data-dir "$DATA" --out "docs/results/$name"
       ;;
     transformer)
-      rm -rf docs/results/transformer
+      fresh transformer
       OMP_NUM_THREADS=1 STABILIZE_TEXT_DIR="$TEXT" stabilize study transformer --out docs/results/transformer
       ;;
     edge-of-stability)
@@ -46,8 +54,7 @@ regenerate() {
         2>&1 | tee docs/results/examples/exploding_relu.txt
       ;;
     *)
-      # A study reuses the finished runs it finds in its output folder: start from an empty one.
-      rm -rf "docs/results/$name"
+      fresh "$name"
       stabilize study --config "configs/study/$name.yaml" --data-dir "$DATA" --out "docs/results/$name"
       ;;
   esac

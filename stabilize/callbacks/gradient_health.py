@@ -443,7 +443,8 @@ class GradientHealthCallback(Callback):
     # --------------------------------------------------------------------------------------------------- results
     def summary(self) -> dict[str, HealthSummary]:
         """Everything the diagnosis says, as a dict (one entry per optimizer, keyed by its name: see the key table)."""
-        return {self._name(index): monitor.summary() for index, monitor in sorted(self._monitors.items())}
+        judge_loss = len(self._monitors) == 1
+        return {self._name(index): monitor.summary(judge_loss) for index, monitor in sorted(self._monitors.items())}
 
     def _name(self, index: int) -> str:
         return self._monitors[index].prefix.rstrip("/") or f"optimizer_{index}"

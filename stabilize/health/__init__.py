@@ -15,10 +15,13 @@ from stabilize.health.records import (
     GradientCollapse,
     HealthSummary,
     LayerStats,
+    LossStall,
     NonFiniteEvent,
     SpikeEvent,
     StepRecord,
 )
+from stabilize.health.saved import judge_saved
+from stabilize.health.stall import loss_stall
 
 __all__ = [
     "DepthRatio",
@@ -30,6 +33,7 @@ __all__ = [
     "HealthSummary",
     "LayerIndex",
     "LayerStats",
+    "LossStall",
     "ModelTraits",
     "NonFiniteEvent",
     "SpikeEvent",
@@ -39,6 +43,8 @@ __all__ = [
     "flow_figure",
     "gradient_collapse",
     "gradient_histograms",
+    "judge_saved",
+    "loss_stall",
     "model_hints",
     "verdict",
     "verdict_class",

@@ -6,7 +6,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from stabilize.health.records import GradientCollapse, StepRecord
+from stabilize.health.records import ExplosionEvent, GradientCollapse, StepRecord
 
 #: Fewer records than this say nothing about a trend.
 MIN_RECORDS = 20
@@ -58,3 +58,17 @@ def loss_fell_with_it(history: Sequence[StepRecord], collapse: GradientCollapse)
     if not around or span <= 0:
         return False
     return (statistics.median(around) - statistics.median(latest)) / span > 0.5
+
+
+def judged_collapse(
+    history: Sequence[StepRecord], explosions: Sequence[ExplosionEvent], factor: float
+) -> GradientCollapse | None:
+    """:func:`gradient_collapse`, unless something else explains the fall: norms falling back after an explosion
+    that reached the earlier level are no collapse (small spikes within a collapsed run do not undo one), and a
+    gradient that fell because the loss fell is convergence."""
+    collapse = gradient_collapse(history, factor)
+    if collapse and any(event["max_norm"] >= collapse["from_norm"] for event in explosions):
+        return None
+    if collapse and loss_fell_with_it(history, collapse):
+        return None
+    return collapse

@@ -24,9 +24,9 @@ RELU_LIKE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.PReLU
 SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid)
 NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 #: Keys a model's ``gradient_health_hints()`` may use.
-HINT_KINDS = ("vanishing", "exploding", "nonfinite")
+HINT_KINDS = ("vanishing", "exploding", "nonfinite", "stalled")
 #: What the verdict's worst finding is: :func:`verdict_class`'s values.
-VERDICT_CLASSES = ("healthy", "vanishing", "exploding", "collapse")
+VERDICT_CLASSES = ("healthy", "vanishing", "exploding", "collapse", "stalled")
 #: Below this ratio of the gradient at t=0 to the last step's, credit no longer reaches the sequence's start.
 TEMPORAL_VANISHING = 1e-3
 _LISTED_LAYERS = 12
@@ -96,6 +96,11 @@ def verdict(summary: HealthSummary) -> str:
     collapse = summary.get("gradient_collapse")
     if collapse:
         findings.append(f"gradient collapsed ({collapse['factor']:.0f}x down)")
+    stall = summary.get("loss_stall")
+    if stall:
+        findings.append(
+            f"loss stalled ({stall['end_loss']:.3g} at the end, {stall['level']:.3g} at step {stall['since_step']})"
+        )
     if summary["ever_vanished"] and not summary["vanishing_layers_now"]:
         findings.append("recovered from vanishing")
     line = ", ".join(findings) if findings else "healthy"
@@ -110,7 +115,8 @@ def verdict(summary: HealthSummary) -> str:
 def verdict_class(summary: HealthSummary) -> str:
     """The kind of the verdict's worst finding, one of :data:`VERDICT_CLASSES`: non-finite gradients count as
     exploding (their usual cause; a log(0) is told apart by the diagnosis's remedies), vanishing layers and vanishing
-    through time as vanishing; a run that recovered from vanishing and transient spikes are healthy."""
+    through time as vanishing; a stalled loss with none of those is ``"stalled"`` (the gradients are not its
+    cause); a run that recovered from vanishing and transient spikes are healthy."""
     if summary["nonfinite"] or summary["skipped_steps"] or summary["explosions"]:
         return "exploding"
     temporal = summary.get("last_temporal_ratio")
@@ -119,6 +125,8 @@ def verdict_class(summary: HealthSummary) -> str:
         return "vanishing"
     if summary.get("gradient_collapse"):
         return "collapse"
+    if summary.get("loss_stall"):
+        return "stalled"
     return "healthy"
 
 
@@ -169,7 +177,8 @@ def report(
             title += f", partial: fit stopped by {stopped}"
         lines.append(f"{title} after {monitor.steps} optimizer steps (details every {every}):")
         last = monitor.history[-1] if monitor.history else None
-        lines += diagnosis_lines(monitor.summary(), last, traits, network_hints(hints, monitor.prefix))
+        summary = monitor.summary(judge_loss=len(monitors) == 1)
+        lines += diagnosis_lines(summary, last, traits, network_hints(hints, monitor.prefix))
     return "\n".join(lines)
 
 
@@ -231,6 +240,18 @@ def diagnosis_lines(
             " the loss and the outputs' range"
         )
         remedies += [hints["vanishing"]] if "vanishing" in hints else []
+    stall = summary.get("loss_stall")
+    if stall:
+        lines.append(
+            f"  STALLED: the training loss has not fallen since step {stall['since_step']}: {stall['end_loss']:.4g}"
+            f" over the last tenth of the run against {stall['level']:.4g} then (it started at"
+            f" {stall['start_loss']:.4g}), so the model learned little beyond its first steps."
+        )
+        remedies += [hints["stalled"]] if "stalled" in hints else []
+        remedies.append(
+            "a stalled loss: try another learning rate (too low moves nothing; too high without a warm-up can stall"
+            " a network at its start), add a warm-up, and check that labels and inputs match"
+        )
     ratio = summary["worst_depth_ratio"]
     if ratio is not None:
         lines.append(

@@ -26,20 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stabilize.health.collapse import gradient_collapse, loss_fell_with_it
+from stabilize.health.collapse import judged_collapse
 from stabilize.health.counters import DeviceCounters
 from stabilize.health.criteria import DEAD_UNITS_FRACTION, HealthCriteria
 from stabilize.health.explosions import classify_spikes
 from stabilize.health.layers import LayerIndex
 from stabilize.health.records import (
-    ExplosionEvent,
-    GradientCollapse,
     HealthSummary,
     NonFiniteEvent,
     SpikeEvent,
     StepRecord,
 )
 from stabilize.health.spike_counting import StepChunk, count_chunk
+from stabilize.health.stall import loss_stall
 
 #: Steps counted together on the device (see :mod:`stabilize.health.spike_counting`); a logging step or any read of
 #: the counters counts the steps gathered so far.
@@ -355,7 +354,10 @@ class GradientMonitor:
             self.counters.reset()
 
     # ------------------------------------------------------------------------------------------------ results
-    def summary(self) -> HealthSummary:
+    def summary(self, judge_loss: bool = True) -> HealthSummary:
+        """The whole run as data. ``judge_loss=False`` leaves out the loss stall: with several optimizers each
+        network's loss is measured against the other (a GAN discriminator's hovers by design) or is a part of the
+        whole, so a flat one says nothing."""
         last = self.history[-1] if self.history else None
         worst, temporal, last_temporal = self.worst_depth_ratio, self.worst_temporal_ratio, self.last_temporal_ratio
         explosions, transient = classify_spikes(self.spikes, self.history, self.nonfinite, self.criteria)
@@ -378,7 +380,8 @@ class GradientMonitor:
             else {"ratio": last_temporal[0], "step": last_temporal[1]},
             "last_global_norm": last["global_norm"] if last else None,
             "num_layers": len(self.layers.names) if self.layers is not None else len(last["layers"] if last else {}),
-            "gradient_collapse": self._collapse(explosions),
+            "gradient_collapse": judged_collapse(self.history, explosions, self.criteria.collapse_factor),
+            "loss_stall": loss_stall(self.history) if judge_loss else None,
             "dead_units": {name: f for name, f in self.dead_units.items() if f >= DEAD_UNITS_FRACTION},
             "shared_parameters": dict(self.shared_parameters),
             "never_gradient_layers": self._layers_without(self.gradient_layers) if self.steps else [],
@@ -389,16 +392,6 @@ class GradientMonitor:
     def _layers_without(self, names: set[str]) -> list[str]:
         """The watched layers not in ``names``, in forward order (none once the layers are detached)."""
         return [name for name in self.layers.names if name not in names] if self.layers is not None else []
-
-    def _collapse(self, explosions: list[ExplosionEvent]) -> GradientCollapse | None:
-        collapse = gradient_collapse(self.history, self.criteria.collapse_factor)
-        # Norms falling back after an explosion is no collapse; small spikes within a collapsed run do not undo one.
-        if collapse and any(event["max_norm"] >= collapse["from_norm"] for event in explosions):
-            return None
-        # A gradient that fell because the loss fell is convergence, not a collapse.
-        if collapse and loss_fell_with_it(self.history, collapse):
-            return None
-        return collapse
 
     def recent_norms(self) -> list[float]:
         """The finite total norms of the running-median window, oldest first (one host read)."""

@@ -104,6 +104,16 @@ class GradientCollapse(TypedDict):
     since_step: int
 
 
+class LossStall(TypedDict):
+    """A training loss that stopped falling: ``level`` (median of the records from 5% to 10% of the run, from
+    ``since_step``) against ``start_loss`` (the first records) and ``end_loss`` (the last tenth)."""
+
+    since_step: int
+    start_loss: float
+    level: float
+    end_loss: float
+
+
 class HealthSummary(TypedDict):
     """One optimizer's gradient health over the whole run: what the diagnosis says, as data."""
 
@@ -128,6 +138,8 @@ class HealthSummary(TypedDict):
     num_layers: int
     #: The run's total gradient norm fell ``collapse_factor`` below its earlier level (runs without explosions).
     gradient_collapse: GradientCollapse | None
+    #: The training loss stalled near its start (single-optimizer runs; see :mod:`stabilize.health.stall`).
+    loss_stall: NotRequired[LossStall | None]
     #: ReLU-like modules with at least half their channels dead at the last record (``track_activations``).
     dead_units: NotRequired[dict[str, float]]
     #: Tied weights: a parameter's name -> the other names it has (counted once, under the first).

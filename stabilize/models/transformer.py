@@ -256,7 +256,7 @@ class TransformerLM(TrainingRecipe):
         )
         hints["exploding"] = f"{hints['exploding']}; {advice}"
         if self.hparams["norm_position"] == "post":
-            hints["vanishing"] = (
+            hints["vanishing"] = hints["stalled"] = (
                 "post-LN transformers stall without a warm-up (Xiong et al. 2020): --model.warmup_fraction 0.05, or"
                 " pre-LN (--model.norm_position pre), or a lower --model.lr"
             )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+from pathlib import Path
 from typing import Any, TypedDict
 
 from stabilize.callbacks import GradientHealthCallback
-from stabilize.health import verdict
+from stabilize.health import HealthSummary, judge_saved, verdict
 from stabilize.study.recorder import StudyRecorder
 
 
@@ -66,6 +68,24 @@ EXTRA_COLUMNS = (
 )
 
 
+def verdict_fields(summary: HealthSummary | None) -> dict[str, Any]:
+    """The result's fields that the verdict rules decide."""
+    return {
+        "exploding_steps": sum(e["steps"] for e in summary["explosions"]) if summary else 0,
+        "verdict": verdict(summary) if summary else "no gradients recorded",
+    }
+
+
+def judged_again(result: RunResult, health_file: Path) -> RunResult:
+    """``result`` with its verdict under the current rules, judged again from the run's saved
+    ``gradient_health.json`` (its records and raw spike events; see :func:`stabilize.health.judge_saved`): a study
+    rerun after the rules changed reports every finished run as a new run would be, without training it again."""
+    if not health_file.is_file():
+        return result
+    summary = judge_saved(json.loads(health_file.read_text())).get("optimizer_0")
+    return {**result, **verdict_fields(summary)}  # type: ignore[typeddict-item]
+
+
 def collect(
     name: str,
     model: str,
@@ -106,8 +126,7 @@ def collect(
         else None,
         "vanishing_layers_end": len(summary["vanishing_layers_now"]) if summary else 0,
         "num_layers": summary["num_layers"] if summary else 0,
-        "exploding_steps": sum(e["steps"] for e in summary["explosions"]) if summary else 0,
-        "verdict": verdict(summary) if summary else "no gradients recorded",
+        **verdict_fields(summary),  # type: ignore[typeddict-item]
         "model_args": dict(model_args or {}),
         "diagnoses": dict(diagnoses or {}),
         "curves": {

@@ -22,9 +22,10 @@ from stabilize.health.records import jsonable
 from stabilize.study.grid import Budget, Grid, RunSpec, check_runs, data_arguments
 from stabilize.study.recorder import StudyRecorder
 from stabilize.study.report import table, write_report
-from stabilize.study.results import RunResult, collect
+from stabilize.study.results import RunResult, collect, judged_again
 
 RESULT_FILE = "result.json"
+HEALTH_FILE = "gradient_health.json"
 #: The checkpoint a run killed by SIGTERM or Ctrl+C leaves in its folder; the study's rerun continues from it.
 INTERRUPTED = "interrupted.ckpt"
 
@@ -44,6 +45,8 @@ def run_study(
     The runs are those ``runs`` names (names or shell patterns), else those the budget names, else all of them.
 
     A run whose ``result.json`` exists is not trained again, so a killed study restarts at the first unfinished run;
+    its verdict is judged again from its saved ``gradient_health.json`` under the current rules (and saved when it
+    changed), so a rerun after the rules changed reports what a new run would;
     a run stopped by SIGTERM or Ctrl+C continues exactly from the checkpoint it wrote (``<run>/interrupted.ckpt``).
     A run killed without one starts over, its partial TensorBoard logs moved aside to ``tensorboard.abandoned-<n>``;
     a run that fails leaves no folder of its own behind.
@@ -58,8 +61,12 @@ def run_study(
     for number, run in enumerate(grid.runs, start=1):
         saved = out / run.name / RESULT_FILE
         if saved.is_file():
-            result: RunResult = json.loads(saved.read_text())
+            earlier: RunResult = json.loads(saved.read_text())
+            result = judged_again(earlier, out / run.name / HEALTH_FILE)
             echo(f"run {number}/{len(grid.runs)} {run.name}: finished earlier, reusing {saved}")
+            if result["verdict"] != earlier["verdict"]:
+                saved.write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
+                echo(f"  verdict under the current rules: {result['verdict']} (was: {earlier['verdict']})")
         else:
             result = _train_once(
                 out / run.name,
@@ -159,7 +166,7 @@ def _train(
     tested = trainer.test(model, datamodule, verbose=False) if testable else []
     test_acc = tested[0].get("test/acc") if tested else None
     test_loss = tested[0].get("test/loss") if tested else None
-    health.save_json(run_dir / "gradient_health.json")
+    health.save_json(run_dir / HEALTH_FILE)
     model_name = f"{type(model).__module__}.{type(model).__qualname__}"
     train_accuracy = float(train_acc) if train_acc is not None else None
     # The other monitors' own findings (ForwardStatisticsMonitor, SharpnessMonitor), by class.

@@ -397,3 +397,22 @@ def test_compiled_submodules_keep_the_uncompiled_keys(tmp_path: Path) -> None:
     compiled = GradientHealthCallback(log_every_n_steps=1, verbose=False)
     fit(tmp_path / "compiled", compiled_model, 2, [compiled])
     assert set(compiled.history[0]["layers"]) == set(plain.history[0]["layers"])
+
+
+class StillAlternating(Alternating):
+    """Alternating optimizers at an LR that moves nothing: both losses stay where they started."""
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.body.parameters(), lr=1e-9), torch.optim.SGD(self.head.parameters(), lr=1e-9))
+
+
+def test_a_loss_that_never_falls_is_a_stall_but_only_with_one_optimizer(tmp_path: Path) -> None:
+    health = GradientHealthCallback(log_every_n_steps=1, verbose=False)
+    fit(tmp_path, TinyMLP(lr=1e-9), 40, [health])  # 40 records, the weights move by ~1e-9
+    assert only(health)["loss_stall"] is not None
+    assert verdict(only(health)).startswith("loss stalled") and "STALLED" in health.diagnosis()
+    # Two optimizers: each network's loss may hover by design (a GAN's discriminator), so neither is judged.
+    two = GradientHealthCallback(log_every_n_steps=1, verbose=False)
+    fit(tmp_path, StillAlternating(), 80, [two])
+    assert all(summary["loss_stall"] is None for summary in two.summary().values())
+    assert "STALLED" not in two.diagnosis()

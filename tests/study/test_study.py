@@ -57,9 +57,16 @@ def test_two_run_grid_writes_the_report_and_is_not_trained_twice(tiny_cifar: Pat
     assert "stabilize.models.resnet.ResNet" in config and "depth: 8" in config and "zero_init_residual" in config
     assert (out / "resnet" / "tensorboard").is_dir()
 
+    # A rerun trains nothing and judges each run's saved gradient records again under the current rules: a verdict
+    # saved by older rules is replaced (and saved), one that still holds is kept.
+    stale = json.loads((out / "resnet" / "result.json").read_text())
+    (out / "resnet" / "result.json").write_text(json.dumps({**stale, "verdict": "an older rule's verdict"}))
     again: list[str] = []
-    run_study(grid, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=again.append)
-    assert all("finished earlier" in line for line in again[:2])
+    rerun = run_study(grid, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=again.append)
+    assert all("finished earlier" in line for line in [again[0], again[1]])
+    assert again[2] == f"  verdict under the current rules: {results[1]['verdict']} (was: an older rule's verdict)"
+    assert [r["verdict"] for r in rerun] == [r["verdict"] for r in results]
+    assert json.loads((out / "resnet" / "result.json").read_text())["verdict"] == results[1]["verdict"]
 
 
 @pytest.mark.parametrize(

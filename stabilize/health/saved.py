@@ -1,0 +1,34 @@
+"""Judge a saved run again: the summaries of a ``GradientHealthCallback.save_json`` file under the current rules."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from stabilize.health.collapse import judged_collapse
+from stabilize.health.criteria import HealthCriteria
+from stabilize.health.explosions import classify_spikes
+from stabilize.health.records import HealthSummary
+from stabilize.health.stall import loss_stall
+
+
+def judge_saved(saved: Mapping[str, Any], criteria: HealthCriteria | None = None) -> dict[str, HealthSummary]:
+    """Each optimizer's summary of a ``save_json`` payload with the judgements of the current rules: spikes split
+    into explosions and transient spikes (:func:`~stabilize.health.classify_spikes` on the raw events), the
+    gradient collapse and the loss stall, all from the saved records. What the records themselves hold (vanishing
+    layers, depth ratios, dead units, non-finite events) is kept as saved. ``criteria``: those the run used
+    (``HealthCriteria()``, the callback's defaults, when ``None``)."""
+    criteria = criteria or HealthCriteria()
+    summaries: dict[str, HealthSummary] = {}
+    judge_loss = len(saved["summary"]) == 1
+    for name, summary in saved["summary"].items():
+        history = saved["history"][name]
+        explosions, transient = classify_spikes(saved["spikes"][name], history, summary["nonfinite"], criteria)
+        summaries[name] = {  # type: ignore[typeddict-item]  # the saved summary holds the other keys
+            **summary,
+            "explosions": explosions,
+            "transient_spikes": transient,
+            "gradient_collapse": judged_collapse(history, explosions, criteria.collapse_factor),
+            "loss_stall": loss_stall(history) if judge_loss else None,
+        }
+    return summaries
