@@ -177,7 +177,8 @@ class ImageClassifier(TrainingRecipe):
     # ------------------------------------------------------------------------------------------------------ steps
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: Stage) -> Tensor:
         x, y = batch
-        self._nonfinite_input_batches += ~torch.isfinite(x).all()
+        # In place: assigning a buffer goes through Module.__setattr__ every step.
+        self._nonfinite_input_batches.add_(~torch.isfinite(x).all())
         logits = self(x) if stage == "train" else self.evaluation_logits(x)
         smoothing = self.hparams["label_smoothing"] if stage == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)

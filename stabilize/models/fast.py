@@ -228,11 +228,17 @@ class FastCNN(ImageClassifier):
     @override
     @torch.no_grad()
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # One foreach call for every group (a factor per tensor): the per-call cost is what a small net pays.
+        params: list[Tensor] = []
+        factors: list[float] = []
         for group in optimizer.param_groups:
             decay = group.get("decoupled_weight_decay", 0.0)
-            params = [p for p in group["params"] if p.grad is not None]
-            if decay and params:
-                torch._foreach_mul_(params, 1.0 - group["lr"] * decay)
+            if decay:
+                stepped = [p for p in group["params"] if p.grad is not None]
+                params += stepped
+                factors += [1.0 - group["lr"] * decay] * len(stepped)
+        if params:
+            torch._foreach_mul_(params, factors)
 
     def _lookahead_state(self) -> dict[str, Tensor]:
         """The tensors lookahead averages: every floating-point parameter and buffer, by state-dict key."""
