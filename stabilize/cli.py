@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -67,9 +67,18 @@ class StabilizeCLI(LightningCLI):
 
     @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        # Lightning's bar redraws thousands of times into a log file: plain lines there instead.
         listed = config.get("callbacks") or []
-        chosen = [*(listed if isinstance(listed, list) else [listed]), *callbacks]
+        listed = listed if isinstance(listed, list) else [listed]
+        # A flag that turns checkpointing or logging off also turns off the config's callbacks that need them
+        # (Lightning would refuse the combination with a traceback).
+        needs = {"enable_checkpointing": ModelCheckpoint, "logger": LearningRateMonitor}
+        for flag, kind in needs.items():
+            if config.get(flag) is False and any(isinstance(c, kind) for c in listed):
+                listed = [c for c in listed if not isinstance(c, kind)]
+                print(f"stabilize: --trainer.{flag} false: leaving out the config's {kind.__name__}", file=sys.stderr)
+        config["callbacks"] = listed
+        # Lightning's bar redraws thousands of times into a log file: plain lines there instead.
+        chosen = [*listed, *callbacks]
         wants_bar = config.get("enable_progress_bar") is not False
         if wants_bar and not sys.stderr.isatty() and not any(isinstance(c, ProgressBar) for c in chosen):
             callbacks = [*callbacks, LineProgress()]

@@ -476,3 +476,32 @@ def test_a_log_file_gets_plain_lines_not_redraws_nor_tips(tiny_cifar: Path, tmp_
     output = result.stdout + result.stderr
     assert "\r" not in output and "Tip:" not in output and "LeafSpec" not in output
     assert "epoch 0 done  step 10" in result.stderr
+
+
+def test_turning_checkpointing_or_logging_off_drops_the_configs_callbacks_that_need_them(
+    tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    # resnet20's config lists a ModelCheckpoint and a LearningRateMonitor; Lightning refuses either without
+    # checkpointing or a logger.
+    cli = StabilizeCLI(
+        args=[
+            "fit",
+            "--config",
+            str(REPO / "configs" / "resnet20.yaml"),
+            *tiny_data_args(tiny_cifar)[2:],
+            "--model.depth=8",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.logger=false",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    assert cli.trainer.global_step == 1
+    assert not any(isinstance(c, (ModelCheckpoint, LearningRateMonitor)) for c in cli.trainer.callbacks)
+    err = capsys.readouterr().err
+    assert "--trainer.enable_checkpointing false: leaving out the config's ModelCheckpoint" in err
+    assert "--trainer.logger false: leaving out the config's LearningRateMonitor" in err
