@@ -44,7 +44,8 @@ regenerate() {
         --lrs 0.03 0.04 0.06 --steps 500 --every 25
       ;;
     notebook)
-      STABILIZE_CIFAR10_DIR="$DATA" jupyter execute --inplace --timeout=-1 notebooks/vanishing_gradients.ipynb
+      # The kernel runs in notebooks/: a relative data path must not be read from there.
+      STABILIZE_CIFAR10_DIR="$(realpath "$DATA")" jupyter execute --inplace --timeout=-1 notebooks/vanishing_gradients.ipynb
       ;;
     examples)
       mkdir -p docs/results/examples

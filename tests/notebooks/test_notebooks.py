@@ -41,6 +41,7 @@ def test_the_committed_notebook_says_what_its_outputs_show() -> None:
     sigmoid, relu = runs["plain, sigmoid, small init"], runs["plain, relu, He init"]
     batchnorm, resnet = runs["BatchNorm, sigmoid, small init"], runs["ResNet-20"]
     assert sigmoid[2].startswith("vanishing") and sigmoid[1] > 2.25  # vanishing, loss at chance
-    assert relu[2].startswith("healthy") and relu[1] > 2.2  # at chance (ln 10 = 2.303), yet no gradient finding
+    # At chance (ln 10 = 2.303) with no gradient finding: the loss-stall rule names it.
+    assert relu[2].startswith("loss stalled") and relu[1] > 2.2
     assert max(batchnorm[1], resnet[1]) < min(sigmoid[1], relu[1]) and resnet[1] < batchnorm[1]
     assert "/work/" not in "".join(outputs) and "Tip:" not in "".join(outputs)  # no local paths, no promotions
