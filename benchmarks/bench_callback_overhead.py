@@ -13,7 +13,7 @@ CIFAR-sized images, SGD) under Lightning's Trainer:
 - ``lightning_grad_norm`` (the anchor): Lightning's ``grad_norm`` utility plus ``log_dict`` on every step, the
   usual way to watch gradient norms in Lightning;
 - ``sharpness_every_100`` and ``sharpness_every_100_32_examples``: ``SharpnessMonitor(every_n_steps=100)`` on the
-  whole batch and on 32 of its examples: the first measurement (cold, up to 20 power iterations from a random
+  whole batch and on 32 of its examples: the first measurement (cold, up to 20 Hessian-vector products from a random
   vector) and the second (warm-started) in ms and in baseline steps, and what measuring every 100 steps costs a
   long run (``--configs`` picks configurations).
 

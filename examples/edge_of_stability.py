@@ -161,7 +161,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, command: str
             "# The Edge of Stability on this CPU",
             "",
             f"Full-batch gradient descent, fc-tanh (200-200), {args.size:,} CIFAR-10 training images, square loss;"
-            f" sharpness every {args.every} steps ({args.iterations} warm-started power iterations at most)."
+            f" sharpness every {args.every} steps (Lanczos, warm-started, {args.iterations} Hessian-vector products at"
+            " most)."
             f" Machine: {machine}. Date: {date.today().isoformat()}.",
             f"Command: `{command}`.",
             "",

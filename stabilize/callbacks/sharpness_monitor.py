@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -30,27 +30,29 @@ class SharpnessMonitor(Callback):
     silenced, in eval mode: BatchNorm uses its running statistics and dropout is off, so a measurement is reproducible;
     in full precision (outside the Trainer's autocast, so under AMP too). A module may define ``sharpness_loss(batch)``
     to name the loss instead; one that optimizes manually must (its ``training_step`` steps the optimizers), or the
-    monitor refuses to start. Power iteration on Hessian-vector products (double backward), warm-started from the
-    previous eigenvector. Under DDP each process measures on its own first batch; rank zero's value is logged. With Adam
-    or AdamW the monitor measures the *preconditioned* sharpness instead, the largest eigenvalue of ``P^-1 H`` with
-    Adam's ``P = sqrt(v_hat) + eps`` read from the optimizer's state, against its limit ``(2 + 2 beta1) / ((1 - beta1)
-    lr)`` (38 / lr at beta1 = 0.9; Cohen et al. 2022). Other adaptive optimizers (RMSprop, Adagrad) get the plain
-    sharpness without a limit.
+    monitor refuses to start. The Lanczos method (or power iteration) on Hessian-vector products (double backward),
+    warm-started from the previous eigenvector. Under DDP each process measures on its own first batch; rank zero's
+    value is logged. With Adam or AdamW the monitor measures the *preconditioned* sharpness instead, the largest
+    eigenvalue of ``P^-1 H`` with Adam's ``P = sqrt(v_hat) + eps`` read from the optimizer's state, against its limit
+    ``(2 + 2 beta1) / ((1 - beta1) lr)`` (38 / lr at beta1 = 0.9; Cohen et al. 2022). Other adaptive optimizers
+    (RMSprop, Adagrad) get the plain sharpness without a limit.
 
     Args:
         every_n_steps: Optimizer steps between measurements (step 0 included).
-        iterations: Most power iterations per measurement.
-        tolerance: Relative change at which the power iteration stops.
+        iterations: Most Hessian-vector products per measurement.
+        tolerance: Relative change of the estimate between iterations at which a measurement stops.
         examples: Measure on the first this many examples of the batch (``None``: all of it). The cost of a
             measurement is proportional to it: a quarter of a batch of 128 costs a quarter (see
             ``benchmarks/bench_callback_overhead.py``); the sharpness of a smaller sample is noisier and, for small
             samples, larger (Cohen et al. measure on thousands).
         verbose: Print the summary line when ``fit`` ends.
+        method: ``"lanczos"`` (the default: few Hessian-vector products, keeps up to ``iterations + 1`` copies of
+            the parameters) or ``"power"`` (power iteration: two copies, slow when the top eigenvalues are close).
 
     Raises:
-        ConfigurationError: If ``every_n_steps``, ``iterations`` or ``examples`` is not a positive integer or
-            ``tolerance`` is not positive; when ``fit`` starts, for a manually optimized module without
-            ``sharpness_loss``.
+        ConfigurationError: If ``every_n_steps``, ``iterations`` or ``examples`` is not a positive integer,
+            ``tolerance`` is not positive or ``method`` unknown; when ``fit`` starts, for a manually optimized module
+            without ``sharpness_loss``.
 
     Example::
 
@@ -75,8 +77,12 @@ class SharpnessMonitor(Callback):
         tolerance: float = 1e-3,
         examples: int | None = None,
         verbose: bool = True,
+        method: Literal["lanczos", "power"] = "lanczos",
     ) -> None:
         super().__init__()
+        if method not in ("lanczos", "power"):
+            raise ConfigurationError(f"method must be 'lanczos' or 'power', got {method!r}.")
+        self.method = method
         check_integers(1, every_n_steps=every_n_steps, iterations=iterations)
         if examples is not None:
             check_integers(1, examples=examples)
@@ -138,6 +144,7 @@ class SharpnessMonitor(Callback):
                     self.tolerance,
                     start=self._vector,
                     preconditioner=preconditioner,
+                    method=self.method,
                 )
         finally:
             pl_module.train(was_training)

@@ -24,11 +24,35 @@ def test_a_quadratic_gives_its_largest_eigenvalue() -> None:
     matrix = q @ torch.diag(torch.tensor([10.0, 3.0, 1.0, 0.5], dtype=torch.float64)) @ q.T
     x = torch.randn(4, dtype=torch.float64, requires_grad=True)
     found = top_eigenvalue(lambda: 0.5 * x @ matrix @ x, [x], iterations=200, tolerance=1e-10)
-    # Power iteration converges as (3/10)^k: to 1e-10 in ~20 iterations; the value then is exact to ~1e-12.
+    # Four dimensions: the Lanczos basis spans the space in at most four products, the value then exact to ~1e-12.
     assert found.converged and found.value == pytest.approx(10.0, rel=1e-9)
     assert abs(float(found.vector[0] @ q[:, 0])) == pytest.approx(1.0, rel=1e-6)
     warm = top_eigenvalue(lambda: 0.5 * x @ matrix @ x, [x], iterations=200, tolerance=1e-10, start=found.vector)
     assert warm.iterations <= 2  # started at the eigenvector
+
+
+def test_lanczos_needs_few_products_where_power_iteration_crawls() -> None:
+    # 0.5 x^T A x in 60 dimensions, top eigenvalues 10 and 9.8: power iteration gains a factor 0.98 per product,
+    # Lanczos builds the Krylov space and separates them within a couple of dozen products.
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64, generator=generator))
+    spectrum = torch.cat([torch.tensor([10.0, 9.8], dtype=torch.float64), 5 * torch.rand(58, generator=generator)])
+    matrix = q @ torch.diag(spectrum.to(torch.float64)) @ q.T
+    x = torch.randn(60, dtype=torch.float64, requires_grad=True)
+
+    def measure(method: str, iterations: int):
+        start = [torch.randn(60, dtype=torch.float64, generator=torch.Generator().manual_seed(1))]
+        quadratic = lambda: 0.5 * x @ matrix @ x  # noqa: E731
+        return top_eigenvalue(quadratic, [x], iterations, tolerance=1e-10, start=start, method=method)
+
+    lanczos, power = measure("lanczos", 40), measure("power", 40)
+    # float64 throughout: Lanczos's Ritz value reaches the top eigenvalue to ~1e-12 once it converged.
+    assert lanczos.converged and lanczos.iterations <= 30 and lanczos.value == pytest.approx(10.0, rel=1e-9)
+    assert abs(float(lanczos.vector[0] @ q[:, 0])) == pytest.approx(1.0, rel=1e-6)
+    # Power iteration after as many products is still far off (its Rayleigh quotient approaches from below).
+    assert not power.converged and power.value < 10.0 - 1e-3
+    with pytest.raises(ValueError, match="method"):
+        measure("arnoldi", 5)
 
 
 def dense_hessian(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
