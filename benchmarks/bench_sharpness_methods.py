@@ -27,10 +27,13 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-steps", type=int, default=30)
-    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--products", type=int, nargs="+", default=[3, 5, 8, 12, 20])
+    parser.add_argument("--reference-products", type=int, default=80)
+    parser.add_argument("--smoke", action="store_true", help="ResNet-8 on 8 images, a few products: checks it runs")
     args = parser.parse_args()
     if args.smoke:
-        args.depth, args.batch_size, args.train_steps = 8, 16, 3
+        args.depth, args.batch_size, args.train_steps = 8, 8, 3
+        args.products, args.reference_products = [3, 5], 20
     torch.manual_seed(0)
     model = ResNet(depth=args.depth)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -56,11 +59,11 @@ def main() -> None:
         )
 
     train(args.train_steps)
-    reference = measure("lanczos", 80, 1e-7)
+    reference = measure("lanczos", args.reference_products, 1e-7)
     figures: dict = {"reference": reference.value, "reference_products": reference.iterations, "by_products": {}}
     print(f"ResNet-{args.depth}, batch {args.batch_size}, {args.train_steps} steps from init, eval mode")
     print(f"reference (Lanczos to a residual bound of 1e-7): {reference.value:.6g} in {reference.iterations} products")
-    for products in (3, 5, 8, 12, 20):
+    for products in args.products:
         row = {m: measure(m, products, 1e-12).value for m in ("lanczos", "power")}
         figures["by_products"][products] = {m: v / reference.value - 1 for m, v in row.items()}
         print(
@@ -69,7 +72,7 @@ def main() -> None:
         )
     cold = {m: measure(m, 20, 1e-3) for m in ("lanczos", "power")}
     train(1)
-    again = measure("lanczos", 80, 1e-7)
+    again = measure("lanczos", args.reference_products, 1e-7)
     warm = {m: measure(m, 20, 1e-3, start=reference.vector) for m in ("lanczos", "power")}
     for name, runs, truth in (("cold", cold, reference.value), ("warm", warm, again.value)):
         for method, found in runs.items():

@@ -119,7 +119,7 @@ def test_pathology_zoo_smoke_cases_get_their_labels(tmp_path: Path) -> None:
 
 def test_bench_sharpness_methods(tmp_path: Path) -> None:
     figures = json.loads(run_smoke("bench_sharpness_methods.py", tmp_path)[-1])
-    assert set(figures["by_products"]) == {"3", "5", "8", "12", "20"}
+    assert set(figures["by_products"]) == {"3", "5"}
     assert {"cold_lanczos", "cold_power", "warm_lanczos", "warm_power"} <= set(figures)
     assert figures["reference"] > 0 and 1 <= figures["warm_lanczos"]["products"] <= 20
 

@@ -308,26 +308,33 @@ from lightning.pytorch import Trainer, seed_everything
 from stabilize.callbacks import SharpnessMonitor
 from tests.callbacks.helpers import TinyMLP
 
-devices, out = int(sys.argv[1]), sys.argv[2]
+out = sys.argv[1]
 seed_everything(0)
-monitor = SharpnessMonitor(every_n_steps=2, iterations=500, tolerance=1e-7, verbose=False)
-trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=5,
-                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  use_distributed_sampler=False, callbacks=[monitor])
+monitor = SharpnessMonitor(**SETTINGS)
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=5, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                  callbacks=[monitor])
 trainer.fit(TinyMLP(lr=0.1, momentum=0.9))  # every rank loads the same batches (no distributed sampler)
 json.dump(monitor.history, open(f"{out}_rank{trainer.global_rank}.json", "w"))
 """
+DDP_SETTINGS = {"every_n_steps": 2, "iterations": 500, "tolerance": 1e-7, "verbose": False}
 
 
 def test_under_ddp_every_rank_measures_what_one_process_measures(tmp_path: Path) -> None:
+    from lightning.pytorch import seed_everything
+
     from tests.helpers.commands import python_script
 
     script = tmp_path / "ddp_sharpness.py"
-    script.write_text(DDP_SCRIPT)
-    for devices in (1, 2):
-        python_script(script, str(devices), str(tmp_path / f"devices{devices}"), cwd=tmp_path)
-    single = json.loads((tmp_path / "devices1_rank0.json").read_text())
-    ranks = [json.loads((tmp_path / f"devices2_rank{rank}.json").read_text()) for rank in (0, 1)]
+    script.write_text(DDP_SCRIPT.replace("**SETTINGS", f"**{DDP_SETTINGS!r}"))
+    python_script(script, str(tmp_path / "ddp"), cwd=tmp_path)
+    ranks = [json.loads((tmp_path / f"ddp_rank{rank}.json").read_text()) for rank in (0, 1)]
+    seed_everything(0)
+    one = SharpnessMonitor(**DDP_SETTINGS)  # the same run in this process, on one device
+    quiet_trainer(tmp_path, max_steps=5, callbacks=[one], use_distributed_sampler=False).fit(
+        TinyMLP(lr=0.1, momentum=0.9)
+    )
+    single = [list(item) for item in one.history]
     # With the same batches on both ranks DDP's averaged gradient is each rank's own, so the weights, the fixed
     # batch and hence the sharpness are the single process's; converged to a relative change of 1e-7, the values
     # agree to far better than 1e-4.
