@@ -16,14 +16,19 @@ def judge_saved(saved: Mapping[str, Any], criteria: HealthCriteria | None = None
     """Each optimizer's summary of a ``save_json`` payload with the judgements of the current rules: spikes split
     into explosions and transient spikes (:func:`~stabilize.health.classify_spikes` on the raw events), the
     gradient collapse and the loss stall, all from the saved records. What the records themselves hold (vanishing
-    layers, depth ratios, dead units, non-finite events) is kept as saved. ``criteria``: those the run used
+    layers, depth ratios, dead units, non-finite events) is kept as saved, and so is the split of spikes in a file
+    written before ``save_json`` kept the raw events. ``criteria``: those the run used
     (``HealthCriteria()``, the callback's defaults, when ``None``)."""
     criteria = criteria or HealthCriteria()
     summaries: dict[str, HealthSummary] = {}
     judge_loss = len(saved["summary"]) == 1
     for name, summary in saved["summary"].items():
         history = saved["history"][name]
-        explosions, transient = classify_spikes(saved["spikes"][name], history, summary["nonfinite"], criteria)
+        spikes = saved.get("spikes", {}).get(name)
+        if spikes is None:  # written before save_json kept the raw events: the saved split stands
+            explosions, transient = summary["explosions"], summary["transient_spikes"]
+        else:
+            explosions, transient = classify_spikes(spikes, history, summary["nonfinite"], criteria)
         summaries[name] = {  # type: ignore[typeddict-item]  # the saved summary holds the other keys
             **summary,
             "explosions": explosions,
