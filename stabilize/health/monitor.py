@@ -26,10 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stabilize.health.collapse import judged_collapse
 from stabilize.health.counters import DeviceCounters
 from stabilize.health.criteria import DEAD_UNITS_FRACTION, HealthCriteria
-from stabilize.health.explosions import classify_spikes
+from stabilize.health.judgements import judgements
 from stabilize.health.layers import LayerIndex
 from stabilize.health.records import (
     HealthSummary,
@@ -38,7 +37,6 @@ from stabilize.health.records import (
     StepRecord,
 )
 from stabilize.health.spike_counting import StepChunk, count_chunk
-from stabilize.health.stall import loss_stall
 
 #: Steps counted together on the device (see :mod:`stabilize.health.spike_counting`); a logging step or any read of
 #: the counters counts the steps gathered so far.
@@ -360,7 +358,7 @@ class GradientMonitor:
         whole, so a flat one says nothing."""
         last = self.history[-1] if self.history else None
         worst, temporal, last_temporal = self.worst_depth_ratio, self.worst_temporal_ratio, self.last_temporal_ratio
-        explosions, transient = classify_spikes(self.spikes, self.history, self.nonfinite, self.criteria)
+        judged = judgements(self.history, self.spikes, self.nonfinite, self.criteria, judge_loss)
         return {
             "steps": self.steps,
             "logged_steps": len(self.history),
@@ -368,8 +366,6 @@ class GradientMonitor:
                 name: self.vanishing_since[name] for name in (last["vanishing_layers"] if last else [])
             },
             "ever_vanished": dict(self.first_vanished),
-            "explosions": explosions,
-            "transient_spikes": transient,
             "nonfinite": list(self.nonfinite),
             "skipped_steps": list(self.skipped_steps),
             "amp_skipped_steps": self.amp_skipped,
@@ -380,8 +376,7 @@ class GradientMonitor:
             else {"ratio": last_temporal[0], "step": last_temporal[1]},
             "last_global_norm": last["global_norm"] if last else None,
             "num_layers": len(self.layers.names) if self.layers is not None else len(last["layers"] if last else {}),
-            "gradient_collapse": judged_collapse(self.history, explosions, self.criteria.collapse_factor),
-            "loss_stall": loss_stall(self.history) if judge_loss else None,
+            **judged,
             "dead_units": {name: f for name, f in self.dead_units.items() if f >= DEAD_UNITS_FRACTION},
             "shared_parameters": dict(self.shared_parameters),
             "never_gradient_layers": self._layers_without(self.gradient_layers) if self.steps else [],

@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from stabilize.health.collapse import judged_collapse
 from stabilize.health.criteria import HealthCriteria
-from stabilize.health.explosions import classify_spikes
+from stabilize.health.judgements import judgements
 from stabilize.health.records import HealthSummary
-from stabilize.health.stall import loss_stall
 
 
 def judge_saved(saved: Mapping[str, Any], criteria: HealthCriteria | None = None) -> dict[str, HealthSummary]:
@@ -25,15 +23,8 @@ def judge_saved(saved: Mapping[str, Any], criteria: HealthCriteria | None = None
     for name, summary in saved["summary"].items():
         history = saved["history"][name]
         spikes = saved.get("spikes", {}).get(name)
-        if spikes is None:  # written before save_json kept the raw events: the saved split stands
-            explosions, transient = summary["explosions"], summary["transient_spikes"]
-        else:
-            explosions, transient = classify_spikes(spikes, history, summary["nonfinite"], criteria)
-        summaries[name] = {  # type: ignore[typeddict-item]  # the saved summary holds the other keys
-            **summary,
-            "explosions": explosions,
-            "transient_spikes": transient,
-            "gradient_collapse": judged_collapse(history, explosions, criteria.collapse_factor),
-            "loss_stall": loss_stall(history) if judge_loss else None,
-        }
+        # A file written before save_json kept the raw events: its saved split of spikes stands.
+        split = None if spikes is not None else (summary["explosions"], summary["transient_spikes"])
+        judged = judgements(history, spikes or [], summary["nonfinite"], criteria, judge_loss, split)
+        summaries[name] = {**summary, **judged}  # type: ignore[typeddict-item]  # the saved summary has the rest
     return summaries
