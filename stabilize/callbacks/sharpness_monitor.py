@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from stabilize.errors import ConfigurationError, check_integers
-from stabilize.health.sharpness import adam_preconditioner, stability_limit, top_eigenvalue
+from stabilize.health.sharpness import METHODS, adam_preconditioner, stability_limit, top_eigenvalue
 
 #: Sharpness over its stability limit from which the learning rate, not the data, bounds the curvature: gradient
 #: descent's sharpness hovers just below or around 1 at the Edge of Stability (Cohen et al. 2021, Fig. 1: within ~10%).
@@ -40,7 +40,8 @@ class SharpnessMonitor(Callback):
     Args:
         every_n_steps: Optimizer steps between measurements (step 0 included).
         iterations: Most Hessian-vector products per measurement.
-        tolerance: Relative change of the estimate between iterations at which a measurement stops.
+        tolerance: Where a measurement stops: Lanczos once its residual bound puts the estimate within this fraction
+            of the eigenvalue, power iteration once the estimate changes by less than this fraction.
         examples: Measure on the first this many examples of the batch (``None``: all of it). The cost of a
             measurement is proportional to it: a quarter of a batch of 128 costs a quarter (see
             ``benchmarks/bench_callback_overhead.py``); the sharpness of a smaller sample is noisier and, for small
@@ -80,8 +81,8 @@ class SharpnessMonitor(Callback):
         method: Literal["lanczos", "power"] = "lanczos",
     ) -> None:
         super().__init__()
-        if method not in ("lanczos", "power"):
-            raise ConfigurationError(f"method must be 'lanczos' or 'power', got {method!r}.")
+        if method not in METHODS:
+            raise ConfigurationError(f"method must be one of {METHODS}, got {method!r}.")
         self.method = method
         check_integers(1, every_n_steps=every_n_steps, iterations=iterations)
         if examples is not None:

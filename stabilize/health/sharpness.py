@@ -25,11 +25,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+#: The methods of :func:`top_eigenvalue`.
+METHODS = ("lanczos", "power")
+
 
 @dataclass(frozen=True)
 class Sharpness:
     """One measurement: the eigenvalue of largest magnitude, its unit eigenvector (one tensor per parameter), the
-    Hessian-vector products it took and whether the relative change fell below the tolerance."""
+    Hessian-vector products it took and whether it met the tolerance before the cap on iterations."""
 
     value: float
     vector: list[Tensor]
@@ -83,8 +86,8 @@ def top_eigenvalue(
     """
     if iterations < 1 or not tolerance > 0:
         raise ValueError(f"iterations must be positive and tolerance positive, got {iterations}, {tolerance}.")
-    if method not in ("lanczos", "power"):
-        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}.")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     everything = list(params)
     all_gradients = torch.autograd.grad(loss(), everything, create_graph=True, allow_unused=True)
     # Parameters the loss does not use (the generator, for a discriminator's loss) have zero Hessian rows: left out
