@@ -13,6 +13,7 @@ import torch
 
 from stabilize.health.records import jsonable
 from stabilize.study import plots
+from stabilize.study.comparisons import one_argument_tables
 from stabilize.study.grid import Budget, Grid
 from stabilize.study.results import COLUMNS, EXTRA_COLUMNS, LOSS_COLUMNS, RunResult, cell
 
@@ -92,6 +93,7 @@ def write_report(
         " spikes included. results.csv adds train accuracy, test loss, best epoch, steps and the median and largest"
         " gradient norm.",
         "",
+        *one_argument_tables(results),
         *_diagnoses(results),
         "![learning curves](curves.png)",
         "",
