@@ -12,10 +12,11 @@ CIFAR-sized images, SGD) under Lightning's Trainer:
   really are drawn every 10 and 20 steps: its self-time by kind of step shows what each costs;
 - ``lightning_grad_norm`` (the anchor): Lightning's ``grad_norm`` utility plus ``log_dict`` on every step, the
   usual way to watch gradient norms in Lightning;
-- ``sharpness_every_100`` and ``sharpness_every_100_32_examples``: ``SharpnessMonitor(every_n_steps=100)`` on the
-  whole batch and on 32 of its examples: the first measurement (cold, up to 20 Hessian-vector products from a random
-  vector) and the second (warm-started) in ms and in baseline steps, and what measuring every 100 steps costs a
-  long run (``--configs`` picks configurations).
+- ``sharpness_every_100``: ``SharpnessMonitor(every_n_steps=100)`` at its defaults (the whole batch of 128, Lanczos
+  to a residual bound of 1%); ``..._64_examples`` and ``..._32_examples``: on that many of the batch's examples;
+  ``..._tolerance_1e-3``: the whole batch to 0.1%. For each: the first measurement (cold, from a random vector) and
+  the second (warm-started from the first's eigenvector) in ms and in baseline steps, and what measuring every 100
+  steps costs a long run (``--configs`` picks configurations).
 
 Each round runs every configuration once (``--steps`` optimizer steps each), interleaved, so drifts of this
 machine's speed hit all of them alike. A step's time is measured from ``on_train_batch_start`` to
@@ -139,9 +140,16 @@ CONFIGS = {
     # SharpnessMonitor measures at steps 0 (cold: a random start vector) and 100 (warm-started from step 0's
     # eigenvector); its cost is those two measurements, reported on their own below.
     "sharpness_every_100": lambda: [SharpnessMonitor(every_n_steps=100, verbose=False)],
+    "sharpness_every_100_64_examples": lambda: [SharpnessMonitor(every_n_steps=100, examples=64, verbose=False)],
     "sharpness_every_100_32_examples": lambda: [SharpnessMonitor(every_n_steps=100, examples=32, verbose=False)],
+    "sharpness_every_100_tolerance_1e-3": lambda: [SharpnessMonitor(every_n_steps=100, tolerance=1e-3, verbose=False)],
 }
-SHARPNESS_CONFIGS = ("sharpness_every_100", "sharpness_every_100_32_examples")
+SHARPNESS_CONFIGS = (
+    "sharpness_every_100",
+    "sharpness_every_100_64_examples",
+    "sharpness_every_100_32_examples",
+    "sharpness_every_100_tolerance_1e-3",
+)
 
 
 def run_once(

@@ -80,7 +80,10 @@ def cifar_subset(data_dir: str | None, size: int, smoke: bool) -> TensorDataset:
 def run_one(lr: float, data: TensorDataset, args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed, verbose=False)
     model = FullyConnectedTanh(lr)
-    sharpness = SharpnessMonitor(every_n_steps=args.every, iterations=args.iterations, verbose=False)
+    # To 0.1% (the monitor's default is 1%), as the paper's figure; on the whole batch (the default too).
+    sharpness = SharpnessMonitor(
+        every_n_steps=args.every, iterations=args.iterations, tolerance=1e-3, examples=None, verbose=False
+    )
     health = GradientHealthCallback(log_every_n_steps=args.every, verbose=False)
     trainer = Trainer(
         accelerator="cpu",
@@ -161,8 +164,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, command: str
             "# The Edge of Stability on this CPU",
             "",
             f"Full-batch gradient descent, fc-tanh (200-200), {args.size:,} CIFAR-10 training images, square loss;"
-            f" sharpness every {args.every} steps (Lanczos, warm-started, {args.iterations} Hessian-vector products at"
-            " most)."
+            f" sharpness every {args.every} steps (Lanczos, warm-started, to a residual bound of 0.1%,"
+            f" {args.iterations} Hessian-vector products at most)."
             f" Machine: {machine}. Date: {date.today().isoformat()}.",
             f"Command: `{command}`.",
             "",

@@ -120,8 +120,23 @@ def test_pathology_zoo_smoke_cases_get_their_labels(tmp_path: Path) -> None:
 def test_bench_sharpness_methods(tmp_path: Path) -> None:
     figures = json.loads(run_smoke("bench_sharpness_methods.py", tmp_path)[-1])
     assert set(figures["by_products"]) == {"3", "5"}
-    assert {"cold_lanczos", "cold_power", "warm_lanczos", "warm_power"} <= set(figures)
+    assert {
+        "cold_lanczos",
+        "cold_power",
+        "warm_lanczos",
+        "warm_power",
+        "cold_lanczos_1e-2",
+        "warm_lanczos_1e-2",
+    } <= set(figures)
     assert figures["reference"] > 0 and 1 <= figures["warm_lanczos"]["products"] <= 20
+
+
+def test_bench_sharpness_sample(tmp_path: Path) -> None:
+    rows = json.loads(run_smoke("bench_sharpness_sample.py", tmp_path)[-1])
+    assert [row["step"] for row in rows] == [2, 4]
+    # The smoke run divides the sizes 32, 64, 128, 512 by 16.
+    assert all(list(row["by_size"]) == ["2", "4", "8", "32"] and len(row["other_batches"]) == 3 for row in rows)
+    assert all(value > 0 for row in rows for value in [*row["by_size"].values(), *row["other_batches"]])
 
 
 def test_bench_monitor_step(tmp_path: Path) -> None:

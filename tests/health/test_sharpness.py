@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from stabilize.callbacks import SharpnessMonitor
+from stabilize.callbacks.sharpness_monitor import _detached
 from stabilize.errors import ConfigurationError
 from stabilize.health.sharpness import adam_preconditioner, stability_limit, top_eigenvalue
 from tests.callbacks.helpers import TinyMLP
@@ -190,6 +191,10 @@ def test_the_measurement_batch_can_be_a_few_examples(tmp_path: Path) -> None:
     quiet_trainer(tmp_path, max_steps=3, callbacks=[monitor]).fit(TinyMLP(batch_size=8))
     x, y = monitor._batch
     assert x.shape[0] == 3 and y.shape[0] == 3 and len(monitor.history) == 2
+    assert SharpnessMonitor().examples is None  # by default the whole batch: smaller samples read high
+    kept = _detached({"x": torch.zeros(100, 2), "y": torch.zeros(100), "n": 5}, 64)
+    assert kept["x"].shape == (64, 2) and kept["y"].shape == (64,) and kept["n"] == 5
+    assert _detached(torch.zeros(10, 2), 64).shape == (10, 2)
     with pytest.raises(ConfigurationError, match="examples"):
         SharpnessMonitor(examples=0)
 
