@@ -195,8 +195,8 @@ class ImageClassifier(TrainingRecipe):
 
     def _smoothed_targets(self, y: Tensor, logits: Tensor) -> Tensor:
         """The label-smoothed target rows of ``y``, looked up in a table kept per device and dtype: ``label_smoothing=``
-        builds them from several ops at every step, twice the loss's cost on a small batch (73 against 153 us
-        forward and backward for 16 images, 10 classes, this CPU); the gradient is the same to rounding."""
+        builds them from several ops at every step, about twice the loss's cost forward and backward on a small batch
+        (16 images, 10 classes: docs/guide/benchmarks.md, host overhead); the gradient is the same to rounding."""
         # float32 at least: under autocast the loss runs in float32, and bf16 would round 0.82 to 0.8203.
         dtype = torch.promote_types(logits.dtype, torch.float32)
         table = self._smoothing_table
