@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import nn
 
+from stabilize.errors import DataTypeError
 from stabilize.models import FastCNN, ImageClassifier, ResNet
 from stabilize.models.base import cosine_with_warmup
 from tests.helpers.data import SyntheticImages
@@ -184,6 +185,24 @@ def test_nonfinite_inputs_are_caught_at_the_next_logging_step(tmp_path: Path) ->
         trainer.fit(model, data)
     # Checked on logging steps only: the batch at index 3 is reported when batch 4 (the 5th) ends.
     assert trainer.global_step == 5
+
+
+@pytest.mark.parametrize(("pixel", "counted"), [(math.nan, 1), (math.inf, 1), (-math.inf, 1), (3e38, 0), (0.5, 0)])
+def test_the_nonfinite_input_count_sees_nan_and_both_infinities_only(pixel: float, counted: int) -> None:
+    model = ResNet(depth=8)
+    images = torch.full((4, 3, 32, 32), 3e38)  # finite, and their sum would overflow: must not count
+    images[2, 1, 5, 7] = pixel
+    model.training_step((images, torch.zeros(4, dtype=torch.long)), 0)
+    assert int(model._nonfinite_input_batches) == counted
+
+
+def test_the_weight_dtype_check_follows_conversions() -> None:
+    model = ResNet(depth=8)
+    model.check_input(torch.zeros(2, 3, 32, 32))  # caches float32
+    model.double()
+    with pytest.raises(DataTypeError, match=r"holds torch\.float64 weights"):
+        model.check_input(torch.zeros(2, 3, 32, 32))
+    model.check_input(torch.zeros(2, 3, 32, 32, dtype=torch.float64))
 
 
 def test_user_subclass_supplies_only_its_network(tmp_path: Path) -> None:
