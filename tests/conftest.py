@@ -8,9 +8,11 @@ import torch
 
 from tests.helpers.cifar import make_tiny_cifar
 
-# Under pytest-xdist each worker gets one core; more threads would only fight over the two cores.
+# Under pytest-xdist each worker gets one core; more threads would only fight over the two cores. The processes the
+# tests start (benchmark smoke runs, DDP scripts, the notebook's kernel, the console script) inherit the variable.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
