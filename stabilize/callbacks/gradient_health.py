@@ -23,6 +23,7 @@ from stabilize.errors import ConfigurationError
 from stabilize.health import GradientMonitor, HealthCriteria, HealthSummary, LayerIndex, StepRecord, flow_figure
 from stabilize.health.activations import ActivationProbe
 from stabilize.health.diagnosis import report
+from stabilize.health.judgements import judges_loss
 from stabilize.health.layers import ForwardOrder
 from stabilize.health.monitor import Observation
 from stabilize.health.records import jsonable, record_metrics
@@ -443,7 +444,7 @@ class GradientHealthCallback(Callback):
     # --------------------------------------------------------------------------------------------------- results
     def summary(self) -> dict[str, HealthSummary]:
         """Everything the diagnosis says, as a dict (one entry per optimizer, keyed by its name: see the key table)."""
-        judge_loss = len(self._monitors) == 1
+        judge_loss = judges_loss(len(self._monitors))
         return {self._name(index): monitor.summary(judge_loss) for index, monitor in sorted(self._monitors.items())}
 
     def _name(self, index: int) -> str:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from stabilize.health.judgements import judges_loss
 from stabilize.health.records import ExplosionEvent, HealthSummary, SpikeEvent, StepRecord
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ def report(
             title += f", partial: fit stopped by {stopped}"
         lines.append(f"{title} after {monitor.steps} optimizer steps (details every {every}):")
         last = monitor.history[-1] if monitor.history else None
-        summary = monitor.summary(judge_loss=len(monitors) == 1)
+        summary = monitor.summary(judge_loss=judges_loss(len(monitors)))
         lines += diagnosis_lines(summary, last, traits, network_hints(hints, monitor.prefix))
     return "\n".join(lines)
 

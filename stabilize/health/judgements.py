@@ -28,6 +28,13 @@ class Judgements(TypedDict):
     loss_stall: LossStall | None
 
 
+def judges_loss(optimizers: int) -> bool:
+    """Whether the loss-stall rule judges a run with this many optimizers: one only. The losses of adversarial
+    training (a GAN's generator and discriminator, one optimizer each) hover by design, so a flat loss says nothing
+    there."""
+    return optimizers == 1
+
+
 def judgements(
     history: Sequence[StepRecord],
     spikes: Sequence[SpikeEvent],

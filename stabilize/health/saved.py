@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from stabilize.health.criteria import HealthCriteria
-from stabilize.health.judgements import judgements
+from stabilize.health.judgements import judgements, judges_loss
 from stabilize.health.records import HealthSummary
 
 
@@ -19,7 +19,7 @@ def judge_saved(saved: Mapping[str, Any], criteria: HealthCriteria | None = None
     (``HealthCriteria()``, the callback's defaults, when ``None``)."""
     criteria = criteria or HealthCriteria()
     summaries: dict[str, HealthSummary] = {}
-    judge_loss = len(saved["summary"]) == 1
+    judge_loss = judges_loss(len(saved["summary"]))
     for name, summary in saved["summary"].items():
         history = saved["history"][name]
         spikes = saved.get("spikes", {}).get(name)
