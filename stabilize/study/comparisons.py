@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from stabilize.study.results import RunResult
+from stabilize.study.results import RunResult, cell
 
 #: The headline scores, in order of preference: (result key, header, higher is better, format).
 SCORES = (
@@ -57,20 +57,20 @@ def one_argument_tables(results: Sequence[RunResult]) -> list[str]:
     lines: list[str] = []
     for name in varied:
         others = [other for other in varied if other != name]
-        rows: dict[tuple[str, ...], dict[str, RunResult]] = {}
+        # A row per setting of every other argument; labelled by the other arguments the grid varies.
+        rows: dict[str, tuple[list[str], dict[str, RunResult]]] = {}
         for args, result in zip(arguments, results):
             fixed = json.dumps({k: v for k, v in args.items() if k != name}, sort_keys=True, default=str)
-            label = tuple(_shown(args.get(other, DEFAULT)) for other in others)
-            rows.setdefault((fixed, *label), {})[_shown(args.get(name, DEFAULT))] = result
-        shown_rows = [(row[1:], cells) for row, cells in rows.items() if len(cells) > 1]
+            label = [_shown(args.get(other, DEFAULT)) for other in others]
+            rows.setdefault(fixed, (label, {}))[1][_shown(args.get(name, DEFAULT))] = result
+        shown_rows = [(label, cells) for label, cells in rows.values() if len(cells) > 1]
         if not shown_rows:
             continue
         lines += [f"**{name}**", "", "| " + " | ".join([*others, *values[name]]) + " |"]
         lines.append("|" + "---|" * len(others) + "---:|" * len(values[name]))
         for label, cells in shown_rows:
-            scores = {value: run[key] for value, run in cells.items()}  # type: ignore[literal-required]
-            finite = [score for score in scores.values() if math.isfinite(score)]
-            printed = {value: form.format(score) if math.isfinite(score) else "n/a" for value, score in scores.items()}
+            finite = [run[key] for run in cells.values() if math.isfinite(run[key])]  # type: ignore[literal-required]
+            printed = {value: cell(run, key, form) for value, run in cells.items()}  # "n/a" where not finite
             # Ties as printed are all bold (none when the whole row ties: there is nothing to choose).
             best = form.format((max if higher else min)(finite)) if finite else None
             ties = len(set(printed.values())) == 1
