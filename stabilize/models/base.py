@@ -99,7 +99,6 @@ class ImageClassifier(TrainingRecipe):
         self.register_buffer("_nonfinite_input_batches", torch.zeros((), dtype=torch.long), persistent=False)
         self._compiled_network: Any = None
         self._smoothing_table: Tensor | None = None
-        self._weight_dtype: torch.dtype | None = None
 
     def build_network(self) -> nn.Module:
         """Return the network mapping images ``(N, C, H, W)`` to logits ``(N, num_classes)``.
@@ -133,11 +132,7 @@ class ImageClassifier(TrainingRecipe):
                 f"{name} expects floating-point images, got dtype {x.dtype}. Convert and normalize first, e.g."
                 " x.float() / 255 followed by per-channel normalization (CIFAR10DataModule does this)."
             )
-        weight_dtype = self._weight_dtype
-        if weight_dtype is None:
-            # Walking the module for its first parameter is the costliest line here: done once, and again after
-            # .to()/.double()/.half() (_apply below).
-            weight_dtype = self._weight_dtype = next(self.network.parameters()).dtype
+        weight_dtype = next(self.network.parameters()).dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
             raise DataTypeError(
                 f"{name} holds {weight_dtype} weights but got {x.dtype} images. Convert the input"
@@ -152,11 +147,6 @@ class ImageClassifier(TrainingRecipe):
         size = self.expected_image_size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             raise DataError(f"{name} expects {size}x{size} images; got shape {tuple(x.shape)}.")
-
-    @override
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        self._weight_dtype = None  # a conversion may change the weights' dtype
-        return super()._apply(fn, *args, **kwargs)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
