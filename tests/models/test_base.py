@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from stabilize.errors import DataTypeError
@@ -60,17 +61,20 @@ def test_every_optimizer_and_schedule_builds_and_steps(optimizer: str, scheduler
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
-def test_the_optimizers_use_foreach_and_step_exactly_as_per_parameter_loops(optimizer: str) -> None:
-    # foreach runs the same operations per tensor as the per-parameter loop, only batched: the weights after some
-    # steps are bitwise equal (on the CPU, where PyTorch would otherwise pick the loop).
+def test_the_optimizers_batch_their_steps_and_step_exactly_as_per_parameter_loops(optimizer: str) -> None:
+    # foreach runs the same operations per tensor as the per-parameter loop, only batched, and CPU-fused SGD the same
+    # arithmetic in one kernel: the weights after some steps are bitwise equal (on the CPU, where PyTorch would
+    # otherwise pick the loop). Adam's fused kernel rounds differently, so Adam and AdamW stay foreach.
     torch.manual_seed(0)
     models = [ResNet(depth=8, optimizer=optimizer, lr=0.01, weight_decay=1e-3, scheduler="constant") for _ in "ab"]
     models[1].load_state_dict(models[0].state_dict())
     grouped = models[0].configure_optimizers()
     accepted = inspect.signature(type(grouped)).parameters  # AdamW's defaults hold a key its constructor refuses
     settings = {key: value for key, value in grouped.defaults.items() if key in accepted}
-    looped = type(grouped)(models[1].parameter_groups(), **{**settings, "foreach": False})
-    assert grouped.defaults["foreach"] is True
+    unbatched = {key: False for key in ("foreach", "fused") if key in accepted}  # RMSprop has no fused kernel
+    looped = type(grouped)(models[1].parameter_groups(), **{**settings, **unbatched})
+    batched = "fused" if optimizer == "sgd" else "foreach"
+    assert grouped.defaults[batched] is True
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     for _ in range(3):
         for model, optimizer_ in zip(models, (grouped, looped)):
@@ -78,6 +82,17 @@ def test_the_optimizers_use_foreach_and_step_exactly_as_per_parameter_loops(opti
             nn.functional.cross_entropy(model(images), labels).backward()
             optimizer_.step()
     assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
+@pytest.mark.parametrize("fp16_amp", [False, True])
+def test_sgd_runs_fused_except_under_a_grad_scaler_where_lightning_must_still_clip(fp16_amp: bool, tmp_path) -> None:
+    # Lightning turns precision="16-mixed" into bf16 on CPU; the plugin with a CPU GradScaler keeps real fp16 AMP.
+    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if fp16_amp else []
+    model = ResNet(depth=8, lr=0.01, scheduler="constant")
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0, gradient_clip_val=0.5, plugins=plugins)
+    trainer.fit(model, SyntheticImages(num=32, batch_size=8))  # a fused optimizer here: Lightning refuses to clip
+    settings = trainer.optimizers[0].defaults
+    assert (settings["fused"], settings["foreach"]) == ((None, True) if fp16_amp else (True, None))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
