@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from stabilize.datamodules.augment import CIFAR10_MEAN, CIFAR10_STD, to_float
-from stabilize.datamodules.cifar10_files import find_batches_folder, load_cifar10
+from stabilize.datamodules.cifar10_files import standardized_training_images
+from stabilize.errors import DataError
 from stabilize.health.sharpness import top_eigenvalue
 from stabilize.models import ResNet
 
@@ -35,11 +34,10 @@ def images(smoke: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if smoke:
         generator = torch.Generator().manual_seed(0)
         return torch.randn(200, 3, 16, 16, generator=generator), torch.randint(0, 10, (200,), generator=generator)
-    folder = find_batches_folder(Path(os.environ.get("STABILIZE_CIFAR10_DIR", "data")))
-    if folder is None:
-        raise SystemExit("No CIFAR-10: set STABILIZE_CIFAR10_DIR to the folder holding cifar-10-batches-py.")
-    tensors = load_cifar10(folder)
-    return to_float(tensors["train_x"][:10_000], CIFAR10_MEAN, CIFAR10_STD), tensors["train_y"][:10_000]
+    try:
+        return standardized_training_images(os.environ.get("STABILIZE_CIFAR10_DIR", "data"), 10_000)
+    except DataError as error:
+        raise SystemExit(f"{error} Set STABILIZE_CIFAR10_DIR to it.") from None
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from stabilize.callbacks import GradientHealthCallback, SharpnessMonitor
-from stabilize.datamodules.augment import CIFAR10_MEAN, CIFAR10_STD, to_float
-from stabilize.datamodules.cifar10_files import find_batches_folder, load_cifar10
+from stabilize.datamodules.cifar10_files import standardized_training_images
+from stabilize.errors import DataError
 
 
 class FullyConnectedTanh(LightningModule):
@@ -69,12 +69,10 @@ def cifar_subset(data_dir: str | None, size: int, smoke: bool) -> TensorDataset:
     if smoke:
         generator = torch.Generator().manual_seed(0)
         return TensorDataset(torch.randn(size, 3, 32, 32, generator=generator), torch.randint(0, 10, (size,)))
-    folder = find_batches_folder(Path(data_dir or "data"))
-    if folder is None:
-        raise SystemExit(f"No CIFAR-10 at {data_dir}: pass --data-dir (the folder holding cifar-10-batches-py).")
-    tensors = load_cifar10(folder)
-    images = to_float(tensors["train_x"][:size], CIFAR10_MEAN, CIFAR10_STD)
-    return TensorDataset(images, tensors["train_y"][:size])
+    try:
+        return TensorDataset(*standardized_training_images(data_dir or "data", size))
+    except DataError as error:
+        raise SystemExit(f"{error} Pass it as --data-dir.") from None
 
 
 def run_one(lr: float, data: TensorDataset, args: argparse.Namespace) -> dict[str, Any]:

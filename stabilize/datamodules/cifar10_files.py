@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stabilize.datamodules.augment import CIFAR10_MEAN, CIFAR10_STD, to_float
 from stabilize.errors import ConfigurationError, DataError
 
 FOLDER = "cifar-10-batches-py"
@@ -104,6 +105,21 @@ def load_cifar10(folder: Path) -> dict[str, Tensor]:
         "test_x": test_x,
         "test_y": test_y,
     }
+
+
+def standardized_training_images(data_dir: str | Path, count: int) -> tuple[Tensor, Tensor]:
+    """The first ``count`` CIFAR-10 training images as floats standardised per channel (CIFAR-10's mean and std),
+    and their labels: the fixed sample of an experiment that needs no datamodule (``examples/edge_of_stability.py``,
+    ``benchmarks/bench_sharpness_sample.py``).
+
+    Raises:
+        DataError: If ``data_dir`` (or its ``cifar-10-batches-py`` child) holds no CIFAR-10 batch files.
+    """
+    folder = find_batches_folder(Path(data_dir))
+    if folder is None:
+        raise DataError(f"No CIFAR-10 in {data_dir}: give the folder that holds {FOLDER} (or its batch files).")
+    tensors = load_cifar10(folder)
+    return to_float(tensors["train_x"][:count], CIFAR10_MEAN, CIFAR10_STD), tensors["train_y"][:count]
 
 
 def check_cached_tensors(tensors: dict[str, Any], path: Path) -> None:

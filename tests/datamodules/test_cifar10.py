@@ -16,6 +16,8 @@ from lightning.pytorch import Callback
 
 from stabilize.datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule
 from stabilize.datamodules.batching import BatchPermutationSampler
+from stabilize.datamodules.cifar10_files import standardized_training_images
+from stabilize.errors import DataError
 from stabilize.models import ResNet
 from tests.helpers.cifar import TINY_TEST, write_cifar_pickle
 from tests.helpers.trainer import quiet_trainer
@@ -60,6 +62,18 @@ def test_pixels_and_labels_match_the_pickles(tiny_cifar: Path) -> None:
     expected = torch.from_numpy(entry[b"data"][:32].reshape(32, 3, 32, 32))
     torch.testing.assert_close(images, expected)
     assert labels.tolist() == entry[b"labels"][:32]
+
+
+def test_standardized_training_images_are_the_first_ones_of_the_pickles(tiny_cifar: Path, tmp_path: Path) -> None:
+    with open(tiny_cifar / "cifar-10-batches-py" / "data_batch_1", "rb") as file:
+        entry = pickle.load(file, encoding="bytes")
+    images, labels = standardized_training_images(tiny_cifar, 5)
+    pixels = torch.from_numpy(entry[b"data"][:5].reshape(5, 3, 32, 32)).float() / 255
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    torch.testing.assert_close(images, (pixels - mean) / std)
+    assert labels.tolist() == entry[b"labels"][:5]
+    with pytest.raises(DataError, match="No CIFAR-10 in"):
+        standardized_training_images(tmp_path, 5)
 
 
 @pytest.mark.parametrize(("val_size", "expected"), [(40, 40), (0.25, 50), (0, 0)])
