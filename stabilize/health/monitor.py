@@ -17,9 +17,10 @@ raw PyTorch loop::
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
@@ -396,57 +397,31 @@ class GradientMonitor:
         return [value for value in self._window.tolist() if math.isfinite(value)]
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue after a resume, device counters included (one host read)."""
+        """Everything needed to continue after a resume, device counters included (one host read): the host records
+        (every public field but those in ``_NOT_CHECKPOINTED``), the recent norms and the counters."""
         self._count_chunk()
         counters = self.counters.unpack(self.counters.pack().tolist()) if self.counters else self._saved_counters
-        return {
-            "prefix": self.prefix,
-            "history": self.history,
-            "vanishing_since": self.vanishing_since,
-            "first_vanished": self.first_vanished,
-            "spikes": self.spikes,
-            "nonfinite": self.nonfinite,
-            "skipped_steps": self.skipped_steps,
-            "amp_skipped": self.amp_skipped,
-            "worst_depth_ratio": self.worst_depth_ratio,
-            "worst_temporal_ratio": self.worst_temporal_ratio,
-            "last_temporal_ratio": self.last_temporal_ratio,
-            "dead_units": self.dead_units,
-            "worst_depth_in_warmup": self.worst_depth_in_warmup,
-            "shared_parameters": self.shared_parameters,
-            "gradient_layers": sorted(self.gradient_layers),
-            "learning_layers": None if self.learning_layers is None else sorted(self.learning_layers),
-            "steps": self.steps,
-            "last_step": self.last_step,
-            "norm_history": self.recent_norms(),
-            "counters": counters,
-        }
+        # Copies: a checkpoint written in the background (AsyncCheckpointIO) must not see the records grow meanwhile.
+        state = copy.deepcopy({f.name: getattr(self, f.name) for f in fields(self) if _checkpointed(f.name)})
+        state["gradient_layers"] = sorted(self.gradient_layers)
+        state["learning_layers"] = None if self.learning_layers is None else sorted(self.learning_layers)
+        return {**state, "norm_history": self.recent_norms(), "counters": counters}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], criteria: HealthCriteria) -> GradientMonitor:
-        worst, temporal = state["worst_depth_ratio"], state.get("worst_temporal_ratio")
-        last_temporal = state.get("last_temporal_ratio")
+        """The monitor :meth:`state_dict` saved; a key an older checkpoint lacks keeps its field's default (keys it
+        has that are gone, such as the ``explosions`` of the rule before the spike rules, are not carried)."""
+        # Copies: the restored monitor must not append to the lists of a state that another monitor still holds.
+        saved = copy.deepcopy({f.name: state[f.name] for f in fields(cls) if _checkpointed(f.name) and f.name in state})
+        for name in ("worst_depth_ratio", "worst_temporal_ratio", "last_temporal_ratio"):
+            pair = saved.get(name)
+            saved[name] = (pair[0], pair[1]) if pair else None
+        for name in ("gradient_layers", "learning_layers"):
+            if saved.get(name) is not None:
+                saved[name] = set(saved[name])
         return cls(
             criteria=criteria,
-            prefix=state["prefix"],
-            history=state["history"],
-            vanishing_since=state["vanishing_since"],
-            first_vanished=state["first_vanished"],
-            # Checkpoints before the spike rules kept only "explosions" (judged by the old 10x rule): not carried.
-            spikes=state.get("spikes", []),
-            nonfinite=state["nonfinite"],
-            skipped_steps=state["skipped_steps"],
-            amp_skipped=state["amp_skipped"],
-            worst_depth_ratio=(worst[0], worst[1]) if worst else None,
-            worst_temporal_ratio=(temporal[0], temporal[1]) if temporal else None,
-            last_temporal_ratio=(last_temporal[0], last_temporal[1]) if last_temporal else None,
-            worst_depth_in_warmup=state.get("worst_depth_in_warmup", False),
-            dead_units=dict(state.get("dead_units", {})),
-            shared_parameters=dict(state.get("shared_parameters", {})),
-            gradient_layers=set(state.get("gradient_layers", [])),
-            learning_layers=None if state.get("learning_layers") is None else set(state["learning_layers"]),
-            steps=state["steps"],
-            last_step=state.get("last_step", -1),
+            **saved,
             _saved_norms=list(state["norm_history"]),
             _saved_counters=state.get("counters"),
         )
@@ -517,6 +492,15 @@ class GradientMonitor:
         for name in list(self.vanishing_since):
             if name not in vanishing:
                 del self.vanishing_since[name]
+
+
+#: Public fields a checkpoint does not hold: settings given anew, the layers of the new fit, device state (saved as
+#: ``counters`` in host form), and the exception that stopped the previous fit.
+_NOT_CHECKPOINTED = frozenset({"criteria", "layers", "counters", "stopped_by"})
+
+
+def _checkpointed(name: str) -> bool:
+    return not name.startswith("_") and name not in _NOT_CHECKPOINTED
 
 
 def _split(values: list[float], sizes: list[int]) -> list[list[float]]:

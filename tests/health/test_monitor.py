@@ -144,6 +144,42 @@ def test_a_gradient_far_out_of_proportion_to_its_loss_is_out_of_range_whatever_t
     assert events(1.0, 1.0) == events(1.0, 1e-3) == []
 
 
+def test_a_monitor_restored_from_its_state_dict_saves_the_same_state_and_counts_on_alike() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    monitor = monitored(net, median_window=4)
+    for step in range(6):
+        backward(net, scale=1e5 if step == 4 else 1.0, seed=step)
+        observation = monitor.observe(step, loss=torch.tensor(1.0))
+        if step in (0, 5):
+            assert observation is not None
+            monitor.record(step, observation)
+    monitor.note_learning_rates({id(p) for p in net.parameters()})
+    monitor.stopped_by = "KeyboardInterrupt"
+    state = monitor.state_dict()
+    restored = GradientMonitor.from_state_dict(state, monitor.criteria)
+    assert restored.state_dict() == state
+    assert restored.stopped_by is None  # the exception ended the previous fit, not the next one
+    assert restored.spikes == monitor.spikes != [] and restored.gradient_layers == {"body.0", "head"}
+    restored.attach(monitor._layers())
+    for resumed in (monitor, restored):
+        backward(net, scale=1e5, seed=6)
+        resumed.observe(6, loss=torch.tensor(1.0))
+        resumed.flush()
+    assert restored.spikes == monitor.spikes and len(monitor.spikes) == 2
+
+
+def test_a_state_dict_from_before_the_spike_rules_loads_with_the_defaults_of_what_it_lacks() -> None:
+    monitor = monitored(Net())
+    state = monitor.state_dict()
+    for key in ("spikes", "worst_temporal_ratio", "last_temporal_ratio", "dead_units", "gradient_layers", "last_step"):
+        del state[key]
+    state["explosions"] = [{"step": 3}]  # the 10x rule's events, not carried over
+    restored = GradientMonitor.from_state_dict({**state, "worst_depth_ratio": [0.5, 7]}, HealthCriteria())
+    assert restored.spikes == [] and restored.last_step == -1 and restored.gradient_layers == set()
+    assert restored.worst_depth_ratio == (0.5, 7) and restored.worst_temporal_ratio is None
+
+
 def test_nonfinite_layers_are_named_in_forward_order_and_skip_drops_every_gradient() -> None:
     net = Net()
     monitor = monitored(net)
