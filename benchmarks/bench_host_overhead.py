@@ -19,10 +19,10 @@ optimizers per batch).
 A step's time is the interval between two consecutive batch starts, so it holds all of the loop's work (Lightning's
 hooks, logging, the optimizer); the first ``--warmup`` steps of each run are left out. Rounds interleave every
 configuration of every family, in an order that rotates from round to round, so the drift of this shared machine's
-speed hits all of them alike. Reported per
-family and configuration: the median step of a run (the median over rounds) and its mean (which includes the
-logging steps, every 50th), in ms; the difference to Lightning's floor, paired within each round and then the median
-over rounds, with its smallest and largest value over the rounds; the ratio to the raw loop; and the lowest median
+speed hits all of them alike. Reported per family and configuration: the median step of a run (the median over
+rounds) and its mean (which includes the logging steps, every 50th), in ms; the difference to Lightning's floor,
+paired within each round and then the median over rounds, with a 90% bootstrap interval of that median and the
+smallest and largest difference over the rounds; the ratio to the raw loop; and the lowest median
 over the rounds with its difference to the floor's lowest (interference only adds time: the closest to an
 undisturbed step).
 
@@ -37,6 +37,7 @@ import argparse
 import gc
 import itertools
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -263,6 +264,14 @@ def step_times(starts: list[float], warmup: int) -> list[float]:
     return [b - a for a, b in itertools.pairwise(starts)][warmup:]
 
 
+def bootstrap_ci(differences: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """A 90% interval of the median of ``differences`` (ms), by resampling the rounds with replacement (seeded): how far
+    the paired median can be trusted on a machine whose rounds swing by a millisecond."""
+    chance = random.Random(0)
+    medians = sorted(statistics.median(chance.choices(differences, k=len(differences))) for _ in range(resamples))
+    return 1e3 * medians[int(0.05 * resamples)], 1e3 * medians[int(0.95 * resamples) - 1]
+
+
 def measure(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -309,6 +318,7 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
                 "median_above_lightning_ms": 1e3 * statistics.median(above),
                 "median_above_lightning_min_ms": 1e3 * min(above),
                 "median_above_lightning_max_ms": 1e3 * max(above),
+                **dict(zip(("median_above_lightning_ci5_ms", "median_above_lightning_ci95_ms"), bootstrap_ci(above))),
                 "mean_above_lightning_ms": 1e3 * statistics.median(mean_above),
                 "median_ratio_to_raw": statistics.median(a / b for a, b in zip(medians[configuration], medians["raw"])),
                 "steps": sum(len(t) for t in runs[(family.name, configuration)]),
@@ -339,15 +349,17 @@ def main() -> None:
         f" steps (first {args.warmup} left out), torch {torch.__version__}"
     )
     print(
-        f"{'family':<10} {'configuration':<13} {'median ms':>9} {'above floor':>11} {'(rounds: min, max)':>19}"
+        f"{'family':<10} {'configuration':<13} {'median ms':>9} {'above floor':>11} {'(90% interval)':>17}"
+        f" {'(rounds: min, max)':>19}"
         f" {'x raw':>6} {'mean ms':>8} {'mean above':>10} {'lowest ms':>9} {'lowest above':>12}"
     )
     for family, rows in results.items():
         for configuration, row in rows.items():
             spread = f"({row['median_above_lightning_min_ms']:+.3f}, {row['median_above_lightning_max_ms']:+.3f})"
+            interval = f"({row['median_above_lightning_ci5_ms']:+.3f}, {row['median_above_lightning_ci95_ms']:+.3f})"
             print(
                 f"{family:<10} {configuration:<13} {row['median_ms']:9.3f} {row['median_above_lightning_ms']:+11.3f}"
-                f" {spread:>19} {row['median_ratio_to_raw']:6.3f} {row['mean_ms']:8.3f}"
+                f" {interval:>17} {spread:>19} {row['median_ratio_to_raw']:6.3f} {row['mean_ms']:8.3f}"
                 f" {row['mean_above_lightning_ms']:+10.3f} {row['lowest_median_ms']:9.3f}"
                 f" {row['lowest_above_lightning_ms']:+12.3f}"
             )
