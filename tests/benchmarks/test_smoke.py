@@ -90,7 +90,7 @@ def test_bench_gpu_throughput(tmp_path: Path) -> None:
 
 
 def test_gpu_suite_dry_run_writes_each_part(tmp_path: Path) -> None:
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "SUITE_PARTS": "fast94 augment"}
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "SUITE_PARTS": "fast94 augment host"}
     result = subprocess.run(
         ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--smoke"],
         cwd=BENCHMARKS.parent,
@@ -100,8 +100,9 @@ def test_gpu_suite_dry_run_writes_each_part(tmp_path: Path) -> None:
         env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:]
-    assert {"fast94.json", "augment.json", "suite.log"} <= {p.name for p in tmp_path.iterdir()}
-    assert "== fast94: exit 0" in (tmp_path / "suite.log").read_text()
+    assert {"fast94.json", "augment.json", "host_overhead.json", "suite.log"} <= {p.name for p in tmp_path.iterdir()}
+    log = (tmp_path / "suite.log").read_text()
+    assert "== fast94: exit 0" in log and "== host: exit 0" in log
 
 
 def test_pathology_zoo_smoke_cases_get_their_labels(tmp_path: Path) -> None:
