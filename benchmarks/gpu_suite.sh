@@ -12,7 +12,7 @@
 # (issue 23: He et al.'s ordering, about 8 minutes; limit 560) into $OUT/depth-gpu-short; a call cut short by the
 # limit leaves its finished runs, which the next call with the same command reuses. SUITE_PARTS=host (not in the
 # default set either) runs bench_host_overhead.py on the GPU, 6 rounds, limit 150 (issue 22: the project's Python per
-# step against Lightning's floor and a raw loop, where a host-bound step shows).
+# step against Lightning's floor and a raw loop, where a host-bound step shows; the dry run: the image family).
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -48,7 +48,7 @@ for p in $PARTS; do
         throughput) part throughput 100 $PY benchmarks/bench_gpu_throughput.py --part throughput $SMOKE --json "$OUT/throughput.json" ;;
         augment) part augment 45 $PY benchmarks/bench_gpu_throughput.py --part augment $SMOKE --json "$OUT/augment.json" ;;
         depth) part depth 560 $PY -m stabilize study depth --budget gpu-short $SMOKE --data-dir "${STABILIZE_CIFAR10_DIR:-data}" --out "$OUT/depth-gpu-short" ;;
-        host) part host 150 $PY benchmarks/bench_host_overhead.py --device "$DEVICE" --rounds 6 $SMOKE --json "$OUT/host_overhead.json" ;;
+        host) part host 150 $PY benchmarks/bench_host_overhead.py --device "$DEVICE" --rounds 6 $SMOKE ${SMOKE:+--families image} --json "$OUT/host_overhead.json" ;;
         profile) part profile 100 $PY benchmarks/bench_time_to_accuracy.py --part profile $SMOKE --json "$OUT/profile.json" ;;
         *) echo "unknown part $p" | tee -a "$LOG" ;;
     esac
