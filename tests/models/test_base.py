@@ -213,7 +213,7 @@ def test_the_nonfinite_input_count_sees_nan_and_both_infinities_only(pixel: floa
 
 def test_the_weight_dtype_check_follows_conversions() -> None:
     model = ResNet(depth=8)
-    model.check_input(torch.zeros(2, 3, 32, 32))  # caches float32
+    model.check_input(torch.zeros(2, 3, 32, 32))  # float32 images, float32 weights
     model.double()
     with pytest.raises(DataTypeError, match=r"holds torch\.float64 weights"):
         model.check_input(torch.zeros(2, 3, 32, 32))
