@@ -20,6 +20,7 @@ Writes ``benchmarks/results/pathology_zoo.json`` (``--out``) and prints each cas
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ from stabilize.models import RecurrentNet
 
 LABELS = VERDICT_CLASSES
 CLASSES = 4  # chance accuracy 25%
-SMOKE_CASES = ("mlp-adam", "deep-sigmoid", "lr-too-high", "minimax-gan", "lr-too-low")
+SMOKE_CASES = ("mlp-adam", "deep-sigmoid", "lr-too-high", "transformer-adam-lr-too-high", "minimax-gan", "lr-too-low")
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -224,7 +225,8 @@ class TinyTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- LightningModules
 class Supervised(LightningModule):
-    """Any network, loss and optimizer (``"adam"``, ``"sgd"`` with momentum 0.9, ``"gd"`` without momentum);
+    """Any network, loss and optimizer (``"adam"``, ``"adamw"``, ``"sgd"`` with momentum 0.9, ``"gd"`` without
+    momentum);
     ``loss_scale`` multiplies the loss; ``lr_factor(step)`` scales the LR."""
 
     def __init__(
@@ -250,13 +252,18 @@ class Supervised(LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         out = self.network(x)
-        loss = F.cross_entropy(out, y) if self.loss_kind == "ce" else F.mse_loss(out, y)
+        if self.loss_kind == "ce":
+            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))  # classes, or tokens (N, T, V)
+        else:
+            loss = F.mse_loss(out, y)
         return loss * self.loss_scale
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         if self.optimizer_kind == "adam":
             optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
+        elif self.optimizer_kind == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=self.lr)
         else:
             optimizer = torch.optim.SGD(params, lr=self.lr, momentum=0.9 if self.optimizer_kind == "sgd" else 0.0)
         if self.lr_factor is None:
@@ -324,6 +331,10 @@ class Case:
     steps: int = 400
     batch_size: int = 64
     log_every_n_steps: int = 10
+    #: The step the failure starts at, by construction (the detection latency is counted from it); None: healthy.
+    onset: int | None = None
+    #: The library the case needs (the optional ``zoo`` extra); the case is skipped without it.
+    needs: str | None = None
 
 
 def accuracy(data: tuple[Tensor, Tensor], at_least: float | None = None, at_most: float | None = None) -> Any:
@@ -437,6 +448,9 @@ def cases() -> list[Case]:
 
     def warmup(step: int) -> float:
         return min(1.0, (step + 1) / 100)
+
+    def lr_blip(step: int) -> float:  # three steps at 30x the LR, then back: a loss spike that training recovers from
+        return 30.0 if 150 <= step < 153 else 1.0
 
     return [
         # ---------------------------------------------------------------------------------------- healthy
@@ -572,6 +586,35 @@ def cases() -> list[Case]:
             steps=3000,
             log_every_n_steps=25,
         ),
+        Case(
+            "lr-blip-recovers",
+            "healthy",
+            "SGD whose LR jumps 30x for three steps at step 150, then returns: the loss spikes and recovers",
+            lambda: Supervised(he_mlp(6), optimizer="sgd", lr=0.01, lr_factor=lr_blip),
+            dataset(teacher),
+            healthy_acc,
+        ),
+        Case(
+            "mlp-adam-default-cadence",
+            "healthy",
+            "the healthy Adam MLP logged at the Trainer's default cadence (every 50 steps)",
+            lambda: Supervised(he_mlp(6)),
+            dataset(teacher),
+            healthy_acc,
+            log_every_n_steps=50,
+        ),
+        Case(
+            "transformer-adam-lr-too-high",
+            "unstable",
+            "the healthy 2-layer pre-LN transformer under Adam at LR 0.3 (100x), no warm-up",
+            lambda: Supervised(TinyTransformer(12), lr=0.3),
+            dataset(short),
+            # Its loss ends in the thousands; the arg-max of its huge logits still hits 43% (the healthy run: 100%).
+            accuracy(short_test, at_most=0.5),
+            steps=300,
+            onset=0,
+        ),
+        *foreign_cases(),
         # -------------------------------------------------------------------------------------- vanishing
         Case(
             "deep-sigmoid",
@@ -581,6 +624,7 @@ def cases() -> list[Case]:
             dataset(teacher),
             failing_acc,
             steps=300,
+            onset=0,
         ),
         Case(
             "dead-relu",
@@ -590,6 +634,7 @@ def cases() -> list[Case]:
             dataset(teacher),
             failing_acc,
             steps=300,
+            onset=0,
         ),
         Case(
             "tanh-saturated",
@@ -599,6 +644,7 @@ def cases() -> list[Case]:
             dataset(teacher),
             failing_acc,
             steps=300,
+            onset=0,
         ),
         Case(
             "rnn-through-time",
@@ -608,6 +654,7 @@ def cases() -> list[Case]:
             dataset(long),
             accuracy(long_test, at_most=0.35),
             steps=300,
+            onset=0,
         ),
         # -------------------------------------------------------------------------------------- exploding
         Case(
@@ -618,6 +665,7 @@ def cases() -> list[Case]:
             dataset(teacher),
             failing_acc,
             steps=200,
+            onset=0,
         ),
         Case(
             "lr-too-high",
@@ -627,6 +675,7 @@ def cases() -> list[Case]:
             dataset(teacher),
             failing_acc,
             steps=200,
+            onset=0,
         ),
         Case(
             "irnn-gain",
@@ -636,6 +685,7 @@ def cases() -> list[Case]:
             dataset(long),
             accuracy(long_test, at_most=0.35),
             steps=200,
+            onset=0,
         ),
         Case(
             "spike-then-diverge",
@@ -645,6 +695,7 @@ def cases() -> list[Case]:
             dataset(teacher),
             failing_acc,
             steps=400,
+            onset=200,
         ),
         Case(
             "deep-linear-gain",
@@ -654,6 +705,7 @@ def cases() -> list[Case]:
             dataset(teacher),
             failing_acc,
             steps=200,
+            onset=0,
         ),
         Case(
             "lr-jump",
@@ -663,6 +715,7 @@ def cases() -> list[Case]:
             dataset(teacher),
             failing_acc,
             steps=400,
+            onset=200,
         ),
         Case(
             "gd-above-stability-limit",
@@ -673,6 +726,7 @@ def cases() -> list[Case]:
             lambda: TensorDataset(*regression_data(8192, False)),
             clean_mse(at_least=27.0),
             steps=300,
+            onset=0,
         ),
         Case(
             "irnn-adding-ours",
@@ -693,6 +747,7 @@ def cases() -> list[Case]:
             lambda: AddingProblemDataModule(seq_len=100, batch_size=50, train_batches=100, val_size=0, test_size=0),
             adding_mse(at_least=0.15),
             steps=100,
+            onset=0,
         ),
         # --------------------------------------------------------------------------------------- stalled
         Case(
@@ -703,6 +758,7 @@ def cases() -> list[Case]:
             lambda: Supervised(he_mlp(6), optimizer="gd", lr=1e-5),
             dataset(teacher),
             failing_acc,
+            onset=0,
         ),
         # -------------------------------------------------------------------------------------- collapse
         Case(
@@ -715,12 +771,120 @@ def cases() -> list[Case]:
             gan_fit(healthy=False),
             steps=3000,
             log_every_n_steps=10,
+            onset=0,
+        ),
+    ]
+
+
+def foreign_cases() -> list[Case]:
+    """The cases on timm, Hugging Face transformers and litgpt models (:mod:`zoo_foreign`)."""
+    try:  # run as a script: benchmarks/ is on the path
+        import zoo_foreign as foreign
+    except ImportError:
+        from benchmarks import zoo_foreign as foreign
+
+    text_test = foreign.held_out_text_loss
+    images_test = accuracy(foreign.quadrant_images(1000, seed=1), at_least=0.7)
+    images_fail = accuracy(foreign.quadrant_images(1000, seed=1), at_most=0.35)
+
+    def warmup_never_ends(step: int) -> float:  # a warm-up over 100,000 steps: the LR stays near 0
+        return (step + 1) / 100_000
+
+    def warmup(step: int) -> float:
+        return min(1.0, (step + 1) / 20)
+
+    def case(name: str, label: str, why: str, network: Any, **kwargs: Any) -> Case:
+        settings = {"steps": 200, "batch_size": 32, **kwargs}
+        module = settings.pop("module")
+        text = network in (foreign.hf_gpt2, foreign.litgpt_gpt)
+        data = foreign.text_data if text else foreign.image_data
+        return Case(name, label, why, module, data, settings.pop("outcome"), needs=foreign.NEEDS[network], **settings)
+
+    return [
+        case(
+            "timm-vit-adamw-lr-too-high",
+            "unstable",
+            "timm ViT (4 blocks), AdamW at LR 0.3 without warm-up: the loss rises 8x, falls back to chance",
+            foreign.timm_vit,
+            module=lambda: Supervised(foreign.timm_vit(), optimizer="adamw", lr=0.3),
+            outcome=images_fail,
+            onset=0,
+        ),
+        case(
+            "hf-gpt2-adamw-lr-too-high",
+            "unstable",
+            "Hugging Face GPT-2 (2 layers), AdamW at LR 0.3 without warm-up: the loss rises 4x, falls back to guessing",
+            foreign.hf_gpt2,
+            module=lambda: Supervised(foreign.hf_gpt2(), optimizer="adamw", lr=0.3),
+            outcome=text_test(at_least=3.5),
+            onset=0,
+        ),
+        case(
+            "hf-gpt2-warmup-never-ends",
+            "stalled",
+            "GPT-2 whose warm-up lasts 100,000 steps: the LR stays near 0 for the 200 steps of the run",
+            foreign.hf_gpt2,
+            module=lambda: Supervised(foreign.hf_gpt2(), optimizer="adamw", lr=1e-3, lr_factor=warmup_never_ends),
+            outcome=text_test(at_least=3.5),
+            log_every_n_steps=50,
+            onset=0,
+        ),
+        case(
+            "hf-gpt2-default-cadence",
+            "healthy",
+            "GPT-2, AdamW at LR 1e-3, logged at the Trainer's default cadence (every 50 steps)",
+            foreign.hf_gpt2,
+            module=lambda: Supervised(foreign.hf_gpt2(), optimizer="adamw", lr=1e-3),
+            outcome=text_test(at_most=2.0),
+            log_every_n_steps=50,
+        ),
+        case(
+            "litgpt-loss-spike-recovers",
+            "healthy",
+            "litgpt GPT (2 layers), AdamW at LR 0.3 without warm-up: the loss rises 3.5x for ~40 steps, then learns",
+            foreign.litgpt_gpt,
+            module=lambda: Supervised(foreign.litgpt_gpt(), optimizer="adamw", lr=0.3),
+            outcome=text_test(at_most=2.0),
+        ),
+        case(
+            "litgpt-tiny-init",
+            "healthy",
+            "litgpt GPT with every parameter N(0, 1e-4^2), AdamW: the gradient grows from ~1e-4 as it learns",
+            foreign.litgpt_gpt,
+            module=lambda: Supervised(foreign.litgpt_gpt(init_std=1e-4), optimizer="adamw", lr=3e-3),
+            outcome=text_test(at_most=2.0),
+        ),
+        case(
+            "litgpt-warmup",
+            "healthy",
+            "litgpt GPT, AdamW at LR 3e-3 after a 20-step warm-up",
+            foreign.litgpt_gpt,
+            module=lambda: Supervised(foreign.litgpt_gpt(), optimizer="adamw", lr=3e-3, lr_factor=warmup),
+            outcome=text_test(at_most=2.0),
+        ),
+        case(
+            "timm-vit-warmup",
+            "healthy",
+            "timm ViT, AdamW at LR 1e-3 after a 20-step warm-up, logged every 50 steps",
+            foreign.timm_vit,
+            module=lambda: Supervised(foreign.timm_vit(), optimizer="adamw", lr=1e-3, lr_factor=warmup),
+            outcome=images_test,
+            steps=300,
+            log_every_n_steps=50,
+        ),
+        case(
+            "timm-resnet",
+            "healthy",
+            "timm ResNet-10t (BatchNorm, residual), SGD at LR 0.05",
+            foreign.timm_resnet,
+            module=lambda: Supervised(foreign.timm_resnet(), optimizer="sgd", lr=0.05),
+            outcome=images_test,
         ),
     ]
 
 
 # ------------------------------------------------------------------------------------------------------ running
-def run_case(case: Case, seed: int = 0) -> dict[str, Any]:
+def run_case(case: Case, seed: int = 0, log_every_n_steps: int | None = None) -> dict[str, Any]:
     seed_everything(seed, verbose=False)
     module = case.module()
     health = GradientHealthCallback(verbose=False)
@@ -745,7 +909,7 @@ def run_case(case: Case, seed: int = 0) -> dict[str, Any]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        log_every_n_steps=case.log_every_n_steps,
+        log_every_n_steps=log_every_n_steps or case.log_every_n_steps,
         callbacks=[health],
         num_sanity_val_steps=0,
     )
@@ -760,8 +924,9 @@ def run_case(case: Case, seed: int = 0) -> dict[str, Any]:
     borne_out, outcome = case.outcome(module)
     summaries = health.summary()
     classes = [verdict_class(summary) for summary in summaries.values()]
-    worst = next((c for c in ("exploding", "vanishing", "collapse", "stalled") if c in classes), "healthy")
+    worst = next((c for c in ("exploding", "unstable", "vanishing", "collapse", "stalled") if c in classes), "healthy")
     verdicts = {name: verdict(summary) for name, summary in summaries.items()}
+    alerts = sorted((a for s in summaries.values() for a in s.get("alerts", [])), key=lambda a: a["step"])
     return {
         "name": case.name,
         "label": case.label,
@@ -773,6 +938,12 @@ def run_case(case: Case, seed: int = 0) -> dict[str, Any]:
         "verdicts": verdicts,
         "seconds": round(seconds, 1),
         "steps": case.steps,
+        "log_every_n_steps": log_every_n_steps or case.log_every_n_steps,
+        "onset": case.onset,
+        "alerts": alerts,
+        # Steps from the failure's onset (known by construction) to the first alert; None: no alert (the verdict
+        # comes at the end of fit), or a healthy case.
+        "alert_latency": alerts[0]["step"] - case.onset if alerts and case.onset is not None else None,
         "diagnosis": health.diagnosis(module),
     }
 
@@ -791,6 +962,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
         verdicts = " | ".join(f"{k}: {v}" for k, v in r["verdicts"].items())
         print(f"{mark:4} {r['name']:<20} {r['label']:<9} -> {r['verdict_class']:<9} {r['seconds']:5.1f} s  {verdicts}")
         print(f"     {'':<20} outcome: {r['outcome']}")
+        if r["alerts"]:
+            latency = f", {r['alert_latency']} steps after the onset" if r["alert_latency"] is not None else ""
+            print(f"     {'':<20} alert: {r['alerts'][0]['kind']} at step {r['alerts'][0]['step']}{latency}")
+        if "class_by_cadence" in r:
+            same = "same verdict" if r["same_at_every_cadence"] else "VERDICT DIFFERS"
+            print(f"     {'':<20} cadences {r['class_by_cadence']}: {same}")
     matrix = confusion(results)
     print("\nconfusion matrix (rows: label, columns: verdict)")
     print(f"{'':<10}" + "".join(f"{c:>11}" for c in LABELS))
@@ -803,6 +980,13 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", help="names of the cases to run (default: all)")
     parser.add_argument("--smoke", action="store_true", help=f"run {', '.join(SMOKE_CASES)} only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cadences",
+        nargs="*",
+        type=int,
+        default=[],
+        help="also run every case at these log_every_n_steps and compare the verdicts (e.g. 1 5 50)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -820,15 +1004,38 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown cases {sorted(unknown)}; known: {[case.name for case in every]}")
         every = [case for case in every if case.name in wanted]
-    results = [run_case(case, args.seed) for case in every]
+    missing = [case for case in every if case.needs and importlib.util.find_spec(case.needs) is None]
+    if missing:
+        print(
+            f"skipped {len(missing)} case(s) whose library is not installed ({', '.join(c.name for c in missing)}):"
+            " pip install -e '.[zoo]'"
+        )
+        every = [case for case in every if case not in missing]
+    results = []
+    for case in every:
+        result = run_case(case, args.seed)
+        if args.cadences:
+            # The same run at other logging cadences: the verdict must not change.
+            by_cadence = {str(c): run_case(case, args.seed, c) for c in args.cadences}
+            result["verdict_by_cadence"] = {c: r["verdicts"] for c, r in by_cadence.items()}
+            result["class_by_cadence"] = {c: r["verdict_class"] for c, r in by_cadence.items()}
+            result["latency_by_cadence"] = {c: r["alert_latency"] for c, r in by_cadence.items()}
+            result["same_at_every_cadence"] = all(r["verdicts"] == result["verdicts"] for r in by_cadence.values())
+        results.append(result)
     print_table(results)
     out = args.out or (None if wanted else Path(__file__).parent / "results" / "pathology_zoo.json")
+    cadences = " --cadences " + " ".join(map(str, args.cadences)) if args.cadences else ""
     payload = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
-        "command": "python benchmarks/pathology_zoo.py" + (f" --seed {args.seed}" if args.seed else ""),
+        "command": "python benchmarks/pathology_zoo.py" + (f" --seed {args.seed}" if args.seed else "") + cadences,
+        "skipped": [case.name for case in missing],
         "confusion": confusion(results),
         "correct": sum(r["correct"] for r in results),
         "borne_out": sum(r["borne_out"] for r in results),
+        "false_alarms": sum(
+            r["label"] == "healthy" and (r["verdict_class"] != "healthy" or bool(r["alerts"])) for r in results
+        ),
+        "same_at_every_cadence": sum(r.get("same_at_every_cadence", True) for r in results) if args.cadences else None,
         "cases": results,
     }
     if out is not None:

@@ -19,6 +19,7 @@ from typing_extensions import override
 from stabilize.callbacks.gradient_health_output import HealthOutput
 from stabilize.callbacks.nonfinite_policy import NonFiniteGuard, NonFinitePolicy
 from stabilize.callbacks.optimizers import grad_scaler, optimizer_index, optimizer_name, pending_grad_scaler
+from stabilize.callbacks.unhealthy_policy import UnhealthyAlarm, UnhealthyPolicy
 from stabilize.errors import ConfigurationError
 from stabilize.health import GradientMonitor, HealthCriteria, HealthSummary, LayerIndex, StepRecord, flow_figure
 from stabilize.health.activations import ActivationProbe
@@ -57,9 +58,19 @@ class GradientHealthCallback(Callback):
     gradient is out of control: ``spike_persistence`` consecutive spikes, a training loss that never gets back below
     its level before the spike, non-finite gradients after it, or a norm out of range (above
     ``gradient_to_loss_ceiling`` times the loss, or an ``exploding_threshold`` you set) five steps in a row.
-    Other spikes are reported as transient, with their steps. The verdict does not depend on the loss's scale (the
-    defaults and why: :class:`stabilize.health.HealthCriteria` and :mod:`stabilize.health.explosions`). The loss
-    is read on the device from ``on_before_backward``; nothing reaches the host between logging steps.
+    Other spikes are reported as transient, with their steps. The training loss, read on the device from
+    ``on_before_backward`` at every step, is judged too: a loss that blows up (its smoothed value above twice its
+    best, or giving back half its progress) and does not recover makes the verdict ``unstable``, which an adaptive
+    optimizer at too high a learning rate produces while its gradient norm stays unremarkable
+    (:mod:`stabilize.health.instability`). Every step's loss and total norm reach the host with the next logging
+    step's one transfer, so the verdict is the same at any ``log_every_n_steps``, and the fit's last step always
+    gets a record. The verdict does not depend on the loss's scale (the defaults and why:
+    :class:`stabilize.health.HealthCriteria` and :mod:`stabilize.health.explosions`).
+
+    When a finding is confirmed while training runs (a loss blow-up, an explosion by a rule that needs no future:
+    :mod:`stabilize.health.alerts`), the callback says so at the next logging step, once per kind: one log line,
+    and with a TensorBoardLogger the text ``grad_health/alerts`` and a scalar; ``on_unhealthy="stop"`` also saves a
+    checkpoint and stops the run, so a doomed run costs minutes.
 
     The remedies in the diagnosis are generic (normalization, residual connections, activations, initialisation,
     clipping, warm-up); a model adds its own by defining ``gradient_health_hints()`` (see
@@ -90,6 +101,10 @@ class GradientHealthCallback(Callback):
             (the LR schedule still advances; anything non-finite left is reported as an error). ``"raise"``: stop
             with an error naming the step and the layers, after printing the diagnosis so far. ``"skip"`` and
             ``"raise"`` must decide before the step, which costs one host sync per step.
+        on_unhealthy: What to do when a finding is confirmed during training: ``"warn"`` (one log line and the
+            TensorBoard text and scalar), ``"stop"`` (also save ``unhealthy-step=<step>.ckpt`` in the ModelCheckpoint's
+            folder, else ``default_root_dir``, and stop after the batch), ``"ignore"`` (the alerts stay in
+            ``summary()`` only).
         track_update_ratio: On logging steps, snapshot the weights and measure the real relative update
             ``||w_after - w_before|| / ||w_before||`` across the optimizer step.
         track_activations: On logging steps only, hook activation modules: fraction of dead channels after
@@ -108,7 +123,7 @@ class GradientHealthCallback(Callback):
 
     Raises:
         ConfigurationError: (a ValueError) If a threshold is negative, NaN or the thresholds are inverted, an
-            interval is negative or not an integer, or ``on_nonfinite`` is unknown.
+            interval is negative or not an integer, or ``on_nonfinite`` or ``on_unhealthy`` is unknown.
 
     Example::
 
@@ -140,6 +155,8 @@ class GradientHealthCallback(Callback):
                                             persistent run or above ``exploding_threshold``
     ``grad_health/nonfinite``               non-finite gradient tensors since the previous logging step
     ``grad_health/amp_skipped``             steps the GradScaler skipped since the previous logging step
+    ``grad_health/alert_<kind>``            1 at the step an alert of this kind (``unstable``, ``exploding``)
+                                            was raised
     ``grad_norm/<layer>``                   gradient L2 norm of the layer
     ``grad_to_weight/<layer>``              gradient norm / weight norm
     ``update_to_weight/<layer>``            ``||w_after - w_before|| / ||w_before||`` (``track_update_ratio``)
@@ -147,7 +164,8 @@ class GradientHealthCallback(Callback):
     ``activation_saturated/<module>``       saturated-output fraction of sigmoid/tanh (``track_activations``)
     ======================================  ============================================================
 
-    TensorBoard also receives ``grad_hist/<layer>`` histograms and the ``grad_health/flow`` figure.
+    TensorBoard also receives ``grad_hist/<layer>`` histograms, the ``grad_health/flow`` figure and the
+    ``grad_health/alerts`` text.
     """
 
     def __init__(
@@ -163,6 +181,7 @@ class GradientHealthCallback(Callback):
         spike_persistence: int = 32,
         gradient_to_loss_ceiling: float | None = 1e3,
         on_nonfinite: NonFinitePolicy = "warn",
+        on_unhealthy: UnhealthyPolicy = "warn",
         track_update_ratio: bool = True,
         track_activations: bool = False,
         saturation_threshold: float = 0.99,
@@ -185,6 +204,7 @@ class GradientHealthCallback(Callback):
             gradient_to_loss_ceiling,
         )
         self._nonfinite = NonFiniteGuard(on_nonfinite)
+        self._alarm = UnhealthyAlarm(on_unhealthy)
         if not (isinstance(saturation_threshold, (int, float)) and 0.5 < saturation_threshold < 1):
             raise ConfigurationError(f"saturation_threshold must be in (0.5, 1), got {saturation_threshold!r}.")
         HealthOutput.check_cadence(
@@ -205,6 +225,7 @@ class GradientHealthCallback(Callback):
         self.spike_persistence = spike_persistence
         self.gradient_to_loss_ceiling = gradient_to_loss_ceiling
         self.on_nonfinite = on_nonfinite
+        self.on_unhealthy = on_unhealthy
         self.track_update_ratio = track_update_ratio
         self.track_activations = track_activations
         self.saturation_threshold = saturation_threshold
@@ -234,6 +255,9 @@ class GradientHealthCallback(Callback):
         self._stopped_by: str | None = None
         #: The optimizer steps this fit will take (Lightning's estimate; inf when unbounded).
         self._total_steps: float = math.inf
+        #: The last step of a single-optimizer fit, which always gets a record: what the run ends with (vanishing
+        #: layers now, the temporal ratio) does not depend on the cadence (inf: unknown, or several optimizers).
+        self._final_step: float = math.inf
 
     # ---------------------------------------------------------------------------------------- setup and teardown
     @override
@@ -275,6 +299,7 @@ class GradientHealthCallback(Callback):
             self._total_steps = float(trainer.estimated_stepping_batches)
         except (TypeError, ValueError, RuntimeError):  # a loader without a length: no known end
             self._total_steps = math.inf
+        self._final_step = self._total_steps - 1 if len(trainer.optimizers) <= 1 else math.inf
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -301,6 +326,7 @@ class GradientHealthCallback(Callback):
     ) -> None:
         self._forward_order.stop()
         self._activations.detach()
+        self._alarm.after_batch(trainer)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -378,6 +404,7 @@ class GradientHealthCallback(Callback):
                 {id(p) for group in optimizer.param_groups if _learning_rate(group) != 0 for p in group["params"]}
             )
             self._record(trainer, index, observation, step, own_step, amp=scaler is not None)
+            self._alarm.raise_alerts(trainer, monitor.new_alerts(judges_loss(len(trainer.optimizers))), monitor.prefix)
 
     # --------------------------------------------------------------------------------------------- logging steps
     def _record(
@@ -472,6 +499,8 @@ class GradientHealthCallback(Callback):
             "history": {self._name(i): m.history for i, m in sorted(self._monitors.items())},
             # The raw spike events, so that a saved run can be judged again (stabilize.health.classify_spikes).
             "spikes": {self._name(i): m.spikes for i, m in sorted(self._monitors.items())},
+            # Every step's loss and total norm, which the loss rules read (the same verdict at any cadence).
+            "trace": {self._name(i): m.trace_points() for i, m in sorted(self._monitors.items())},
         }
         Path(path).write_text(json.dumps(jsonable(payload), indent=1, allow_nan=False))
 
@@ -506,8 +535,9 @@ class GradientHealthCallback(Callback):
         return self._monitors[index]
 
     def _is_logging_step(self, optimizer_step: int) -> bool:
-        """Whether an optimizer's ``optimizer_step``-th step (0-based) gets a detailed record."""
-        return optimizer_step % self._every == 0
+        """Whether an optimizer's ``optimizer_step``-th step (0-based) gets a detailed record: every ``_every``-th
+        and the fit's last."""
+        return optimizer_step % self._every == 0 or optimizer_step == self._final_step
 
     def _step_index(self, trainer: Trainer, index: int) -> int:
         """The upcoming step's index on the logging cadence: Lightning's own ``global_step`` with one optimizer

@@ -6,13 +6,13 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from stabilize.health.records import ExplosionEvent, GradientCollapse, StepRecord
+from stabilize.health.records import ExplosionEvent, GradientCollapse, LossPoint
 
 #: Fewer records than this say nothing about a trend.
 MIN_RECORDS = 20
 
 
-def gradient_collapse(history: Sequence[StepRecord], factor: float) -> GradientCollapse | None:
+def gradient_collapse(history: Sequence[LossPoint], factor: float) -> GradientCollapse | None:
     """The collapse of a run's total gradient norm, or ``None``.
 
     Medians over windows of a twentieth of the records (at least 3) smooth single-step noise; the latest window is
@@ -42,7 +42,7 @@ def gradient_collapse(history: Sequence[StepRecord], factor: float) -> GradientC
     }
 
 
-def loss_fell_with_it(history: Sequence[StepRecord], collapse: GradientCollapse) -> bool:
+def loss_fell_with_it(history: Sequence[LossPoint], collapse: GradientCollapse) -> bool:
     """Whether the training loss fell over the collapse by more than half its range over the run: a model that
     converged (a classifier certain of its answers) has a small gradient because its loss is small, not because a
     saturated loss stopped the learning signal. Loss differences against the loss's own range: free of its scale
@@ -61,7 +61,7 @@ def loss_fell_with_it(history: Sequence[StepRecord], collapse: GradientCollapse)
 
 
 def judged_collapse(
-    history: Sequence[StepRecord], explosions: Sequence[ExplosionEvent], factor: float
+    history: Sequence[LossPoint], explosions: Sequence[ExplosionEvent], factor: float
 ) -> GradientCollapse | None:
     """:func:`gradient_collapse`, unless something else explains the fall: norms falling back after an explosion
     that reached the earlier level are no collapse (small spikes within a collapsed run do not undo one), and a

@@ -31,8 +31,10 @@ class DeviceCounters:
     spike_first: Tensor = field(metadata=_spec(_NO_STEP))
     spike_last: Tensor = field(metadata=_spec(_NO_STEP))
     spike_max_norm: Tensor = field(metadata=_spec(0.0, torch.float32))
-    #: Largest ``norm / running median`` of a spike.
+    #: Largest ``norm / running median`` of a spike, and its step (the first such step: what the verdict names, the
+    #: same at any logging cadence; -1 while no spike had a ratio).
     spike_max_ratio: Tensor = field(metadata=_spec(0.0, torch.float32))
+    spike_peak_step: Tensor = field(metadata=_spec(_NO_STEP))
     #: Longest run of consecutive spikes that ended or goes on in this interval.
     spike_longest_run: Tensor = field(metadata=_spec())
     #: Spikes that were at least ``spike_persistence`` steps into a run of spikes.

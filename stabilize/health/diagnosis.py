@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from stabilize.health.judgements import judges_loss
-from stabilize.health.records import ExplosionEvent, HealthSummary, SpikeEvent, StepRecord
+from stabilize.health.records import ExplosionEvent, HealthSummary, LossBlowup, SpikeEvent, StepRecord
 
 if TYPE_CHECKING:
     from stabilize.health.monitor import GradientMonitor
@@ -25,9 +25,11 @@ RELU_LIKE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.PReLU
 SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid)
 NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 #: Keys a model's ``gradient_health_hints()`` may use.
-HINT_KINDS = ("vanishing", "exploding", "nonfinite", "stalled")
+HINT_KINDS = ("vanishing", "exploding", "nonfinite", "stalled", "unstable")
 #: What the verdict's worst finding is: :func:`verdict_class`'s values.
-VERDICT_CLASSES = ("healthy", "vanishing", "exploding", "collapse", "stalled")
+VERDICT_CLASSES = ("healthy", "vanishing", "exploding", "unstable", "collapse", "stalled")
+#: An update of about this fraction of a layer's weights per step is the usual healthy scale of Adam-family training.
+USUAL_UPDATE_TO_WEIGHT = 1e-3
 #: Below this ratio of the gradient at t=0 to the last step's, credit no longer reaches the sequence's start.
 TEMPORAL_VANISHING = 1e-3
 _LISTED_LAYERS = 12
@@ -49,16 +51,28 @@ class ModelTraits:
     relu_like: bool = False
     #: A LightningModule with ``automatic_optimization = False``: the Trainer's gradient clipping does not apply.
     manual_optimization: bool = False
+    #: Attention modules (``nn.MultiheadAttention`` or a module class named ``*Attention``): a transformer, which
+    #: already has residual connections and normalization, and whose instabilities QK-norm and z-loss address.
+    attention: bool = False
 
     @classmethod
     def of(cls, module: nn.Module) -> ModelTraits:
         modules = list(module.modules())
         return cls(
-            normalization=any(isinstance(m, NORMALIZATION) for m in modules),
+            normalization=any(isinstance(m, NORMALIZATION) for m in modules) or any(_is_norm_named(m) for m in modules),
             saturating=any(isinstance(m, SATURATING) for m in modules),
             relu_like=any(isinstance(m, RELU_LIKE) for m in modules),
             manual_optimization=getattr(module, "automatic_optimization", True) is False,
+            attention=any(
+                isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith(("Attention", "SelfAttention"))
+                for m in modules
+            ),
         )
+
+
+def _is_norm_named(module: nn.Module) -> bool:
+    """Normalization layers of other libraries (RMSNorm of litgpt, a ``LayerNorm`` subclass of timm, ...)."""
+    return type(module).__name__.endswith(("Norm", "Norm2d", "NormFp32"))
 
 
 def model_hints(module: nn.Module | None) -> dict[str, str]:
@@ -86,6 +100,10 @@ def verdict(summary: HealthSummary) -> str:
         findings.append(f"non-finite gradients (from step {_first_nonfinite(summary)})")
     if summary["explosions"]:
         findings.append(_explosion_words(summary["explosions"]))
+    blowups = summary.get("loss_blowups", [])
+    kept = [b for b in blowups if not b["recovered"]]
+    if kept:
+        findings.append(_blowup_words(kept[0]))
     if summary["vanishing_layers_now"]:
         findings.append(f"vanishing ({len(summary['vanishing_layers_now'])}/{summary['num_layers']} layers)")
     temporal = summary.get("last_temporal_ratio")
@@ -102,24 +120,46 @@ def verdict(summary: HealthSummary) -> str:
         findings.append(
             f"loss stalled ({stall['end_loss']:.3g} at the end, {stall['level']:.3g} at step {stall['since_step']})"
         )
-    if summary["ever_vanished"] and not summary["vanishing_layers_now"]:
-        findings.append("recovered from vanishing")
     line = ", ".join(findings) if findings else "healthy"
     stopped = summary.get("stopped_by")
     if stopped:
         # A crashed run is never called healthy: the steps it did not take were not seen.
         line = f"stopped by {stopped} after {summary['steps']} steps (partial; {', '.join(findings) or 'no finding'})"
-    spikes = summary.get("transient_spikes", [])
-    return f"{line}; {_spike_words(spikes)}" if spikes else line
+    notes = [_spike_words(summary["transient_spikes"])] if summary.get("transient_spikes") else []
+    recovered = [b for b in blowups if b["recovered"]]
+    if recovered:
+        notes.append(
+            f"{len(recovered)} loss spike{'s' if len(recovered) > 1 else ''} recovered from (peak"
+            f" {max(b['peak_loss'] / b['best_before'] for b in recovered):.3g}x the best before, from step"
+            f" {recovered[0]['onset_step']})"
+        )
+    return "; ".join([line, *notes])
+
+
+def _blowup_words(blowup: LossBlowup) -> str:
+    after = (
+        "still up at the end"
+        if blowup["back_step"] is None
+        else f"ended at {blowup['end_loss']:.3g} against {blowup['start_loss']:.3g} at the start"
+    )
+    return (
+        f"unstable (the loss blew up from step {blowup['onset_step']} to {blowup['peak_loss']:.3g},"
+        f" {blowup['peak_loss'] / blowup['best_before']:.3g}x its best before, and did not recover: {after})"
+    )
 
 
 def verdict_class(summary: HealthSummary) -> str:
     """The kind of the verdict's worst finding, one of :data:`VERDICT_CLASSES`: non-finite gradients count as
-    exploding (their usual cause; a log(0) is told apart by the diagnosis's remedies), vanishing layers and vanishing
-    through time as vanishing; a stalled loss with none of those is ``"stalled"`` (the gradients are not its
-    cause); a run that recovered from vanishing and transient spikes are healthy."""
+    exploding (their usual cause; a log(0) is told apart by the diagnosis's remedies), a loss blow-up the run did
+    not recover from as unstable (the gradient rules had no evidence: an adaptive optimizer at too high a learning
+    rate), vanishing layers and vanishing through time as vanishing; a stalled loss with none of those is
+    ``"stalled"`` (the gradients are not its
+    cause); a run that recovered from vanishing (said in the diagnosis, not in the verdict: which steps are logged
+    depends on the cadence), recovered loss spikes and transient spikes are healthy."""
     if summary["nonfinite"] or summary["skipped_steps"] or summary["explosions"]:
         return "exploding"
+    if any(not b["recovered"] for b in summary.get("loss_blowups", [])):
+        return "unstable"
     temporal = summary.get("last_temporal_ratio")
     vanished_in_time = temporal is not None and temporal["ratio"] < TEMPORAL_VANISHING
     if summary["vanishing_layers_now"] or vanished_in_time or summary.get("dead_units"):
@@ -150,10 +190,12 @@ def _spike_words(spikes: list[SpikeEvent]) -> str:
     worst = max(spikes, key=lambda e: e["peak_ratio"])
     longest = max(e["longest_run"] for e in spikes)
     plural = "s" if count > 1 else ""
+    # The peak's own step where the counters kept it (the same at any logging cadence); an older record's span.
+    peak_step = worst.get("peak_step", -1)
+    span = f"{worst['first_step']}" if worst["steps"] == 1 else f"{worst['first_step']}-{worst['last_step']}"
     return (
         f"{count} transient spike{plural} (peak {worst['peak_ratio']:.0f}x the median at step"
-        f" {worst['first_step'] if worst['steps'] == 1 else str(worst['first_step']) + '-' + str(worst['last_step'])},"
-        f" each over within {longest} step{'s' if longest > 1 else ''})"
+        f" {peak_step if peak_step >= 0 else span}, each over within {longest} step{'s' if longest > 1 else ''})"
     )
 
 
@@ -276,6 +318,7 @@ def diagnosis_lines(
                 "long-range credit assignment is lost: gated cells (LSTM, GRU) or an orthogonal/identity recurrent"
                 " init keep the gradient alive over time"
             )
+    lines += _blowup_lines(summary, remedies, traits, hints)
     if summary["explosions"]:
         explosions = summary["explosions"]
         peak = max(e["max_norm"] for e in explosions)
@@ -334,6 +377,47 @@ def diagnosis_lines(
     return lines
 
 
+def _blowup_lines(
+    summary: HealthSummary, remedies: list[str], traits: ModelTraits | None, hints: Mapping[str, str]
+) -> list[str]:
+    """The loss blow-ups of the diagnosis; appends the remedies of unrecovered ones to ``remedies``."""
+    lines = []
+    for blowup in summary.get("loss_blowups", []):
+        back = (
+            "it stayed up to the end" if blowup["back_step"] is None else f"back below it at step {blowup['back_step']}"
+        )
+        outcome = (
+            "the run recovered and learned on"
+            if blowup["recovered"]
+            else f"the run did not recover: {blowup['end_loss']:.4g} over the last tenth against"
+            f" {blowup['start_loss']:.4g} at the start"
+        )
+        lines.append(
+            f"  {'Loss spike' if blowup['recovered'] else 'UNSTABLE'}: the smoothed training loss rose from"
+            f" {blowup['best_before']:.4g} to {blowup['peak_loss']:.4g} (step {blowup['peak_step']}), above twice its"
+            f" best from step {blowup['onset_step']}; {back}; {outcome}."
+        )
+    if any(not b["recovered"] for b in summary.get("loss_blowups", [])):
+        update = summary.get("largest_update_to_weight")
+        if update:
+            lines.append(
+                f"    Largest update of a layer at a logged step: {update['ratio']:.2g} of its weights"
+                f" ({update['layer']}, step {update['step']}; Adam-family training usually moves"
+                f" ~{USUAL_UPDATE_TO_WEIGHT:g} per step)."
+            )
+        remedies += [hints["unstable"]] if "unstable" in hints else []
+        remedies.append(
+            "the loss blew up while the gradient need not (an adaptive optimizer normalises its step): lower the"
+            " learning rate (3-10x), add or lengthen a learning-rate warm-up, clip gradients"
+        )
+        if traits is not None and traits.attention:
+            remedies.append(
+                "for attention: QK-norm (normalise queries and keys) or a z-loss on the output logits keeps logits"
+                " from growing"
+            )
+    return lines
+
+
 def coverage_lines(summary: HealthSummary) -> list[str]:
     """What the numbers cover: tied weights counted once, layers that do not learn (a learning rate of 0, or no
     gradient at all: not used by the loss, or cut off by a ``detach``)."""
@@ -380,7 +464,8 @@ def vanishing_remedies(traits: ModelTraits | None, dead_layers: int = 0) -> list
         )
     if not traits.normalization:
         remedies.append("add normalization (e.g. BatchNorm) after each convolution or linear layer")
-    remedies.append("add residual connections (with or without normalization, e.g. Fixup initialisation)")
+    if not traits.attention:  # a transformer has residual connections already
+        remedies.append("add residual connections (with or without normalization, e.g. Fixup initialisation)")
     if traits.saturating:
         remedies.append("replace sigmoid/tanh by ReLU-like activations, which do not saturate")
         remedies.append("initialise with He (kaiming) or Xavier scaling instead of a small fixed std")

@@ -27,17 +27,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stabilize.health.alerts import confirmed_findings
 from stabilize.health.counters import DeviceCounters
 from stabilize.health.criteria import DEAD_UNITS_FRACTION, HealthCriteria
 from stabilize.health.judgements import judgements
 from stabilize.health.layers import LayerIndex
 from stabilize.health.records import (
+    Alert,
     HealthSummary,
     NonFiniteEvent,
     SpikeEvent,
     StepRecord,
+    largest_update,
 )
 from stabilize.health.spike_counting import StepChunk, count_chunk
+from stabilize.health.trace import StepTrace
 
 #: Steps counted together on the device (see :mod:`stabilize.health.spike_counting`); a logging step or any read of
 #: the counters counts the steps gathered so far.
@@ -94,6 +98,8 @@ class GradientMonitor:
     #: (``None`` until :meth:`note_learning_rates` is first called: not tracked).
     gradient_layers: set[str] = field(default_factory=set)
     learning_layers: set[str] | None = None
+    #: Findings confirmed during training (see :meth:`new_alerts`), in order.
+    alerts: list[Alert] = field(default_factory=list)
     #: The exception that stopped training (its class name), when one did: the summary is then partial.
     stopped_by: str | None = None
     steps: int = 0
@@ -114,6 +120,12 @@ class GradientMonitor:
     _saved_counters: dict[str, Any] | None = None
     _pending_update: tuple[int, tuple[int, ...], list[Tensor], Tensor] | None = None
     _positions_seen: tuple[int, ...] = ()
+    #: Every counted step's loss and total norm on the host (checkpointed as ``trace``), and those still on the
+    #: device: each chunk's step numbers and its ``(2, C)`` losses and norms, read with the next logging step.
+    _trace: StepTrace = field(default_factory=StepTrace)
+    _unread: list[tuple[list[int], Tensor]] = field(default_factory=list)
+    #: Observed steps at the last alert check (the rules read the whole trace, so they run every few steps).
+    _alerts_checked_at: int = -(10**9)
 
     def attach(self, layers: LayerIndex) -> None:
         """Watch these layers from now on (a new fit brings new parameters); records and recent norms stay."""
@@ -125,7 +137,7 @@ class GradientMonitor:
     def detach(self) -> None:
         """Move the device state to the host (one read) and forget the layers."""
         if self.counters is not None:
-            self._count_chunk()
+            self._read_trace()
             self._saved_counters = self.counters.unpack(self.counters.pack().tolist())
         self._saved_norms = self.recent_norms()
         self.counters, self._window, self._pending_update, self.layers = None, None, None, None
@@ -192,6 +204,12 @@ class GradientMonitor:
             self.criteria, counters, window, chunk, self._layers().layer_index(positions, device)
         )
         self._last_median = medians[-1]
+        step_losses = torch.full((size,), math.nan, device=device)
+        if chunk.losses is not None:
+            index = chunk.loss_index if chunk.loss_index is not None else torch.arange(size, device=device)
+            step_losses.index_copy_(0, index, chunk.losses.float())
+        totals = chunk.norms.square().sum(1).sqrt().float()
+        self._unread.append((steps, torch.stack([step_losses, totals])))
         self._chunk_steps, self._chunk_norms, self._chunk_losses = [], [], []
 
     def nonfinite_layers(self, observation: Observation) -> list[str]:
@@ -240,12 +258,14 @@ class GradientMonitor:
             torch.stack([observation.total, self._median_now(device).to(observation.total.dtype)]),
             counters.pack(),
             temporal.to(device) if temporal is not None else torch.zeros(0, device=device),
+            self._unread_values(device),
             *[value.detach().float().to(device).reshape(1) for value in extras],
         ]
         values = torch.cat(parts).tolist()  # the one host transfer of a logging step
-        grad_values, weight_values, (total, median), counter_values, temporal_values, extra_values = _split(
-            values, [len(part) for part in parts[:5]]
+        grad_values, weight_values, (total, median), counter_values, temporal_values, trace_values, extra_values = (
+            _split(values, [len(part) for part in parts[:6]])
         )
+        self._extend_trace(trace_values)
         if amp and not math.isfinite(total):
             # The counters stay on the device for the next record; this step's numbers are overflow, not data.
             self._pending_update = None
@@ -351,15 +371,53 @@ class GradientMonitor:
             self._count_chunk()
             self._apply_counters(self.counters.unpack(self.counters.pack().tolist()), self.last_step)
             self.counters.reset()
+            self._read_trace()
+
+    # ------------------------------------------------------------------------------------------- the step trace
+    def _unread_values(self, device: torch.device) -> Tensor:
+        """The losses, then the norms, of every chunk not yet read, flat (empty when none)."""
+        if not self._unread:
+            return torch.zeros(0, device=device)
+        return torch.cat([values.to(device) for _, values in self._unread], dim=1).reshape(-1)
+
+    def _extend_trace(self, values: list[float]) -> None:
+        """Append the host values of :meth:`_unread_values` to the trace, and forget them on the device."""
+        steps = [step for chunk_steps, _ in self._unread for step in chunk_steps]
+        self._unread = []
+        self._trace.extend(steps, values[: len(steps)], values[len(steps) :])
+
+    def _read_trace(self) -> None:
+        """Bring every counted step to the host trace (one host read, when any is on the device)."""
+        if self.counters is not None:
+            self._count_chunk()
+        if self._unread:
+            self._extend_trace(self._unread_values(self._unread[0][1].device).tolist())
+
+    def new_alerts(self, judge_loss: bool = True) -> list[Alert]:
+        """Findings confirmed since the last call (see :func:`~stabilize.health.alerts.confirmed_findings`), also
+        appended to :attr:`alerts`. Reads what has reached the host (call it after :meth:`record`); the rules read
+        the whole trace, so they run at most once every 16 observed steps or every 1/64 of the trace, whichever is
+        longer."""
+        if self.steps - self._alerts_checked_at < max(16, len(self._trace) // 64):
+            return []
+        self._alerts_checked_at = self.steps
+        raised = {alert["kind"] for alert in self.alerts}
+        new = confirmed_findings(
+            self._trace.points(), self.spikes, self.nonfinite, self.criteria, raised, self.last_step, judge_loss
+        )
+        self.alerts += new
+        return new
 
     # ------------------------------------------------------------------------------------------------ results
     def summary(self, judge_loss: bool = True) -> HealthSummary:
         """The whole run as data. ``judge_loss=False`` leaves out the loss stall: with several optimizers each
         network's loss is measured against the other (a GAN discriminator's hovers by design) or is a part of the
         whole, so a flat one says nothing."""
+        self._read_trace()
         last = self.history[-1] if self.history else None
         worst, temporal, last_temporal = self.worst_depth_ratio, self.worst_temporal_ratio, self.last_temporal_ratio
-        judged = judgements(self.history, self.spikes, self.nonfinite, self.criteria, judge_loss)
+        trace = self._trace.points()
+        judged = judgements(self.history, self.spikes, self.nonfinite, self.criteria, judge_loss, trace=trace)
         return {
             "steps": self.steps,
             "logged_steps": len(self.history),
@@ -382,8 +440,15 @@ class GradientMonitor:
             "shared_parameters": dict(self.shared_parameters),
             "never_gradient_layers": self._layers_without(self.gradient_layers) if self.steps else [],
             "zero_lr_layers": [] if self.learning_layers is None else self._layers_without(self.learning_layers),
+            "largest_update_to_weight": largest_update(self.history),
+            "alerts": list(self.alerts),
             "stopped_by": self.stopped_by,
         }
+
+    def trace_points(self) -> list[dict[str, Any]]:
+        """The per-step trace (see :class:`~stabilize.health.trace.StepTrace`) as points, e.g. for ``save_json``."""
+        self._read_trace()
+        return [dict(point) for point in self._trace.points()]
 
     def _layers_without(self, names: set[str]) -> list[str]:
         """The watched layers not in ``names``, in forward order (none once the layers are detached)."""
@@ -399,13 +464,13 @@ class GradientMonitor:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after a resume, device counters included (one host read): the host records
         (every public field but those in ``_NOT_CHECKPOINTED``), the recent norms and the counters."""
-        self._count_chunk()
+        self._read_trace()
         counters = self.counters.unpack(self.counters.pack().tolist()) if self.counters else self._saved_counters
         # Copies: a checkpoint written in the background (AsyncCheckpointIO) must not see the records grow meanwhile.
         state = copy.deepcopy({f.name: getattr(self, f.name) for f in fields(self) if _checkpointed(f.name)})
         state["gradient_layers"] = sorted(self.gradient_layers)
         state["learning_layers"] = None if self.learning_layers is None else sorted(self.learning_layers)
-        return {**state, "norm_history": self.recent_norms(), "counters": counters}
+        return {**state, "norm_history": self.recent_norms(), "counters": counters, "trace": self._trace.state_dict()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], criteria: HealthCriteria) -> GradientMonitor:
@@ -424,6 +489,7 @@ class GradientMonitor:
             **saved,
             _saved_norms=list(state["norm_history"]),
             _saved_counters=state.get("counters"),
+            _trace=StepTrace.from_state_dict(state["trace"]) if "trace" in state else StepTrace(),
         )
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -463,6 +529,7 @@ class GradientMonitor:
                     "steps": spikes,
                     "max_norm": counters["spike_max_norm"],
                     "peak_ratio": counters["spike_max_ratio"],
+                    "peak_step": counters["spike_peak_step"],
                     "longest_run": counters["spike_longest_run"],
                     "persistent_steps": counters["persistent_spikes"],
                     "ceiling_steps": counters["ceiling_steps"],

@@ -45,6 +45,15 @@ class StepRecord(TypedDict):
     temporal_ratio: NotRequired[float]
 
 
+class LossPoint(TypedDict):
+    """What the loss and collapse rules read of a run at one step: a logging step's :class:`StepRecord`, or a point
+    of the per-step trace (:class:`~stabilize.health.trace.TracePoint`)."""
+
+    step: int
+    loss: float
+    global_norm: float
+
+
 class SpikeEvent(TypedDict):
     """Spikes (steps far above the running median) counted between two logging steps."""
 
@@ -52,8 +61,9 @@ class SpikeEvent(TypedDict):
     last_step: int
     steps: int
     max_norm: float
-    #: Largest ``norm / running median`` among them.
+    #: Largest ``norm / running median`` among them, and the first step that had it (-1: none had a ratio).
     peak_ratio: float
+    peak_step: NotRequired[int]
     #: Longest run of consecutive spikes.
     longest_run: int
     #: Spikes at least ``spike_persistence`` steps into a run.
@@ -114,6 +124,51 @@ class LossStall(TypedDict):
     end_loss: float
 
 
+class LossBlowup(TypedDict):
+    """The training loss far above its start or best (see :mod:`stabilize.health.instability`): from
+    ``onset_step`` (its smoothed loss above the bar) to ``back_step`` (back below it; ``None``: still above at the
+    end), its peak, and whether the run ``recovered`` (``end_loss``, the last tenth's, back near ``best_before`` and
+    below ``start_loss``). ``confirmed_step``: where the evidence was enough for an alert (``None``: never)."""
+
+    onset_step: int
+    peak_step: int
+    peak_loss: float
+    start_loss: float
+    best_before: float
+    back_step: int | None
+    end_loss: float
+    recovered: bool
+    confirmed_step: int | None
+
+
+class UpdateRatio(TypedDict):
+    """The largest ``||w_after - w_before|| / ||w_before||`` of a layer at a logging step."""
+
+    ratio: float
+    layer: str
+    step: int
+
+
+def largest_update(history: list[StepRecord]) -> UpdateRatio | None:
+    """The largest update-to-weight ratio of any layer at any record (``track_update_ratio``), or ``None``."""
+    best: UpdateRatio | None = None
+    for record in history:
+        for name, stats in record["layers"].items():
+            ratio = stats.get("update_to_weight", math.nan)
+            if math.isfinite(ratio) and (best is None or ratio > best["ratio"]):
+                best = {"ratio": ratio, "layer": name, "step": record["step"]}
+    return best
+
+
+class Alert(TypedDict):
+    """A finding confirmed while training ran: its ``kind`` (a verdict class), the step it was raised at and the
+    evidence in words."""
+
+    kind: str
+    step: int
+    evidence: str
+
+
 class HealthSummary(TypedDict):
     """One optimizer's gradient health over the whole run: what the diagnosis says, as data."""
 
@@ -140,6 +195,13 @@ class HealthSummary(TypedDict):
     gradient_collapse: GradientCollapse | None
     #: The training loss stalled near its start (single-optimizer runs; see :mod:`stabilize.health.stall`).
     loss_stall: NotRequired[LossStall | None]
+    #: The training loss's blow-ups, recovered or not (single-optimizer runs; see
+    #: :mod:`stabilize.health.instability`).
+    loss_blowups: NotRequired[list[LossBlowup]]
+    #: The largest per-layer update-to-weight ratio at a logging step (``track_update_ratio``).
+    largest_update_to_weight: NotRequired[UpdateRatio | None]
+    #: Findings confirmed during training, in the order they were raised (``GradientHealthCallback``'s alerts).
+    alerts: NotRequired[list[Alert]]
     #: ReLU-like modules with at least half their channels dead at the last record (``track_activations``).
     dead_units: NotRequired[dict[str, float]]
     #: Tied weights: a parameter's name -> the other names it has (counted once, under the first).

@@ -1,11 +1,11 @@
 """Sharpness (the largest eigenvalue of the loss's Hessian) and the learning rate's stability limit, in plain torch.
 
 Gradient descent on a quadratic is stable only while the sharpness stays below ``2 / lr`` (``(2 + 2 beta) / lr``
-with heavy-ball momentum ``beta``); Cohen et al. (ICLR 2021) showed full-batch training drives the sharpness up to
-that limit and then hovers there (the Edge of Stability). :func:`top_eigenvalue` finds the sharpness by the Lanczos
-method on Hessian-vector products (double backward, no Hessian built; Cohen et al. use Lanczos too), or by power
-iteration where memory is short, warm-started from the previous eigenvector so that a few iterations suffice
-between measurements.
+with heavy-ball momentum ``beta``, ``(2 + 2 beta) / ((1 + 2 beta) lr)`` with Nesterov's: :func:`stability_limit`);
+Cohen et al. (ICLR 2021) showed full-batch training drives the sharpness up to that limit and then hovers there (the
+Edge of Stability). :func:`top_eigenvalue` finds the sharpness by the Lanczos method on Hessian-vector products
+(double backward, no Hessian built; Cohen et al. use Lanczos too), or by power iteration where memory is short,
+warm-started from the previous eigenvector so that a few iterations suffice between measurements.
 
 Adaptive optimizers (Adam, AdamW) take preconditioned steps ``P^-1 g`` with ``P = diag(sqrt(v_hat) + eps)``; for them
 the quantity with a stability limit is the *preconditioned* sharpness, the largest eigenvalue of ``P^-1 H``, and the
@@ -184,20 +184,57 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
 
 
 def stability_limit(optimizer: torch.optim.Optimizer) -> float | None:
-    """The sharpness above which this optimizer's (first group's) learning rate diverges on a quadratic: ``2 / lr``
-    for SGD, ``(2 + 2 momentum) / lr`` with heavy-ball momentum (Nesterov: the same bound is used as an
-    approximation); for Adam and AdamW the limit of the *preconditioned* sharpness, ``(2 + 2 beta1) / ((1 - beta1)
-    lr)``. ``None`` for other optimizers (RMSprop, Adagrad...) and a zero learning rate."""
+    """The sharpness above which this optimizer's (first group's) learning rate diverges on a quadratic; ``None`` for
+    a zero learning rate and for optimizers without a known limit (RMSprop, Adagrad...).
+
+    SGD (:func:`sgd_critical_step` for the derivation): ``c / lr - weight_decay`` with ``c = 2`` without momentum,
+    ``(2 + 2 beta) / (1 - dampening)`` with heavy-ball momentum ``beta`` and ``(2 + 2 beta) / (1 + 2 beta)``
+    with Nesterov momentum (1.357 at beta = 0.9, not heavy ball's 3.8). Adam and AdamW: the limit of the
+    *preconditioned* sharpness, ``(2 + 2 beta1) / ((1 - beta1) lr)``.
+
+    Raises:
+        ValueError: For SGD with ``maximize=True``, which ascends: no step size is stable.
+    """
     group = optimizer.param_groups[0]
     lr = float(group["lr"])
     if lr <= 0:
         return None
     if isinstance(optimizer, torch.optim.SGD):
-        return (2.0 + 2.0 * float(group.get("momentum", 0.0))) / lr
+        if group.get("maximize", False):
+            raise ValueError("SGD with maximize=True ascends the loss: it has no stability limit (every step grows).")
+        critical = sgd_critical_step(
+            float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0)), bool(group.get("nesterov", False))
+        )
+        return critical / lr - float(group.get("weight_decay", 0.0))
     if is_adam(optimizer):
         beta1 = float(group["betas"][0])
         return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
     return None
+
+
+def sgd_critical_step(momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> float:
+    """The largest stable ``lr * lambda`` of ``torch.optim.SGD`` on a quadratic of curvature ``lambda``.
+
+    With ``x = lr * lambda`` and the buffer ``b_t = beta b_{t-1} + (1 - d) lambda w_t`` (PyTorch's; its first step
+    sets ``b = g`` undamped, a transient that does not change stability):
+
+    - heavy ball, ``w_{t+1} = w_t - lr b_t``: ``b`` is ``(1 - d)`` times the undamped buffer, so the step is
+      ``lr (1 - d)`` and the classic ``x (1 - d) < 2 + 2 beta`` holds: ``x < (2 + 2 beta) / (1 - d)``;
+    - Nesterov, ``w_{t+1} = w_t - lr (g_t + beta b_t)``: the state ``(w_t, lr b_{t-1})`` evolves by
+      ``[[1 - x (1 + beta (1 - d)), -beta^2], [(1 - d) x, beta]]``, trace ``1 + beta - x (1 + beta (1 - d))``,
+      determinant ``beta (1 - x)``; the eigenvalue first leaves the unit circle at -1, where
+      ``1 + trace + det = 0``: ``x = (2 + 2 beta) / (1 + beta (2 - d))`` (PyTorch allows Nesterov only with
+      ``d = 0``: ``(2 + 2 beta) / (1 + 2 beta)``).
+
+    Without momentum, dampening does nothing (PyTorch keeps no buffer): ``x < 2``.
+    """
+    if momentum == 0:
+        return 2.0
+    if nesterov:
+        return (2.0 + 2.0 * momentum) / (1.0 + momentum * (2.0 - dampening))
+    if dampening >= 1:
+        return math.inf  # a buffer of zeros after the first step: the weights stop moving
+    return (2.0 + 2.0 * momentum) / (1.0 - dampening)
 
 
 def is_adam(optimizer: torch.optim.Optimizer) -> bool:

@@ -84,7 +84,12 @@ def count_chunk(
     _note_first_and_last(counters, "spike", spike, chunk.steps)
     torch.maximum(counters.spike_max_norm, torch.where(spike, totals, 0.0).max(), out=counters.spike_max_norm)
     # A ratio is NaN where no median exists yet: such a spike (out of range) has no ratio, as fmax ignores NaN.
-    peak_ratio = torch.where(spike, ratio, 0.0).nan_to_num(0.0).max()
+    spike_ratios = torch.where(spike, ratio, 0.0).nan_to_num(0.0)
+    peak_ratio = spike_ratios.max()
+    peak_step = _at(chunk.steps, torch.argmax(spike_ratios))  # the first step of the chunk's largest ratio
+    counters.spike_peak_step.copy_(
+        torch.where(peak_ratio > counters.spike_max_ratio, peak_step, counters.spike_peak_step)
+    )
     counters.spike_max_ratio.copy_(torch.fmax(counters.spike_max_ratio, peak_ratio))
     spike_run = _runs(spike, counters.spike_run)
     torch.maximum(counters.spike_longest_run, spike_run.max(), out=counters.spike_longest_run)

@@ -6,7 +6,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from stabilize.health.records import LossStall, StepRecord
+from stabilize.health.records import LossPoint, LossStall
 
 #: Fewer records than this say nothing about a trend.
 MIN_RECORDS = 20
@@ -17,7 +17,7 @@ STALL_PROGRESS = 0.05
 EARLY_SHARE = 0.5
 
 
-def loss_stall(history: Sequence[StepRecord]) -> LossStall | None:
+def loss_stall(history: Sequence[LossPoint]) -> LossStall | None:
     """The stall of a run's training loss, or ``None``.
 
     The records' interval losses: the median of the first three (``start``), of those from 5% to 10% of the run

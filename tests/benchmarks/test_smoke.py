@@ -106,15 +106,17 @@ def test_gpu_suite_dry_run_writes_each_part(tmp_path: Path) -> None:
 
 
 def test_pathology_zoo_smoke_cases_get_their_labels(tmp_path: Path) -> None:
-    # One case per label (healthy, vanishing, exploding, collapse, stalled); seeded, and each verdict has a wide
-    # margin (a 16/20-layer vanishing, NaN from step 4, a 1,219x collapse, no spike at all in the healthy run, a loss
-    # that fell 3% where 5% would count as progress).
+    # One case per label (healthy, vanishing, exploding, unstable, collapse, stalled); seeded, and each verdict has a
+    # wide margin (a 15/20-layer vanishing, NaN from step 4, a loss 7,000x its start that never comes down, a 929x
+    # collapse, no spike at all in the healthy run, a loss that fell 3% where 5% would count as progress).
     lines = run_smoke("pathology_zoo.py", tmp_path, "--out", str(tmp_path / "zoo.json"))
-    assert json.loads(lines[-1]) == {"correct": 5, "borne_out": 5, "cases": 5}
+    assert json.loads(lines[-1]) == {"correct": 6, "borne_out": 6, "cases": 6}
     saved = json.loads((tmp_path / "zoo.json").read_text())
-    labels = {"healthy", "vanishing", "exploding", "collapse", "stalled"}
+    labels = {"healthy", "vanishing", "exploding", "unstable", "collapse", "stalled"}
     assert {case["label"] for case in saved["cases"]} == labels
-    assert sum(sum(row.values()) for row in saved["confusion"].values()) == 5
+    assert sum(sum(row.values()) for row in saved["confusion"].values()) == 6 and saved["false_alarms"] == 0
+    (unstable,) = [case for case in saved["cases"] if case["label"] == "unstable"]
+    assert unstable["alerts"][0]["kind"] == "unstable" and unstable["alert_latency"] >= 0
     assert all(saved["confusion"][label][label] == 1 for label in saved["confusion"])
 
 

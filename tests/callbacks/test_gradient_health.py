@@ -139,8 +139,8 @@ def test_a_single_planted_spike_is_transient_and_a_run_of_them_exploding(tmp_pat
     seed_everything(0)
     health = GradientHealthCallback(log_every_n_steps=4, warmup_steps=3, verbose=False)
     trainer(tmp_path, [health], steps=8).fit(TinyMLP(lr=1e-9, loss_scale_at={5: 1e6}))
-    # Step 5 lies after the last logging step (4): the device counters are flushed when training ends.
-    assert [r["spike_steps"] for r in health.history] == [0, 0]
+    # Step 5 lies after the last regular logging step (4): the fit's last step (7) always gets a record, which reads it.
+    assert [(r["step"], r["spike_steps"]) for r in health.history] == [(0, 0), (4, 0), (7, 1)]
     summary = health.summary()["optimizer_0"]
     assert summary["explosions"] == []
     (spike,) = summary["transient_spikes"]
@@ -424,7 +424,7 @@ def test_diagnosis_summary_json_and_checkpoint_resume(tmp_path: Path) -> None:
     health.save_json(tmp_path / "health.json")
     saved = json.loads((tmp_path / "health.json").read_text())
     assert saved["summary"]["optimizer_0"]["vanishing_layers_now"]["network.0.0"] == 0
-    assert [r["step"] for r in saved["history"]["optimizer_0"]] == [0, 2]
+    assert [r["step"] for r in saved["history"]["optimizer_0"]] == [0, 2, 3]  # every 2 steps, and the last
 
     resumed = GradientHealthCallback(log_every_n_steps=2, verbose=False)
     second = trainer(tmp_path, [resumed], steps=8, limit_val_batches=0)
@@ -433,7 +433,7 @@ def test_diagnosis_summary_json_and_checkpoint_resume(tmp_path: Path) -> None:
         SyntheticImages(64, 16),
         ckpt_path=checkpoint,
     )
-    assert [r["step"] for r in resumed.history] == [0, 2, 4, 6]
+    assert [r["step"] for r in resumed.history] == [0, 2, 3, 4, 6, 7]
     summary = resumed.summary()["optimizer_0"]
     assert summary["steps"] == 8
     assert summary["vanishing_layers_now"]["network.0.0"] == 0  # the streak survived the resume
@@ -458,6 +458,7 @@ def test_diagnosis_is_printed_at_the_end_of_fit(tmp_path: Path, caplog: pytest.L
         ({"exploding_factor": 0.5}, "exploding_factor must be above 1"),
         ({"median_window": 1}, "median_window must be an integer from 3"),
         ({"on_nonfinite": "ignore"}, "on_nonfinite must be"),
+        ({"on_unhealthy": "raise"}, "on_unhealthy must be 'warn', 'stop' or 'ignore'"),
         ({"log_every_n_steps": 0}, "log_every_n_steps must be positive"),
         ({"histogram_every_n_steps": -1}, "histogram_every_n_steps must be a non-negative integer"),
         ({"saturation_threshold": 0.2}, "saturation_threshold"),

@@ -81,6 +81,8 @@ def count_spikes(
     counters.spike_first = torch.where(spike & (counters.spike_first < 0), step, counters.spike_first)
     counters.spike_last = torch.where(spike, step, counters.spike_last)
     counters.spike_max_norm = torch.where(spike, torch.maximum(counters.spike_max_norm, total), counters.spike_max_norm)
+    higher = spike & (torch.nan_to_num(ratio, 0.0) > counters.spike_max_ratio)
+    counters.spike_peak_step = torch.where(higher, step, counters.spike_peak_step)
     counters.spike_max_ratio = torch.where(spike, torch.fmax(counters.spike_max_ratio, ratio), counters.spike_max_ratio)
     counters.spike_run.add_(1).mul_(spike)
     torch.maximum(counters.spike_longest_run, counters.spike_run, out=counters.spike_longest_run)

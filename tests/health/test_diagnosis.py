@@ -69,11 +69,12 @@ def test_the_verdict_names_every_finding_worst_first_and_transient_spikes_as_a_n
         " gradient collapsed (300x down); 2 transient spikes (peak 37x the median at step 70, each over within 1 step)"
     )
     assert verdict_class(everything) == "exploding"
+    # Layers that vanished at some logged step and recovered are in the diagnosis, not in the verdict: which steps
+    # are logged depends on the cadence, the verdict must not. An event without its peak's step names its span.
     calm = summary(transient_spikes=[spike(40, 41, peak_ratio=12.0)], ever_vanished={"a": 30})
-    assert (
-        verdict(calm)
-        == "recovered from vanishing; 2 transient spikes (peak 12x the median at step 40-41, each over within 2 steps)"
-    )
+    assert verdict(calm) == "healthy; 2 transient spikes (peak 12x the median at step 40-41, each over within 2 steps)"
+    peaked = summary(transient_spikes=[spike(40, 45, peak_ratio=12.0, peak_step=44)])
+    assert verdict(peaked) == "healthy; 6 transient spikes (peak 12x the median at step 44, each over within 6 steps)"
     assert verdict_class(calm) == "healthy"
     lines = "\n".join(diagnosis_lines(calm, None))
     assert "Transient:" in lines and "at steps 40-41" in lines and "Healthy: no action needed" in lines

@@ -195,7 +195,7 @@ def test_nonfinite_layers_are_named_in_forward_order_and_skip_drops_every_gradie
 
 def test_device_counters_schema_drives_pack_unpack_reset_and_load() -> None:
     counters = DeviceCounters.zeros(num_layers=3, device=torch.device("cpu"))
-    assert counters.sizes() == [1] * 16 + [3, 1, 1, 1]
+    assert counters.sizes() == [1] * 17 + [3, 1, 1, 1]
     counters.spikes += 2
     counters.spike_first.fill_(5)
     counters.spike_run.fill_(4)
