@@ -12,8 +12,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from stabilize.callbacks.random_state import preserved_random_state
 from stabilize.errors import ConfigurationError, check_integers
-from stabilize.health.sharpness import METHODS, adam_preconditioner, stability_limit, top_eigenvalue
+from stabilize.health.sharpness import METHODS, Sharpness, adam_preconditioner, stability_limit, top_eigenvalue
 
 #: Sharpness over its stability limit from which the learning rate, not the data, bounds the curvature: gradient
 #: descent's sharpness hovers just below or around 1 at the Edge of Stability (Cohen et al. 2021, Fig. 1: within ~10%).
@@ -25,6 +26,10 @@ class SharpnessMonitor(Callback):
     steps and compare it with the stability limit of the learning rate (``2 / lr`` for SGD, ``(2 + 2 momentum) / lr``
     with momentum): at a ratio near 1 the learning rate, not the data, sets the curvature (the Edge of Stability,
     Cohen et al. 2021), and spikes are the optimizer overshooting.
+
+    The monitor never changes the training it watches: a measurement leaves every random generator (torch's CPU and
+    CUDA, Python's, NumPy's) as it found it, so dropout masks and the batch order that follow are those of a run
+    without it (tested bitwise).
 
     The loss is the module's own ``training_step`` on one fixed batch (the first training batch, kept), with its logging
     silenced, in eval mode: BatchNorm uses its running statistics and dropout is off, so a measurement is reproducible;
@@ -53,6 +58,10 @@ class SharpnessMonitor(Callback):
         verbose: Print the summary line when ``fit`` ends.
         method: ``"lanczos"`` (the default: few Hessian-vector products, keeps up to ``iterations + 1`` copies of
             the parameters) or ``"power"`` (power iteration: two copies, slow when the top eigenvalues are close).
+        at_initialisation: Also measure before the first optimizer step (at the first training batch), into
+            :attr:`initial_sharpness`. The measurements of :attr:`history` are taken after an optimizer step: the one
+            labelled step ``k`` after ``k + 1`` updates, so step 0's is not the initial sharpness (it depends on
+            the learning rate of that first update).
 
     Raises:
         ConfigurationError: If ``every_n_steps``, ``iterations`` or ``examples`` is not a positive integer,
@@ -83,6 +92,7 @@ class SharpnessMonitor(Callback):
         examples: int | None = None,
         verbose: bool = True,
         method: Literal["lanczos", "power"] = "lanczos",
+        at_initialisation: bool = False,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -100,8 +110,11 @@ class SharpnessMonitor(Callback):
             tolerance,
             verbose,
         )
-        #: ``(step, sharpness, stability limit or None)`` of every measurement.
+        #: ``(step, sharpness, stability limit or None)`` of every measurement, taken after step ``step``'s update.
         self.history: list[tuple[int, float, float | None]] = []
+        self.at_initialisation = at_initialisation
+        #: The sharpness before any update (``at_initialisation``), ``None`` until measured.
+        self.initial_sharpness: float | None = None
         self._batch: Any = None
         self._vector: list[Tensor] | None = None
         #: Whether the history holds Adam's preconditioned sharpness.
@@ -120,6 +133,8 @@ class SharpnessMonitor(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._batch is None:
             self._batch = _detached(batch, self.examples)
+        if self.at_initialisation and self.initial_sharpness is None and trainer.global_step == 0:
+            self.initial_sharpness = self._measure(trainer, pl_module).value
 
     @override
     def on_train_batch_end(
@@ -130,6 +145,20 @@ class SharpnessMonitor(Callback):
         step = trainer.global_step - 1
         if step < 0 or (self.history and self.history[-1][0] // self.every_n_steps >= step // self.every_n_steps):
             return
+        measured = self._measure(trainer, pl_module)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        limit = None if optimizer is None else stability_limit(optimizer)
+        self.history.append((step, measured.value, limit))
+        metrics = {f"sharpness/{'preconditioned' if self.preconditioned else 'max_eigenvalue'}": measured.value}
+        if limit is not None:
+            metrics |= {"sharpness/stability_limit": limit, "sharpness/ratio": measured.value / limit}
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def _measure(self, trainer: Trainer, pl_module: LightningModule) -> Sharpness:
+        """One measurement on the kept batch (warm-started from the last eigenvector, which it replaces), leaving
+        every random generator as it found it."""
         params = [p for p in pl_module.parameters() if p.requires_grad]
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         preconditioner = None if optimizer is None else adam_preconditioner(optimizer, params)
@@ -141,7 +170,8 @@ class SharpnessMonitor(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with _silenced_logging(pl_module), torch.enable_grad():
+            devices = list({p.device for p in params})
+            with _silenced_logging(pl_module), torch.enable_grad(), preserved_random_state(devices):
                 measured = top_eigenvalue(
                     lambda: _loss(measured_loss(self._batch)),
                     params,
@@ -154,14 +184,7 @@ class SharpnessMonitor(Callback):
         finally:
             pl_module.train(was_training)
         self._vector = measured.vector
-        limit = None if optimizer is None else stability_limit(optimizer)
-        self.history.append((step, measured.value, limit))
-        metrics = {f"sharpness/{'preconditioned' if self.preconditioned else 'max_eigenvalue'}": measured.value}
-        if limit is not None:
-            metrics |= {"sharpness/stability_limit": limit, "sharpness/ratio": measured.value / limit}
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        return measured
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -225,13 +248,19 @@ class SharpnessMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "vector": self._vector, "preconditioned": self.preconditioned}
+        return {
+            "history": self.history,
+            "vector": self._vector,
+            "preconditioned": self.preconditioned,
+            "initial_sharpness": self.initial_sharpness,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [(int(step), float(value), limit) for step, value, limit in state_dict.get("history", [])]
         self._vector = state_dict.get("vector")
         self.preconditioned = bool(state_dict.get("preconditioned", False))
+        self.initial_sharpness = state_dict.get("initial_sharpness")
 
 
 def _steps(steps: Sequence[int], shown: int = 8) -> str:
