@@ -45,6 +45,12 @@ from stabilize.health import verdict, verdict_class
 from stabilize.health.diagnosis import VERDICT_CLASSES
 from stabilize.models import RecurrentNet
 
+try:  # run as a script, benchmarks/ is on the path; imported by the tests, the package
+    import zoo_foreign
+except ImportError:
+    from benchmarks import zoo_foreign
+against_bar = zoo_foreign.against_bar
+
 LABELS = VERDICT_CLASSES
 CLASSES = 4  # chance accuracy 25%
 SMOKE_CASES = ("mlp-adam", "deep-sigmoid", "lr-too-high", "transformer-adam-lr-too-high", "minimax-gan", "lr-too-low")
@@ -364,11 +370,9 @@ def clean_mse(at_most: float | None = None, at_least: float | None = None) -> An
         module.eval()
         with torch.no_grad():
             mse = F.mse_loss(module(x), y).item()
-        words = f"clean held-out MSE {mse:.3f} (target variance {y.var().item():.1f}"
-        if at_most is not None:
-            return mse <= at_most, f"{words}; healthy needs <= {at_most})"
-        assert at_least is not None
-        return not math.isfinite(mse) or mse >= at_least, f"{words}; failing needs >= {at_least} or non-finite)"
+        return against_bar(
+            mse, f"clean held-out MSE {mse:.3f} (target variance {y.var().item():.1f}", at_most, at_least
+        )
 
     return check
 
@@ -778,10 +782,7 @@ def cases() -> list[Case]:
 
 def foreign_cases() -> list[Case]:
     """The cases on timm, Hugging Face transformers and litgpt models (:mod:`zoo_foreign`)."""
-    try:  # run as a script: benchmarks/ is on the path
-        import zoo_foreign as foreign
-    except ImportError:
-        from benchmarks import zoo_foreign as foreign
+    foreign = zoo_foreign
 
     text_test = foreign.held_out_text_loss
     images_test = accuracy(foreign.quadrant_images(1000, seed=1), at_least=0.7)
@@ -1020,6 +1021,7 @@ def main() -> None:
             result["verdict_by_cadence"] = {c: r["verdicts"] for c, r in by_cadence.items()}
             result["class_by_cadence"] = {c: r["verdict_class"] for c, r in by_cadence.items()}
             result["latency_by_cadence"] = {c: r["alert_latency"] for c, r in by_cadence.items()}
+            result["alerts_by_cadence"] = {c: r["alerts"] for c, r in by_cadence.items()}
             result["same_at_every_cadence"] = all(r["verdicts"] == result["verdicts"] for r in by_cadence.values())
         results.append(result)
     print_table(results)

@@ -112,13 +112,18 @@ def held_out_text_loss(at_most: float | None = None, at_least: float | None = No
         with torch.no_grad():
             logits = module(tokens)
         loss = F.cross_entropy(logits.reshape(-1, VOCABULARY), targets.reshape(-1)).item()
-        words = f"held-out loss {loss:.3f} nats (learned: 1.39; guessing: 4.16"
-        if at_most is not None:
-            return loss <= at_most, f"{words}; healthy needs <= {at_most})"
-        assert at_least is not None
-        return not math.isfinite(loss) or loss >= at_least, f"{words}; failing needs >= {at_least} or non-finite)"
+        return against_bar(loss, f"held-out loss {loss:.3f} nats (learned: 1.39; guessing: 4.16", at_most, at_least)
 
     return check
+
+
+def against_bar(value: float, words: str, at_most: float | None, at_least: float | None) -> tuple[bool, str]:
+    """An outcome against its bar: at most ``at_most`` (healthy), or at least ``at_least`` or non-finite (failing);
+    ``words`` (an open parenthesis) get the bar and a closing one."""
+    if at_most is not None:
+        return value <= at_most, f"{words}; healthy needs <= {at_most})"
+    assert at_least is not None
+    return not math.isfinite(value) or value >= at_least, f"{words}; failing needs >= {at_least} or non-finite)"
 
 
 #: The library each foreign network needs.

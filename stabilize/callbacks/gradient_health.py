@@ -337,6 +337,8 @@ class GradientHealthCallback(Callback):
             reported = len(monitor.nonfinite)
             monitor.flush()
             self._warn_nonfinite(trainer, monitor, reported)
+            final = monitor.new_alerts(judges_loss(len(self._monitors)), final=True)
+            self._alarm.raise_alerts(trainer, final, monitor.prefix, stop=False)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -24,8 +24,9 @@ AT_THE_LIMIT = 0.9
 class SharpnessMonitor(Callback):
     r"""Measure the sharpness (the largest Hessian eigenvalue of the training loss) every ``every_n_steps`` optimizer
     steps and compare it with the stability limit of the learning rate (``2 / lr`` for SGD, ``(2 + 2 momentum) / lr``
-    with momentum): at a ratio near 1 the learning rate, not the data, sets the curvature (the Edge of Stability,
-    Cohen et al. 2021), and spikes are the optimizer overshooting.
+    with heavy-ball momentum, ``(2 + 2 momentum) / ((1 + 2 momentum) lr)`` with Nesterov's, dampening and weight decay
+    included: :func:`~stabilize.health.sharpness.stability_limit`): at a ratio near 1 the learning rate, not the data,
+    sets the curvature (the Edge of Stability, Cohen et al. 2021), and spikes are the optimizer overshooting.
 
     The monitor never changes the training it watches: a measurement leaves every random generator (torch's CPU and
     CUDA, Python's, NumPy's) as it found it, so dropout masks and the batch order that follow are those of a run
@@ -79,7 +80,7 @@ class SharpnessMonitor(Callback):
     ===================================  ==========================================================
     ``sharpness/max_eigenvalue``         largest Hessian eigenvalue of the loss on the fixed batch (not Adam)
     ``sharpness/preconditioned``         largest eigenvalue of ``P^-1 H`` (Adam and AdamW, instead)
-    ``sharpness/stability_limit``        ``(2 + 2 momentum) / lr`` (SGD); ``(2 + 2 beta1) / ((1 - beta1) lr)`` (Adam)
+    ``sharpness/stability_limit``        SGD's (``stability_limit``); ``(2 + 2 beta1) / ((1 - beta1) lr)`` (Adam)
     ``sharpness/ratio``                  measured eigenvalue / stability_limit (SGD, Adam)
     ===================================  ==========================================================
     """

@@ -42,17 +42,18 @@ class UnhealthyAlarm:
         #: The checkpoint saved before stopping, if any.
         self.checkpoint: Path | None = None
 
-    def raise_alerts(self, trainer: Trainer, alerts: list[Alert], prefix: str = "") -> None:
-        """Say what the new ``alerts`` found (called at logging steps, on every process)."""
-        self._decide_due = self.policy == "stop"
+    def raise_alerts(self, trainer: Trainer, alerts: list[Alert], prefix: str = "", stop: bool = True) -> None:
+        """Say what the new ``alerts`` found (called at logging steps, on every process; at the end of training with
+        ``stop=False``: there is nothing left to stop)."""
+        self._decide_due = self.policy == "stop" and stop
         if not alerts or self.policy == "ignore":
             return
-        self._stop_due = self.policy == "stop"
+        self._stop_due = self.policy == "stop" and stop
         if not trainer.is_global_zero:
             return
         for alert in alerts:
             where = f" ({prefix.rstrip('/')})" if prefix else ""
-            action = " Saving a checkpoint and stopping (on_unhealthy='stop')." if self.policy == "stop" else ""
+            action = " Saving a checkpoint and stopping (on_unhealthy='stop')." if self._stop_due else ""
             line = (
                 f"GradientHealthCallback{where}: {alert['kind'].upper()} at step {alert['step']}: {alert['evidence']}."
                 f" {ALERT_ADVICE[alert['kind']].capitalize()}.{action}"

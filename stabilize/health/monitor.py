@@ -393,12 +393,13 @@ class GradientMonitor:
         if self._unread:
             self._extend_trace(self._unread_values(self._unread[0][1].device).tolist())
 
-    def new_alerts(self, judge_loss: bool = True) -> list[Alert]:
+    def new_alerts(self, judge_loss: bool = True, final: bool = False) -> list[Alert]:
         """Findings confirmed since the last call (see :func:`~stabilize.health.alerts.confirmed_findings`), also
-        appended to :attr:`alerts`. Reads what has reached the host (call it after :meth:`record`); the rules read
-        the whole trace, so they run at most once every 16 observed steps or every 1/64 of the trace, whichever is
-        longer."""
-        if self.steps - self._alerts_checked_at < max(16, len(self._trace) // 64):
+        appended to :attr:`alerts`. Reads what has reached the host (call it after :meth:`record` or :meth:`flush`);
+        the rules read the whole trace, so they run at most once every 16 observed steps or every 1/64 of the trace,
+        whichever is longer, and always when ``final`` (the end of training). A finding once confirmed stays
+        confirmed, so whether a run raises an alert does not depend on the logging cadence, only when."""
+        if not final and self.steps - self._alerts_checked_at < max(16, len(self._trace) // 64):
             return []
         self._alerts_checked_at = self.steps
         raised = {alert["kind"] for alert in self.alerts}
