@@ -942,6 +942,8 @@ def run_case(case: Case, seed: int = 0, log_every_n_steps: int | None = None) ->
         "log_every_n_steps": log_every_n_steps or case.log_every_n_steps,
         "onset": case.onset,
         "alerts": alerts,
+        # Evidence the verdict does not use (docs/guide/callback.md says why): the largest per-layer update ratio.
+        "largest_update_to_weight": {name: s.get("largest_update_to_weight") for name, s in summaries.items()},
         # Steps from the failure's onset (known by construction) to the first alert; None: no alert (the verdict
         # comes at the end of fit), or a healthy case.
         "alert_latency": alerts[0]["step"] - case.onset if alerts and case.onset is not None else None,
