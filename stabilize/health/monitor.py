@@ -200,7 +200,7 @@ class GradientMonitor:
             judged=torch.arange(size, device=device) >= self.criteria.judged_after - first_position,
             amp=amp,
         )
-        self._window, medians = count_chunk(
+        self._window, medians, totals = count_chunk(
             self.criteria, counters, window, chunk, self._layers().layer_index(positions, device)
         )
         self._last_median = medians[-1]
@@ -208,7 +208,6 @@ class GradientMonitor:
         if chunk.losses is not None:
             index = chunk.loss_index if chunk.loss_index is not None else torch.arange(size, device=device)
             step_losses.index_copy_(0, index, chunk.losses.float())
-        totals = chunk.norms.square().sum(1).sqrt().float()
         self._unread.append((steps, torch.stack([step_losses, totals])))
         self._chunk_steps, self._chunk_norms, self._chunk_losses = [], [], []
 

@@ -41,15 +41,15 @@ class StepChunk:
 
 def count_chunk(
     criteria: HealthCriteria, counters: DeviceCounters, history: Tensor, chunk: StepChunk, layer_index: Tensor
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Add the chunk's steps to ``counters`` as a step-by-step count would: a spike when a step's total norm exceeds
     ``exploding_factor`` x the median of the finite norms of the ``median_window`` steps before it (once
     ``judged``) or is out of range (:func:`out_of_range`); runs of spikes and of out-of-range steps (continued from
     the counters' running state); non-finite tensors per layer; the interval's largest norm and loss sum.
 
     ``history`` holds the window before the chunk (oldest first, NaN where no finite norm); ``layer_index`` maps the
-    columns of ``chunk.norms`` to layers. Returns the window after the chunk and the median before each step. Device
-    ops only, no host sync.
+    columns of ``chunk.norms`` to layers. Returns the window after the chunk, the median before each step and each
+    step's total norm (float32, which the monitor's per-step trace keeps). Device ops only, no host sync.
     """
     norms = chunk.norms
     size = len(chunk.steps)
@@ -94,7 +94,7 @@ def count_chunk(
     spike_run = _runs(spike, counters.spike_run)
     torch.maximum(counters.spike_longest_run, spike_run.max(), out=counters.spike_longest_run)
     counters.persistent_spikes += (spike & (spike_run >= criteria.spike_persistence)).sum()
-    return extended[-window:], medians
+    return extended[-window:], medians, totals
 
 
 def out_of_range(
