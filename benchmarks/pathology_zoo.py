@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from stabilize.callbacks import GradientHealthCallback
 from stabilize.datamodules import AddingProblemDataModule
+from stabilize.doctor import Variant
 from stabilize.health import verdict, verdict_class
 from stabilize.health.diagnosis import VERDICT_CLASSES
 from stabilize.models import RecurrentNet
@@ -284,6 +285,7 @@ class GAN(LightningModule):
 
     def __init__(self, loss: str, lr_generator: float, lr_discriminator: float, discriminator_steps: int) -> None:
         super().__init__()
+        self.save_hyperparameters()  # what stabilize doctor rebuilds a variant from
         self.automatic_optimization = False
         self.generator = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
         self.discriminator = nn.Sequential(
@@ -314,6 +316,12 @@ class GAN(LightningModule):
         optimizer_g.zero_grad()
         self.manual_backward(g_loss)
         optimizer_g.step()
+
+    def stabilize_variants(self) -> dict[str, Variant]:
+        """What ``stabilize doctor`` may try (the hook any LightningModule can define)."""
+        if self.loss != "minimax":
+            return {}
+        return {"non_saturating_loss": Variant("the non-saturating generator loss", {"loss": "non-saturating"})}
 
     def configure_optimizers(self) -> Any:
         return (

@@ -4,7 +4,8 @@
 ``stabilize fit --config configs/resnet56.yaml``; ``validate``, ``test``, ``predict``, ``--print_config`` and
 ``--trainer.callbacks+=GradientHealthCallback`` work with the short class names of everything imported below.
 Any other LightningModule or LightningDataModule can be named by its import path (``--model my_pkg.MyNet``).
-``stabilize study --config configs/study/quickstart.yaml`` runs a grid of experiments (:mod:`stabilize.study`).
+``stabilize study --config configs/study/quickstart.yaml`` runs a grid of experiments (:mod:`stabilize.study`);
+``stabilize doctor --config theirs.yaml`` tries the remedies on a failing run (:mod:`stabilize.doctor`).
 """
 
 from __future__ import annotations
@@ -203,6 +204,11 @@ def main(args: Sequence[str] | None = None) -> None:
             return
         if arguments[0] == "configs":
             print(configs_command(arguments[1:]))
+            return
+        if arguments[0] == "doctor":
+            from stabilize.doctor.command import doctor_main
+
+            doctor_main(arguments[1:])
             return
         if arguments[0] == "study":
             from stabilize.study.command import study_main

@@ -26,7 +26,8 @@ CLASS_FLAGS: dict[str, type] = {
 
 def overview() -> str:
     """``stabilize --help``: every subcommand in one line, then where to read more."""
-    return f"""usage: stabilize {{fit,validate,test,predict,study,configs}} ... (stabilize {stabilize.__version__})
+    version = stabilize.__version__
+    return f"""usage: stabilize {{fit,validate,test,predict,study,doctor,configs}} ... (stabilize {version})
 
 See, and stop, vanishing and exploding gradients: Lightning models, datamodules and GradientHealthCallback.
 
@@ -36,6 +37,7 @@ subcommands:
   test       evaluate a checkpoint on the test split (--ckpt_path FILE)
   predict    run a checkpoint's predictions
   study      train a grid of runs and write a report: stabilize study quickstart --data-dir DIR
+  doctor     try the remedies on a failing run, say which works: stabilize doctor --config exploding_relu
   configs    list the shipped configs and grids, or print one: stabilize configs resnet20
 
 options:

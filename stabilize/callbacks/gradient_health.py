@@ -494,6 +494,12 @@ class GradientHealthCallback(Callback):
         monitor = self._monitors.get(optimizer_index)
         return monitor.history if monitor is not None else []
 
+    def trace_of(self, optimizer_index: int = 0) -> list[dict[str, Any]]:
+        """Every step's loss and total norm of one optimizer (:class:`~stabilize.health.trace.StepTrace`'s points:
+        ``step``, ``loss``, ``smoothed_loss``, ``steady_loss``, ``global_norm``); empty before its first step."""
+        monitor = self._monitors.get(optimizer_index)
+        return monitor.trace_points() if monitor is not None else []
+
     def save_json(self, path: str | Path) -> None:
         """Write the summary, the history and the raw spike events of every optimizer to ``path`` as JSON."""
         payload = {

@@ -9,6 +9,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 from typing_extensions import override
 
+from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError, DataError, check_integers
 from stabilize.models.epoch_means import DeviceLoggedModule
 from stabilize.models.gan_networks import (
@@ -218,6 +219,17 @@ class DCGAN(DeviceLoggedModule):
         self._real_images(batch)
 
     # ------------------------------------------------------------------------------------------------ diagnosis
+    def stabilize_variants(self) -> dict[str, Variant]:
+        """The structural changes ``stabilize doctor`` may try: the non-saturating loss for a minimax GAN, spectral
+        normalization of the discriminator."""
+        variants = {}
+        if self.hparams["loss"] == "minimax":
+            words = "the non-saturating generator loss (maximise log D(G(z)))"
+            variants["non_saturating_loss"] = Variant(words, {"loss": "non_saturating"})
+        if not self.hparams["spectral_norm"]:
+            variants["normalization"] = Variant("spectral normalization of the discriminator", {"spectral_norm": True})
+        return variants
+
     def gradient_health_hints(self) -> dict[str, str]:
         """Per-network advice for :class:`~stabilize.callbacks.GradientHealthCallback` (keys ``"<network>/<kind>"``)."""
         hp = self.hparams

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
+from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError, check_integers
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import (
@@ -130,6 +131,23 @@ class DeepPlainCNN(ImageClassifier):
     def normalization(self) -> NormLayer | None:
         """Normalization after every conv; the plain baseline has none."""
         return None
+
+    @override
+    def stabilize_variants(self) -> dict[str, Variant]:
+        variants = super().stabilize_variants()
+        if self.normalization() is None:
+            variants["normalization"] = Variant("BatchNorm after every convolution", {"norm": "batch"}, BatchNormCNN)
+        depth = self.hparams["depth"]
+        if (depth - 2) % 6 == 0:
+            from stabilize.models.resnet import ResNet
+
+            variants["residual"] = Variant(
+                f"ResNet-{depth}: residual connections (and BatchNorm)",
+                {"depth": depth},
+                ResNet,
+                drop=("init_scale", "width", "norm"),
+            )
+        return variants
 
     @override
     def gradient_health_hints(self) -> dict[str, str]:

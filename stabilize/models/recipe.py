@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 from torch.utils import _foreach_utils
 from typing_extensions import override
 
+from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError, TrainingDivergedError
 from stabilize.models.epoch_means import DeviceLoggedModule
 
@@ -66,6 +67,15 @@ class TrainingRecipe(DeviceLoggedModule):
         super().__init__()
         check_recipe(optimizer, lr, momentum, betas, weight_decay, scheduler, warmup_fraction)
         self.save_hyperparameters()
+
+    def stabilize_variants(self) -> dict[str, Variant]:
+        """The structural changes ``stabilize doctor`` may try on this model (kinds of
+        :data:`stabilize.doctor.VARIANT_KINDS`): here AdamW at its usual LR for a run under SGD or RMSprop;
+        subclasses add their architecture's stabilized twins."""
+        if self.hparams["optimizer"] in ("adam", "adamw"):
+            return {}
+        words = f"AdamW at LR 1e-3 instead of {self.hparams['optimizer']}"
+        return {"adamw": Variant(words, {"optimizer": "adamw", "lr": 1e-3})}
 
     def gradient_health_hints(self) -> dict[str, str]:
         """Advice specific to this collection that :class:`~stabilize.callbacks.GradientHealthCallback` adds to its

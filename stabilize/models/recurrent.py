@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError, DataError, check_integers
 from stabilize.models.recipe import OptimizerName, SchedulerName, TrainingRecipe
 
@@ -198,6 +199,14 @@ class RecurrentNet(TrainingRecipe):
     @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "test")
+
+    @override
+    def stabilize_variants(self) -> dict[str, Variant]:
+        variants = super().stabilize_variants()
+        if self.hparams["cell"].startswith("rnn"):
+            gated = {"cell": "lstm", "init": "default", "recurrent_gain": 1.0}
+            variants["gated_cell"] = Variant("an LSTM cell instead of the plain RNN", gated)
+        return variants
 
     @override
     def gradient_health_hints(self) -> dict[str, str]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError, DataError, check_integers
 from stabilize.models.recipe import OptimizerName, SchedulerName, TrainingRecipe
 
@@ -246,6 +247,15 @@ class TransformerLM(TrainingRecipe):
             tokens = torch.cat([tokens, torch.multinomial(probabilities, 1, generator=generator)], dim=1)
         self.train(was_training)
         return tokens
+
+    @override
+    def stabilize_variants(self) -> dict[str, Variant]:
+        variants = super().stabilize_variants()
+        if self.hparams["norm_position"] == "post":
+            variants["pre_ln"] = Variant("pre-LN blocks instead of post-LN", {"norm_position": "pre"})
+        if not self.hparams["qk_norm"]:
+            variants["qk_norm"] = Variant("LayerNorm on queries and keys (QK-norm)", {"qk_norm": True})
+        return variants
 
     @override
     def gradient_health_hints(self) -> dict[str, Any]:

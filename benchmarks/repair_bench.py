@@ -1,0 +1,267 @@
+"""The repair benchmark: ``stabilize doctor`` on every failing case of the pathology zoo and the collection's fragile
+models, judged by outcome.
+
+Per case: the probe's verdict (the detected problem), the remedy the doctor chose, the outcome before (the failing
+run) and after (the same run with the remedy, measured on held-out data against the *healthy* bar of its case), and
+the doctor's cost as a multiple of the probe's time. A case is *repaired* when the remedied run reaches its healthy
+bar. Healthy cases must come out untouched: the doctor stops after its probe.
+
+The random baseline: every remedy of the catalogue that applies to the model (see ``catalogue``) is also tried on
+every failing case (``--random``, ~4x longer); a random choice of ``k`` of them, ``k`` the number of trials the doctor
+spent on the case, repairs with probability ``1 - C(n - g, k) / C(n, k)`` (``g`` of the ``n`` repair). Exact, so the
+baseline's rate has no sampling noise.
+
+    python benchmarks/repair_bench.py                  # every case, ~15 minutes on 2 cores
+    python benchmarks/repair_bench.py --random         # also the random baseline
+    python benchmarks/repair_bench.py --smoke          # three cases (the test runs this)
+
+Writes ``benchmarks/results/repair_bench.json`` (``--out``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
+from torch.utils.data import DataLoader
+
+from stabilize.doctor import Remedy, declared_variants, doctor, repaired, run_trial
+from stabilize.doctor.remedies import (
+    activation_swap,
+    clipping,
+    learning_rate,
+    reinitialisation,
+    variant,
+    warmup,
+)
+from stabilize.errors import StabilizeError
+
+try:  # run as a script, benchmarks/ is on the path; imported by the tests, the package
+    import pathology_zoo as zoo
+    import repair_cases
+except ImportError:
+    from benchmarks import pathology_zoo as zoo
+    from benchmarks import repair_cases
+
+SMOKE_CASES = ("mlp-adam", "big-init", "deep-sigmoid")
+
+
+@dataclass(frozen=True)
+class RepairCase:
+    """A zoo case and the healthy bar its repaired run must reach (None: a healthy case, which must be left alone)."""
+
+    case: zoo.Case
+    healthy_bar: Callable[[LightningModule], tuple[bool, str]] | None
+
+
+def loader(case: zoo.Case, seed: int) -> Callable[[], DataLoader | LightningDataModule]:
+    def make() -> DataLoader | LightningDataModule:
+        data = case.data()
+        if isinstance(data, LightningDataModule):
+            return data
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(data, batch_size=case.batch_size, shuffle=True, drop_last=True, generator=generator)
+
+    return make
+
+
+def train_with(case: zoo.Case, remedy: Remedy | None, seed: int) -> LightningModule:
+    """The case's full run with ``remedy`` applied, for its outcome on held-out data."""
+    seed_everything(seed, verbose=False)
+    template = case.module()
+    seed_everything(seed, verbose=False)
+    module = remedy.variant.build(template) if remedy is not None and remedy.variant else case.module()
+    trainer = Trainer(
+        max_steps=case.steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=remedy.make_callbacks() if remedy is not None else [],
+    )
+    source = loader(case, seed)()
+    with warnings.catch_warnings(), contextlib.suppress(StabilizeError):  # a diverged run: its outcome says so
+        warnings.simplefilter("ignore")
+        if isinstance(source, LightningDataModule):
+            trainer.fit(module, datamodule=source)
+        else:
+            trainer.fit(module, train_dataloaders=source)
+    return module
+
+
+def catalogue(module: LightningModule, steps: int) -> list[Remedy]:
+    """Every single remedy the doctor knows that applies to ``module``, whatever the finding (the random
+    baseline's choices)."""
+    declared = declared_variants(module)
+    return [
+        learning_rate(0.1),
+        learning_rate(0.01),
+        learning_rate(10.0),
+        warmup(max(10, steps // 5)),
+        clipping(),
+        reinitialisation(),
+        activation_swap("relu", "he"),
+        activation_swap("selu", "lecun"),
+        *(variant(kind, declared) for kind in declared),
+    ]
+
+
+def random_rate(repairing: int, remedies: int, draws: int) -> float:
+    """The chance that ``draws`` remedies drawn without replacement from ``remedies`` include one of ``repairing``."""
+    if draws <= 0:
+        return 0.0
+    if draws >= remedies:
+        return float(repairing > 0)
+    return 1.0 - math.comb(remedies - repairing, draws) / math.comb(remedies, draws)
+
+
+def run(repair_case: RepairCase, seed: int, with_random: bool) -> dict[str, Any]:
+    case = repair_case.case
+    start = time.perf_counter()
+    result = doctor(case.module, loader(case, seed), steps=case.steps, seed=seed)
+    seconds = time.perf_counter() - start
+    best = result.best
+    row: dict[str, Any] = {
+        "name": case.name,
+        "label": case.label,
+        "detected": result.probe.verdict_class,
+        "probe_verdict": result.probe.verdict,
+        "trials": [
+            {"remedy": t.name, "verdict": t.verdict_class, "final_loss": t.final_loss, "works": t.works}
+            for t in result.trials
+        ],
+        "remedy": best.name if best is not None else None,
+        "cost": round(result.cost, 2),
+        "runs": len(result.trials) + 1,
+        "seconds": round(seconds, 1),
+        "conclusion": result.conclusion,
+    }
+    if repair_case.healthy_bar is None:
+        row["untouched"] = result.healthy and not result.trials
+        return row
+    _, before = case.outcome(train_with(case, None, seed))
+    row["before"] = before
+    if best is not None:
+        row["repaired"], row["after"] = repair_case.healthy_bar(train_with(case, best.remedy, seed))
+    else:
+        row["repaired"], row["after"] = False, "no remedy chosen"
+    if with_random and not result.healthy:
+        template = case.module()
+        choices = catalogue(template, case.steps)
+        works = []
+        for remedy in choices:
+            trial = run_trial(case.module, loader(case, seed), remedy, case.steps, seed, {}, list, template)
+            trial.works = repaired(trial, result.probe, None, [result.probe])
+            works.append(trial.works)
+        row["random"] = {
+            "remedies": len(choices),
+            "repairing": sum(works),
+            "repairing_names": [r.name for r, w in zip(choices, works) if w],
+            "rate_at_same_budget": random_rate(sum(works), len(choices), len(result.trials)),
+        }
+    return row
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        if "untouched" in r:
+            print(f"{r['name']:<30} healthy -> {'untouched' if r['untouched'] else 'CHANGED'} ({r['cost']:.1f}x)")
+            continue
+        mark = "repaired" if r["repaired"] else "NOT REPAIRED"
+        print(f"{r['name']:<30} {r['detected']:<9} -> {r['remedy']!s:<24} {mark:<12} {r['cost']:4.1f}x")
+        print(f"{'':<30} before: {r['before']}")
+        print(f"{'':<30} after:  {r['after']}")
+        if "random" in r:
+            print(f"{'':<30} random at the same budget: {r['random']['rate_at_same_budget']:.0%}")
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    failing = [r for r in rows if "repaired" in r]
+    healthy = [r for r in rows if "untouched" in r]
+    randoms = [r["random"]["rate_at_same_budget"] for r in failing if "random" in r]
+    return {
+        "failing_cases": len(failing),
+        "repaired": sum(r["repaired"] for r in failing),
+        "repair_rate": sum(r["repaired"] for r in failing) / max(len(failing), 1),
+        "random_repair_rate": sum(randoms) / len(randoms) if randoms else None,
+        "mean_cost_failing": sum(r["cost"] for r in failing) / max(len(failing), 1),
+        "mean_cost_all": sum(r["cost"] for r in rows) / max(len(rows), 1),
+        "healthy_cases": len(healthy),
+        "healthy_changed": sum(not r["untouched"] for r in healthy),
+    }
+
+
+def cases() -> list[RepairCase]:
+    bars = repair_cases.healthy_bars()
+    chosen = []
+    for case in [*zoo.cases(), *repair_cases.collection_cases()]:
+        if case.label == "healthy":
+            chosen.append(RepairCase(case, None))
+        else:
+            chosen.append(RepairCase(case, bars[case.name]))
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="*", help="names of the cases to run (default: all)")
+    parser.add_argument("--smoke", action="store_true", help=f"run {', '.join(SMOKE_CASES)} only")
+    parser.add_argument("--random", action="store_true", help="also try every remedy: the random baseline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/...)")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    every = cases()
+    wanted = SMOKE_CASES if args.smoke else args.cases
+    if wanted:
+        unknown = set(wanted) - {c.case.name for c in every}
+        if unknown:
+            parser.error(f"unknown cases {sorted(unknown)}; known: {[c.case.name for c in every]}")
+        every = [c for c in every if c.case.name in wanted]
+    missing = [c for c in every if c.case.needs and importlib.util.find_spec(c.case.needs) is None]
+    if missing:
+        print(f"skipped {len(missing)} case(s) whose library is not installed: pip install -e '.[zoo]'")
+        every = [c for c in every if c not in missing]
+    rows = []
+    for repair_case in every:
+        rows.append(run(repair_case, args.seed, args.random))
+        print_table(rows[-1:])
+    totals = summary(rows)
+    print(json.dumps(totals, indent=1))
+    out = args.out or (None if wanted else Path(__file__).parent / "results" / "repair_bench.json")
+    if out is not None:
+        payload = {
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+            "command": "python benchmarks/repair_bench.py" + (" --random" if args.random else ""),
+            "skipped": [c.case.name for c in missing],
+            **totals,
+            "cases": rows,
+        }
+        out.write_text(json.dumps(payload, indent=1))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["RepairCase", "cases", "catalogue", "random_rate", "replace"]

@@ -1,0 +1,183 @@
+"""The remedies the doctor tries, and the order it tries them in for each finding.
+
+A :class:`Remedy` is a change to a run that needs nothing from the model's code: callbacks added to the Trainer
+(a lower learning rate, a warm-up, a re-initialisation, swapped activation modules, clipping), Trainer arguments, or
+a :class:`Variant` the model declares itself (a structural change: normalization, residual connections, a gated
+cell, pre-LN, QK-norm, a non-saturating GAN loss, another optimizer). :func:`plan` orders them for a probe's
+findings: cheap before structural, most likely first; each entry is a *family* of escalating steps (a learning rate
+10x, then 100x lower) that the doctor climbs only while a step leaves the same failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch import Callback
+
+from stabilize.callbacks.gradient_clipping import GradientClipping
+from stabilize.callbacks.learning_rate_scale import LearningRateScale
+from stabilize.callbacks.reinitialize import Reinitialize
+from stabilize.callbacks.swap_activations import SwapActivations
+from stabilize.doctor.variants import Variant
+from stabilize.health.diagnosis import TEMPORAL_VANISHING, ModelTraits
+from stabilize.health.records import HealthSummary
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One change to a run: callbacks (class and arguments) and Trainer arguments to add, or a model variant.
+
+    Args:
+        name: Short name for the table ("LR x0.1").
+        kind: ``"training"``, ``"initialisation"`` or ``"structure"``.
+        callbacks: ``(class, arguments)`` of the callbacks to add, in order.
+        trainer: Trainer arguments to set.
+        variant: The model variant to train instead (structure).
+        tolerates: Verdict classes a repaired run may still show: clipping bounds the step, not the gradient the
+            health callback measures before it, so a clipped run whose loss learns is repaired while its raw
+            gradient still reads exploding.
+    """
+
+    name: str
+    kind: str
+    callbacks: tuple[tuple[type[Callback], Mapping[str, Any]], ...] = ()
+    trainer: Mapping[str, Any] = field(default_factory=dict)
+    variant: Variant | None = None
+    tolerates: frozenset[str] = frozenset()
+
+    def make_callbacks(self) -> list[Callback]:
+        return [cls(**arguments) for cls, arguments in self.callbacks]
+
+    def python(self) -> str:
+        """The change as Python: what to pass to the Trainer or build instead of the model."""
+        parts = [f"{cls.__name__}({_arguments(arguments)})" for cls, arguments in self.callbacks]
+        words = [f"Trainer(callbacks=[..., {', '.join(parts)}])"] if parts else []
+        words += [f"Trainer({_arguments(self.trainer)})"] if self.trainer else []
+        if self.variant is not None:
+            built = self.variant.model_class.__name__ if self.variant.model_class else "the model"
+            words.append(f"{built} with {_arguments(self.variant.init_args)} ({self.variant.description})")
+        return "; ".join(words)
+
+    def __add__(self, other: Remedy) -> Remedy:
+        """Both changes at once (a combination, tried when single remedies fail)."""
+        if self.variant is not None and other.variant is not None:
+            raise ValueError("two model variants cannot be combined")
+        return Remedy(
+            f"{self.name} + {other.name}",
+            "structure" if "structure" in (self.kind, other.kind) else self.kind,
+            self.callbacks + other.callbacks,
+            {**self.trainer, **other.trainer},
+            self.variant or other.variant,
+            self.tolerates | other.tolerates,
+        )
+
+
+def _arguments(arguments: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in arguments.items())
+
+
+# --------------------------------------------------------------------------------------------------- the catalogue
+def learning_rate(factor: float) -> Remedy:
+    words = f"x{factor:g}" if factor > 1 else f"/{1 / factor:g}"
+    return Remedy(f"LR {words}", "training", ((LearningRateScale, {"factor": factor}),))
+
+
+def warmup(steps: int) -> Remedy:
+    return Remedy(f"warm-up {steps} steps", "training", ((LearningRateScale, {"warmup_steps": steps}),))
+
+
+def clipping(max_norm: float = 1.0) -> Remedy:
+    # The callback rather than Trainer(gradient_clip_val): it also clips under manual optimization (GANs).
+    return Remedy(
+        f"clip norm {max_norm:g}",
+        "training",
+        ((GradientClipping, {"method": "norm", "max_norm": max_norm}),),
+        tolerates=frozenset({"exploding"}),
+    )
+
+
+def reinitialisation(scheme: str = "auto") -> Remedy:
+    return Remedy(f"re-init {scheme}", "initialisation", ((Reinitialize, {"scheme": scheme}),))
+
+
+def activation_swap(to: str, scheme: str) -> Remedy:
+    return Remedy(
+        f"{to} + {scheme} init",
+        "initialisation",
+        ((SwapActivations, {"to": to}), (Reinitialize, {"scheme": scheme})),
+    )
+
+
+def variant(kind: str, declared: Mapping[str, Variant]) -> Remedy:
+    return Remedy(kind.replace("_", " "), "structure", variant=declared[kind])
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the probe found, as the plan needs it."""
+
+    verdict_class: str
+    #: The first step of an explosion or non-finite gradient (None: none).
+    explosion_step: int | None = None
+    dead_units: bool = False
+    through_time: bool = False
+
+    @classmethod
+    def of(cls, verdict_class: str, summaries: Mapping[str, HealthSummary]) -> Findings:
+        firsts = [
+            step
+            for s in summaries.values()
+            for step in [*(e["first_step"] for e in s["explosions"]), *(e["first_step"] for e in s["nonfinite"])]
+        ]
+        temporal = [s.get("last_temporal_ratio") for s in summaries.values()]
+        return cls(
+            verdict_class,
+            min(firsts) if firsts else None,
+            any(s.get("dead_units") for s in summaries.values()),
+            any(t is not None and t["ratio"] < TEMPORAL_VANISHING for t in temporal),
+        )
+
+
+def plan(findings: Findings, traits: ModelTraits, declared: Mapping[str, Variant], steps: int) -> list[list[Remedy]]:
+    """The families of remedies to try for ``findings``, in order (see the module's docstring). ``steps``: the probe
+    budget, which sets the warm-up's length (a fifth of it)."""
+    kind = findings.verdict_class
+
+    def structure(*kinds: str) -> list[list[Remedy]]:
+        return [[variant(k, declared)] for k in kinds if k in declared]
+
+    # A transformer is not re-initialised wholesale: its embeddings, norms and scaled residual branches have
+    # initialisations of their own that a generic scheme would undo.
+    reinit = [] if traits.attention else [[reinitialisation()]]
+    lower = [[learning_rate(0.1), learning_rate(0.01)]]
+    warm = [[warmup(max(10, steps // 5))]]
+    if kind == "exploding":
+        from_start = findings.explosion_step is not None and findings.explosion_step < max(10, steps // 10)
+        first = [*reinit, [clipping()]] if from_start else [[clipping()], *lower]
+        rest = [*lower, *warm] if from_start else [*warm, *reinit]
+        return [*first, *rest, *structure("normalization", "residual", "gated_cell")]
+    if kind == "unstable":
+        return [*lower, *warm, [clipping()], *structure("qk_norm", "pre_ln", "normalization")]
+    if kind == "vanishing":
+        families: list[list[Remedy]] = []
+        if findings.through_time:
+            families += [*structure("gated_cell"), *reinit, [clipping()]]
+        elif findings.dead_units:
+            families += [*reinit, *lower]
+        elif traits.attention:  # a post-LN transformer without warm-up stalls with its early layers silent
+            families += [*warm, *structure("pre_ln"), *lower]
+        if traits.saturating:
+            families += [[activation_swap("relu", "he")], [activation_swap("selu", "lecun")]]
+        if not (findings.through_time or findings.dead_units or traits.attention):
+            families += reinit
+        return [*families, *structure("normalization", "residual")]
+    if kind == "collapse":
+        return [*structure("non_saturating_loss"), *lower, [clipping()], *structure("normalization")]
+    if kind == "stalled":
+        return [[learning_rate(10.0), learning_rate(100.0), learning_rate(1000.0)], *structure("adamw"), *reinit]
+    return []
+
+
+__all__ = ["Findings", "Remedy", "plan"]

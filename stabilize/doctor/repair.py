@@ -1,0 +1,262 @@
+"""The doctor: probe a run, try the remedies its findings call for, and report which one works.
+
+Like Lightning's ``Tuner.lr_find``, it trains short copies of the user's run and never touches the run itself:
+every trial builds a fresh model from the same factory and seed, trains it for the probe's number of steps and is
+judged by its *outcome* (did the loss learn, against the probe and the trivial baseline) and by its own verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch import Callback
+
+from stabilize.callbacks.learning_rate_scale import LearningRateScale
+from stabilize.doctor.remedies import Findings, Remedy, learning_rate, plan
+from stabilize.doctor.trial import LEARNED_FRACTION, DataSource, ModelFactory, Trial, run_trial
+from stabilize.doctor.variants import declared_variants
+from stabilize.errors import ConfigurationError, check_integers
+from stabilize.health.diagnosis import ModelTraits
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+@dataclass
+class DoctorResult:
+    """What the doctor did: the probe, the trials in the order tried, and the remedy that works (if any).
+
+    ``trials`` holds the probe first. :meth:`ranked` orders the remedies: those that repaired the run first, then
+    by final loss; :attr:`best` is the first of them that works.
+    """
+
+    probe: Trial
+    trials: list[Trial] = field(default_factory=list)
+    steps: int = 0
+    #: Why the doctor stopped, in words.
+    conclusion: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        """The probe was healthy: nothing was tried."""
+        return self.probe.verdict_class == "healthy"
+
+    @property
+    def best(self) -> Trial | None:
+        ranked = self.ranked()
+        return ranked[0] if ranked and ranked[0].works else None
+
+    def ranked(self) -> list[Trial]:
+        def key(trial: Trial) -> tuple[bool, float, float]:
+            loss = trial.final_loss if trial.final_loss is not None else math.inf
+            return (not trial.works, loss if math.isfinite(loss) else math.inf, trial.seconds)
+
+        return sorted(self.trials, key=key)
+
+    @property
+    def cost(self) -> float:
+        """The whole doctor run's time as a multiple of the probe's."""
+        total = self.probe.seconds + sum(t.seconds for t in self.trials)
+        return total / max(self.probe.seconds, 1e-9)
+
+    def table(self) -> str:
+        """The ranked trials as a Markdown table, the probe last."""
+        rows = ["| remedy | verdict | loss at start | final loss | time | repaired |", "|---|---|---:|---:|---:|:-:|"]
+        for trial in [*self.ranked(), self.probe]:
+            rows.append(
+                f"| {trial.name} | {trial.verdict_class} | {_loss(trial.start_loss)} | {_loss(trial.final_loss)}"
+                f" | {trial.seconds:.0f} s | {'yes' if trial.works else ('-' if trial.remedy is None else 'no')} |"
+            )
+        return "\n".join(rows)
+
+    def report(self) -> str:
+        """The table, the conclusion and the winning change in words."""
+        lines = [f"probe: {self.probe.verdict}", "", self.table(), "", self.conclusion]
+        if self.best is not None and self.best.remedy is not None:
+            lines.append(f"In Python: {self.best.remedy.python()}")
+        return "\n".join(lines)
+
+    def plot(self) -> Figure:
+        """The smoothed training loss of the probe and of every trial against the step."""
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(8, 4.5), layout="constrained")
+        for trial in [self.probe, *self.trials]:
+            if trial.curve:
+                steps, losses = zip(*trial.curve)
+                style = {"color": "black", "linewidth": 2} if trial.remedy is None else {"linewidth": 1.2}
+                label = f"{trial.name}: {trial.verdict_class}" + (" (repaired)" if trial.works else "")
+                axes.plot(steps, losses, label=label, **style)
+        axes.set_yscale("log")
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("training loss (8-step median)")
+        axes.set_title("stabilize doctor: the probe and the remedies tried")
+        axes.legend(fontsize=8)
+        return figure
+
+
+def doctor(
+    model: ModelFactory,
+    data: DataSource,
+    steps: int = 200,
+    seed: int = 0,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    callbacks: Callable[[], list[Callback]] | None = None,
+    max_trials: int = 6,
+    try_all: bool = False,
+    baseline_loss: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> DoctorResult:
+    """Probe a run for ``steps`` optimizer steps and, when its verdict is not healthy, try the remedies its findings
+    call for (:func:`~stabilize.doctor.remedies.plan`), each at the same budget and seed.
+
+    A trial *repairs* the run when its verdict is healthy (or one its remedy tolerates: a clipped run's raw gradient
+    may still read exploding) and, for a single-optimizer run, its final loss (the median of its last 32 steps) is
+    below the probe's and at most 0.9x the trivial baseline: ``baseline_loss`` (e.g. ln 10 for ten balanced classes)
+    or else the smallest loss any run started at. The doctor stops at the first trial that repairs (``try_all``:
+    tries the whole plan), after ``max_trials`` trials, or when the plan is spent; when no single remedy works and
+    trials are left, it combines the two that brought the loss lowest (one trial).
+
+    Args:
+        model: Returns a new LightningModule, the same one at every call (the seed is set before each call).
+        data: A LightningDataModule or training DataLoader, or a callable returning one.
+        steps: The probe's budget in optimizer steps, which every trial gets too.
+        seed: Seed of every run.
+        trainer_kwargs: Trainer arguments of the user's run (accelerator, precision, ...); the doctor sets
+            ``max_steps``, turns off logging, checkpointing and validation, and adds its callbacks.
+        callbacks: Returns the run's own callbacks that change training (clipping, a GradientHealthCallback with
+            its settings), fresh at every call; checkpointing and logging callbacks do not belong here.
+        max_trials: The most remedies (and combinations) tried.
+        try_all: Try every remedy of the plan up to ``max_trials`` instead of stopping at the first that works.
+        baseline_loss: The task's trivial loss (what predicting the prior scores).
+        log: Called with a line after the probe and after each trial (e.g. ``print``).
+
+    Raises:
+        ConfigurationError: If ``steps`` or ``max_trials`` is not a positive integer.
+
+    Example::
+
+        result = doctor(lambda: MyNet(lr=0.5), datamodule, steps=200, log=print)
+        print(result.report())
+        result.plot().savefig("doctor.png")
+    """
+    check_integers(1, steps=steps, max_trials=max_trials)
+    if baseline_loss is not None and not (math.isfinite(baseline_loss) and baseline_loss > 0):
+        raise ConfigurationError(f"baseline_loss must be a positive number, got {baseline_loss}.")
+    say = log or (lambda line: None)
+    kwargs = dict(trainer_kwargs or {})
+    own = callbacks or list
+
+    def trial(remedy: Remedy | None) -> Trial:
+        result = run_trial(model, data, remedy, steps, seed, kwargs, own, template)
+        if remedy is not None:
+            result.works = repaired(result, probe, baseline_loss, [probe, *tried])
+            tried.append(result)
+        mark = "" if remedy is None else ("  -> repaired" if result.works else "  -> not repaired")
+        mark += f"  ({result.error})" if result.error else ""
+        say(f"{result.name:<28} {result.verdict_class:<10} final loss {_loss(result.final_loss):>8}{mark}")
+        return result
+
+    tried: list[Trial] = []
+    template = model()
+    probe = trial(None)
+    result = DoctorResult(probe, tried, steps)
+    if probe.error is not None and not probe.summaries:
+        result.conclusion = f"The run as configured fails before its first step: {probe.error}"
+        return result
+    if probe.verdict_class == "healthy":
+        result.conclusion = "The run is healthy: nothing to repair (one probe, no change)."
+        return result
+    traits = ModelTraits.of(template)
+    findings = Findings.of(probe.verdict_class, probe.summaries)
+    families = plan(findings, traits, declared_variants(template), steps)
+    for family in families:
+        for remedy in family:
+            if len(tried) >= max_trials:
+                break
+            outcome = trial(remedy)
+            if _overshot(outcome, probe) and len(tried) < max_trials:
+                # It cured the failure but the step is now too large for the healthier gradient: the same remedy
+                # at a 10x lower learning rate (a deep ReLU net at the LR its sigmoid twin needed).
+                outcome = trial(remedy + learning_rate(0.1))
+            # Climb a family (a lower LR still) only while the failure stays the same.
+            if outcome.works or outcome.verdict_class != probe.verdict_class:
+                break
+        if len(tried) >= max_trials or (result.best is not None and not try_all):
+            break
+    if result.best is None and len(tried) < max_trials:
+        pair = _combination(tried, probe)
+        if pair is not None:
+            trial(pair)
+    result.conclusion = _conclusion(result, traits, families, max_trials)
+    return result
+
+
+def repaired(trial: Trial, probe: Trial, baseline: float | None, runs: Sequence[Trial]) -> bool:
+    """Whether ``trial`` repaired ``probe``'s run (see :func:`doctor`)."""
+    remedy = trial.remedy
+    tolerated = remedy is not None and trial.verdict_class in remedy.tolerates
+    if trial.error is not None or not (trial.verdict_class == "healthy" or tolerated):
+        return False
+    if trial.final_loss is None or probe.final_loss is None:
+        return trial.verdict_class == "healthy"  # no single loss (a GAN): the verdict is the outcome
+    starts = [r.start_loss for r in [*runs, trial] if r.start_loss is not None and math.isfinite(r.start_loss)]
+    trivial = baseline if baseline is not None else min(starts, default=math.inf)
+    return trial.final_loss < probe.final_loss and trial.final_loss <= LEARNED_FRACTION * trivial
+
+
+def _overshot(outcome: Trial, probe: Trial) -> bool:
+    """A remedy that turned a vanishing, stalled or collapsed run into an exploding or unstable one (and is not a
+    learning-rate change itself)."""
+    remedy = outcome.remedy
+    return (
+        remedy is not None
+        and probe.verdict_class in ("vanishing", "stalled", "collapse")
+        and outcome.verdict_class in ("exploding", "unstable")
+        and not any(cls is LearningRateScale for cls, _ in remedy.callbacks)
+    )
+
+
+def _combination(tried: list[Trial], probe: Trial) -> Remedy | None:
+    """The two single remedies (of different kinds of change) that brought the final loss lowest, combined."""
+    singles = [t for t in tried if t.remedy is not None and " + " not in t.remedy.name and t.error is None]
+    singles.sort(key=lambda t: t.final_loss if t.final_loss is not None else math.inf)
+    for i, first in enumerate(singles):
+        for second in singles[i + 1 :]:
+            a, b = first.remedy, second.remedy
+            assert a is not None and b is not None
+            if a.callbacks[:1] != b.callbacks[:1] and not (a.variant and b.variant) and _family(a) != _family(b):
+                return a + b
+    return None
+
+
+def _family(remedy: Remedy) -> str:
+    """Remedies of one family differ only in a number ("LR /10", "LR /100")."""
+    return remedy.name.split(" ")[0]
+
+
+def _conclusion(result: DoctorResult, traits: ModelTraits, families: list[list[Remedy]], max_trials: int) -> str:
+    best = result.best
+    runs = len(result.trials) + 1
+    cost = f"{runs} runs of {result.steps} steps, {result.cost:.1f}x the probe's time"
+    if best is not None and best.remedy is not None:
+        return f"Repaired by {best.remedy.name} ({best.verdict_class}, final loss {_loss(best.final_loss)}; {cost})."
+    if not families:
+        return f"No remedy fits a {result.probe.verdict_class} run of this model ({cost})."
+    functional = (
+        ""
+        if traits.saturating or traits.relu_like
+        else (
+            " The model has no activation modules: if it calls torch.sigmoid/tanh as functions, change them in its"
+            " code."
+        )
+    )
+    spent = " (max_trials reached)" if len(result.trials) >= max_trials else ""
+    return f"Nothing tried repaired the run{spent} ({cost}).{functional}"
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"

@@ -1,0 +1,154 @@
+"""One short training run of the doctor, and what it measured: the verdict and the outcome."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+
+from stabilize.callbacks.gradient_health import GradientHealthCallback
+from stabilize.doctor.remedies import Remedy
+from stabilize.health.diagnosis import verdict, verdict_class
+from stabilize.health.records import HealthSummary
+
+#: The verdict classes from worst to mildest: a run's class is its worst optimizer's.
+SEVERITY = ("exploding", "unstable", "vanishing", "collapse", "stalled", "healthy")
+#: A trial learned when its final loss is at most this fraction of its trivial baseline.
+LEARNED_FRACTION = 0.9
+#: Trailing steps whose median is a run's final loss (a hard batch at the end is not the outcome).
+FINAL_STEPS = 32
+
+ModelFactory = Callable[[], LightningModule]
+DataSource = Any  # a LightningDataModule, a DataLoader, or a callable returning either
+
+
+@dataclass
+class Trial:
+    """A short run of the doctor: the failing configuration (``remedy`` None: the probe) or one remedy."""
+
+    remedy: Remedy | None
+    verdict: str
+    verdict_class: str
+    #: The training loss at the first step and the median of the last :data:`FINAL_STEPS` (None: no single loss,
+    #: e.g. a GAN's two optimizers; ``inf`` when it went non-finite).
+    start_loss: float | None
+    final_loss: float | None
+    seconds: float
+    #: Whether the trial repaired the run (:meth:`Doctor.judge <stabilize.doctor.Doctor>` decides).
+    works: bool = False
+    error: str | None = None
+    #: (step, smoothed loss) of every trace point, for the plot.
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    diagnosis: str = ""
+    #: The health summary of each optimizer (what the plan reads from the probe).
+    summaries: dict[str, HealthSummary] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return "probe (as configured)" if self.remedy is None else self.remedy.name
+
+
+def run_trial(
+    model: ModelFactory,
+    data: DataSource,
+    remedy: Remedy | None,
+    steps: int,
+    seed: int,
+    trainer_kwargs: Mapping[str, Any],
+    callbacks: Callable[[], list[Callback]],
+    template: LightningModule | None = None,
+) -> Trial:
+    """Train ``model`` (or ``remedy``'s variant of ``template``) for ``steps`` optimizer steps from ``seed`` with
+    the run's own ``callbacks`` and the remedy's, and measure it. An exception is a failed trial, not a crash."""
+    seed_everything(seed, verbose=False)
+    start = time.perf_counter()
+    own = callbacks()
+    health = next((c for c in own if isinstance(c, GradientHealthCallback)), None)
+    if health is None:
+        health = GradientHealthCallback(verbose=False)
+        own = [health, *own]
+    module: LightningModule | None = None
+    error = None
+    try:
+        with warnings.catch_warnings(), _Quiet("lightning.pytorch", "lightning.fabric"):
+            warnings.simplefilter("ignore")
+            module = remedy.variant.build(template) if remedy and remedy.variant and template else model()
+            trainer = Trainer(
+                **{
+                    "max_steps": steps,
+                    "max_epochs": -1,
+                    "logger": False,
+                    "enable_checkpointing": False,
+                    "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                    "num_sanity_val_steps": 0,
+                    "limit_val_batches": 0,
+                    **trainer_kwargs,
+                    **(remedy.trainer if remedy else {}),
+                    "callbacks": [*own, *(remedy.make_callbacks() if remedy else [])],
+                }
+            )
+            source = data() if callable(data) else data
+            if isinstance(source, LightningDataModule):
+                trainer.fit(module, datamodule=source)
+            else:
+                trainer.fit(module, train_dataloaders=source)
+    except Exception as failure:  # a variant that does not build, a run that raised on NaN: the trial failed
+        error = f"{type(failure).__name__}: {failure}"
+    seconds = time.perf_counter() - start
+    summaries = health.summary()
+    classes = [verdict_class(s) for s in summaries.values()] or ["healthy"]
+    worst = min(classes, key=SEVERITY.index)
+    if error is not None and worst == "healthy":
+        worst = "exploding" if "finite" in error.lower() else "failed"
+    start_loss, final_loss, curve = _losses(health, len(summaries))
+    return Trial(
+        remedy,
+        "; ".join(verdict(s) for s in summaries.values()) or "no step taken",
+        worst,
+        start_loss,
+        final_loss,
+        seconds,
+        error=error,
+        curve=curve,
+        diagnosis=health.diagnosis(module) if module is not None and summaries else "",
+        summaries=summaries,
+    )
+
+
+def _losses(health: GradientHealthCallback, optimizers: int) -> tuple[float | None, float | None, list]:
+    """The first step's loss, the final loss and the smoothed curve of a single-optimizer run."""
+    if optimizers != 1:
+        return None, None, []
+    points = health.trace_of(0)
+    losses = [p["loss"] for p in points]
+    if not losses or all(math.isnan(v) for v in losses):
+        return None, None, []
+    tail = [v if math.isfinite(v) else math.inf for v in losses[-FINAL_STEPS:]]
+    start = next((v for v in losses if math.isfinite(v)), math.inf)
+    curve = [(p["step"], p["smoothed_loss"]) for p in points]
+    return start, statistics.median(tail), curve
+
+
+class _Quiet:
+    """Silence the named loggers below ERROR for the block (a trial's Trainer would print its setup each time)."""
+
+    def __init__(self, *names: str) -> None:
+        self.loggers = [logging.getLogger(name) for name in names]
+        self.levels: list[int] = []
+
+    def __enter__(self) -> None:
+        self.levels = [logger.level for logger in self.loggers]
+        for logger in self.loggers:
+            logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        for logger, level in zip(self.loggers, self.levels):
+            logger.setLevel(level)

@@ -1,0 +1,168 @@
+"""stabilize.doctor: the plan, the judgement of a trial, the doctor's loop, and two real runs (healthy, cured)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stabilize.doctor import DoctorResult, Findings, Remedy, Trial, doctor, plan, repaired
+from stabilize.doctor import repair as doctor_module
+from stabilize.doctor.remedies import clipping, learning_rate, reinitialisation
+from stabilize.doctor.variants import Variant
+from stabilize.health.diagnosis import ModelTraits
+from tests.helpers.doctor_models import TeacherNet
+
+RELU = ModelTraits(relu_like=True)
+
+
+def names(families: list[list[Remedy]]) -> list[list[str]]:
+    return [[remedy.name for remedy in family] for family in families]
+
+
+def test_plan_explosion_from_the_start_tries_the_initialisation_first() -> None:
+    families = names(plan(Findings("exploding", explosion_step=0), RELU, {}, 200))
+    assert families[:3] == [["re-init auto"], ["clip norm 1"], ["LR /10", "LR /100"]]
+    later = names(plan(Findings("exploding", explosion_step=150), RELU, {}, 200))
+    assert later[:2] == [["clip norm 1"], ["LR /10", "LR /100"]] and later[-1] == ["re-init auto"]
+
+
+def test_plan_unstable_lowers_the_lr_and_never_reinitialises_a_transformer() -> None:
+    declared = {"qk_norm": Variant("QK-norm", {"qk_norm": True})}
+    families = names(plan(Findings("unstable"), ModelTraits(attention=True), declared, 200))
+    assert families == [["LR /10", "LR /100"], ["warm-up 40 steps"], ["clip norm 1"], ["qk norm"]]
+    vanishing = names(plan(Findings("vanishing"), ModelTraits(attention=True, normalization=True), {}, 200))
+    assert all("re-init" not in name for family in vanishing for name in family)
+    assert vanishing[0] == ["warm-up 40 steps"]
+
+
+def test_plan_for_saturating_vanishing_dead_units_through_time_and_stalls() -> None:
+    saturating = names(plan(Findings("vanishing"), ModelTraits(saturating=True), {}, 100))
+    assert saturating[:3] == [["relu + he init"], ["selu + lecun init"], ["re-init auto"]]
+    dead = names(plan(Findings("vanishing", dead_units=True), RELU, {}, 100))
+    assert dead[:2] == [["re-init auto"], ["LR /10", "LR /100"]]
+    gated = {"gated_cell": Variant("LSTM", {"cell": "lstm"})}
+    assert names(plan(Findings("vanishing", through_time=True), ModelTraits(), gated, 100))[0] == ["gated cell"]
+    assert names(plan(Findings("stalled"), RELU, {}, 100))[0] == ["LR x10", "LR x100", "LR x1000"]
+    assert plan(Findings("healthy"), RELU, {}, 100) == []
+
+
+def trial(name: str | None, verdict: str, final: float | None, start: float | None = 1.4, **kw: Any) -> Trial:
+    remedy = None if name is None else (clipping() if name == "clip" else Remedy(name, "training"))
+    return Trial(remedy, verdict, verdict, start, final, 1.0, **kw)
+
+
+def test_repaired_needs_a_healthy_verdict_and_a_loss_that_learned() -> None:
+    probe = trial(None, "vanishing", 1.35)
+    assert repaired(trial("a", "healthy", 0.9), probe, None, [probe])
+    assert not repaired(trial("a", "healthy", 1.30), probe, None, [probe])  # above 0.9 x the start (1.26)
+    assert not repaired(trial("a", "vanishing", 0.5), probe, None, [probe])
+    assert not repaired(trial("a", "healthy", 0.5, error="ValueError: x"), probe, None, [probe])
+    assert repaired(trial("a", "healthy", 1.30), probe, 2.0, [probe])  # the given baseline: 0.9 x 2.0
+    # Clipping bounds the step, not the raw gradient the callback measures: exploding is tolerated there only.
+    exploded = trial(None, "exploding", math.inf, start=1e5)
+    assert repaired(trial("clip", "exploding", 0.5), exploded, None, [exploded])
+    assert not repaired(trial("a", "exploding", 0.5), exploded, None, [exploded])
+    # Two optimizers (a GAN): no single loss, the verdict is the outcome.
+    assert repaired(trial("a", "healthy", None, None), trial(None, "collapse", None, None), None, [])
+
+
+def scripted(monkeypatch: pytest.MonkeyPatch, outcomes: dict[str | None, tuple[str, float]]) -> list[str]:
+    """Replace the training of a trial by ``outcomes`` (remedy name -> verdict class, final loss); the names tried."""
+    tried: list[str] = []
+
+    def fake(model: Any, data: Any, remedy: Remedy | None, *args: Any) -> Trial:
+        name = None if remedy is None else remedy.name
+        tried.append(str(name))
+        verdict, final = outcomes.get(name, ("vanishing", 1.35))
+        summaries = {"optimizer": {"explosions": [], "nonfinite": [], "dead_units": {}}}
+        return Trial(remedy, verdict, verdict, 1.4, final, 1.0, summaries=summaries)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(doctor_module, "run_trial", fake)
+    return tried
+
+
+def test_doctor_stops_at_the_first_repair_and_climbs_a_family_only_on_the_same_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tried = scripted(monkeypatch, {None: ("unstable", 3.0), "LR /10": ("unstable", 2.5), "LR /100": ("healthy", 1.0)})
+    result = doctor(TeacherNet, None, steps=50)
+    assert tried == ["None", "LR /10", "LR /100"]
+    assert result.best is not None and result.best.name == "LR /100"
+    assert "Repaired by LR /100" in result.conclusion and result.cost == pytest.approx(3.0)
+
+
+def test_doctor_follows_an_overshoot_with_a_lower_lr_and_combines_when_nothing_works(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tried = scripted(
+        monkeypatch, {None: ("vanishing", 1.35), "re-init auto": ("exploding", math.inf), "LR /10": ("vanishing", 1.3)}
+    )
+    result = doctor(TeacherNet, None, steps=50, max_trials=8)
+    # dead-unit-free ReLU vanishing: re-init, which overshoots -> re-init at LR /10; then the variant; then a pair.
+    assert tried[:3] == ["None", "re-init auto", "re-init auto + LR /10"]
+    assert tried[3] == "normalization" and len(tried) == 5 and " + " in tried[4]
+    assert result.best is None and result.conclusion.startswith("Nothing tried repaired the run")
+    capped = scripted(monkeypatch, {None: ("vanishing", 1.35)})
+    doctor(TeacherNet, None, steps=50, max_trials=1)
+    assert capped == ["None", "re-init auto"]
+
+
+def test_a_healthy_run_costs_one_probe_and_is_left_alone() -> None:
+    result = doctor(TeacherNet, None, steps=100)
+    assert result.healthy and result.trials == [] and result.best is None
+    assert "nothing to repair" in result.conclusion and result.cost == pytest.approx(1.0)
+
+
+def test_the_doctor_cures_dead_relus_by_reinitialising(tmp_path: Path) -> None:
+    lines: list[str] = []
+    result = doctor(lambda: TeacherNet(bias=-10.0), None, steps=100, log=lines.append)
+    assert result.probe.verdict_class == "vanishing"
+    best = result.best
+    assert best is not None and best.remedy is not None and best.name == "re-init auto"
+    assert best.verdict_class == "healthy" and best.final_loss is not None and result.probe.final_loss is not None
+    assert best.final_loss < 0.9 * math.log(4) < result.probe.final_loss  # learned; the probe sat near the prior
+    assert len(lines) == 2 and "repaired" in lines[1]
+    table = result.table().splitlines()
+    assert table[2].startswith("| re-init auto | healthy") and table[-1].startswith("| probe (as configured)")
+    assert "Reinitialize(scheme='auto')" in result.report()
+    figure = result.plot()
+    assert len(figure.axes[0].lines) == 2
+    figure.savefig(tmp_path / "doctor.png")
+
+
+def test_doctor_result_ranks_repairs_first_then_by_loss() -> None:
+    probe = trial(None, "exploding", math.inf)
+    a, b, c = trial("a", "healthy", 0.9), trial("b", "healthy", 0.5), trial("c", "exploding", 0.1)
+    a.works = b.works = True
+    result = DoctorResult(probe, [a, c, b], 10)
+    assert [t.name for t in result.ranked()] == ["b", "a", "c"] and result.best is b
+
+
+def test_declared_variants_of_the_collection_build() -> None:
+    from stabilize.models import DCGAN, BatchNormCNN, DeepPlainCNN, RecurrentNet, ResNet, TransformerLM
+
+    plain = DeepPlainCNN(depth=20, activation="sigmoid", init="small_normal", init_scale=1.0)
+    variants = plain.stabilize_variants()
+    assert isinstance(variants["normalization"].build(plain), BatchNormCNN)
+    residual = variants["residual"].build(plain)
+    assert isinstance(residual, ResNet) and residual.hparams["activation"] == "sigmoid"
+    assert variants["adamw"].build(plain).hparams["optimizer"] == "adamw"
+    post = TransformerLM(vocab_size=16, context=8, depth=1, width=16, heads=2, norm_position="post")
+    assert post.stabilize_variants()["pre_ln"].build(post).hparams["norm_position"] == "pre"
+    rnn = RecurrentNet(cell="rnn_relu", init="identity", hidden_size=8)
+    assert rnn.stabilize_variants()["gated_cell"].build(rnn).hparams["cell"] == "lstm"
+    gan = DCGAN(loss="minimax", latent_dim=8, ngf=8, ndf=8)
+    assert gan.stabilize_variants()["non_saturating_loss"].build(gan).hparams["loss"] == "non_saturating"
+    assert "adamw" not in RecurrentNet().stabilize_variants()  # already Adam
+
+
+def test_remedies_combine_and_say_themselves_in_python() -> None:
+    both = reinitialisation() + learning_rate(0.1)
+    assert both.name == "re-init auto + LR /10" and len(both.make_callbacks()) == 2
+    assert both.python() == "Trainer(callbacks=[..., Reinitialize(scheme='auto'), LearningRateScale(factor=0.1)])"
+    variant = Remedy("normalization", "structure", variant=Variant("LayerNorm", {"norm": True}))
+    with pytest.raises(ValueError, match="two model variants"):
+        variant + variant
