@@ -77,6 +77,16 @@ def collection_cases() -> list[zoo.Case]:
     ]
 
 
+#: Failing cases whose healthy bar no known cure reaches within the case's budget, and the measurement that says so:
+#: recalling the first of 60 tokens is out of reach in 200-300 steps even for gated cells.
+UNREACHABLE = dict.fromkeys(
+    ("rnn-through-time", "irnn-gain"),
+    "no healthy twin reaches the bar in the case's steps: an LSTM (Adam at 1e-2 and 3e-3) and a GRU (1e-3 and 1e-2)"
+    " of the same size recall the first of 60 tokens at 24-27% after 300 steps, their verdict vanishing through"
+    " time too",
+)
+
+
 def healthy_bars() -> dict[str, Bar]:
     """The bar each failing case's repaired run must reach, by case name."""
     teacher = zoo.accuracy(zoo.teacher_data(2000, seed=1), at_least=0.7)
@@ -104,12 +114,18 @@ def healthy_bars() -> dict[str, Bar]:
     }
 
 
+#: The adding problem's healthy bar at the case's 100 steps: its healthy twin, the same RecurrentNet with an LSTM
+#: cell, reaches 0.170 (Adam at 1e-3) and 0.172 (1e-4) there, the baseline's level (predicting 1.0 scores 0.167);
+#: the failing IRNN 0.237. A repaired run must be within 5% of the twin.
+ADDING_HEALTHY = 0.18
+
+
 def adding_learned() -> Bar:
-    """The adding problem learned: held-out MSE at most 0.1 (predicting the constant 1.0 scores 0.167)."""
-    failing = zoo.adding_mse(at_least=0.1)
+    """The adding problem at its healthy twin's level: held-out MSE below :data:`ADDING_HEALTHY`."""
+    failing = zoo.adding_mse(at_least=ADDING_HEALTHY)
 
     def check(module: LightningModule) -> tuple[bool, str]:
         failed, words = failing(module)
-        return not failed, words.replace("failing needs >= 0.1", "healthy needs < 0.1")
+        return not failed, words.replace(f"failing needs >= {ADDING_HEALTHY}", f"healthy needs < {ADDING_HEALTHY}")
 
     return check

@@ -5,7 +5,7 @@ A :class:`Remedy` is a change to a run that needs nothing from the model's code:
 a :class:`Variant` the model declares itself (a structural change: normalization, residual connections, a gated
 cell, pre-LN, QK-norm, a non-saturating GAN loss, another optimizer). :func:`plan` orders them for a probe's
 findings: cheap before structural, most likely first; each entry is a *family* of escalating steps (a learning rate
-10x, then 100x lower) that the doctor climbs only while a step leaves the same failure.
+10x, then 100x lower) that the doctor climbs until a step repairs.
 """
 
 from __future__ import annotations
@@ -110,6 +110,11 @@ def activation_swap(to: str, scheme: str) -> Remedy:
     )
 
 
+def bf16() -> Remedy:
+    # fp16's 5-bit exponent overflows where bf16's 8 bits (float32's range) do not: the cure for fp16-only NaNs.
+    return Remedy("bf16 instead of fp16", "training", trainer={"precision": "bf16-mixed"})
+
+
 def variant(kind: str, declared: Mapping[str, Variant]) -> Remedy:
     return Remedy(kind.replace("_", " "), "structure", variant=declared[kind])
 
@@ -140,9 +145,11 @@ class Findings:
         )
 
 
-def plan(findings: Findings, traits: ModelTraits, declared: Mapping[str, Variant], steps: int) -> list[list[Remedy]]:
+def plan(
+    findings: Findings, traits: ModelTraits, declared: Mapping[str, Variant], steps: int, fp16: bool = False
+) -> list[list[Remedy]]:
     """The families of remedies to try for ``findings``, in order (see the module's docstring). ``steps``: the probe
-    budget, which sets the warm-up's length (a fifth of it)."""
+    budget, which sets the warm-up's length (a fifth of it); ``fp16``: the run trains in float16 mixed precision."""
     kind = findings.verdict_class
 
     def structure(*kinds: str) -> list[list[Remedy]]:
@@ -153,13 +160,14 @@ def plan(findings: Findings, traits: ModelTraits, declared: Mapping[str, Variant
     reinit = [] if traits.attention else [[reinitialisation()]]
     lower = [[learning_rate(0.1), learning_rate(0.01)]]
     warm = [[warmup(max(10, steps // 5))]]
+    half = [[bf16()]] if fp16 else []
     if kind == "exploding":
         from_start = findings.explosion_step is not None and findings.explosion_step < max(10, steps // 10)
-        first = [*reinit, [clipping()]] if from_start else [[clipping()], *lower]
+        first = [*reinit, *structure("zero_init_residual"), [clipping()]] if from_start else [[clipping()], *lower]
         rest = [*lower, *warm] if from_start else [*warm, *reinit]
-        return [*first, *rest, *structure("normalization", "residual", "gated_cell")]
+        return [*half, *first, *rest, *structure("normalization", "residual", "gated_cell")]
     if kind == "unstable":
-        return [*lower, *warm, [clipping()], *structure("qk_norm", "pre_ln", "normalization")]
+        return [*lower, *warm, [clipping()], *structure("qk_norm", "z_loss", "pre_ln", "normalization"), *half]
     if kind == "vanishing":
         families: list[list[Remedy]] = []
         if findings.through_time:
@@ -176,7 +184,9 @@ def plan(findings: Findings, traits: ModelTraits, declared: Mapping[str, Variant
     if kind == "collapse":
         return [*structure("non_saturating_loss"), *lower, [clipping()], *structure("normalization")]
     if kind == "stalled":
-        return [[learning_rate(10.0), learning_rate(100.0), learning_rate(1000.0)], *structure("adamw"), *reinit]
+        # A short range test: 10x up at a time, on while the loss keeps falling further (LR x10 to x10,000).
+        raising = [learning_rate(10.0**k) for k in range(1, 5)]
+        return [raising, *structure("adamw"), *reinit]
     return []
 
 

@@ -116,9 +116,13 @@ def doctor(
     A trial *repairs* the run when its verdict is healthy (or one its remedy tolerates: a clipped run's raw gradient
     may still read exploding) and, for a single-optimizer run, its final loss (the median of its last 32 steps) is
     below the probe's and at most 0.9x the trivial baseline: ``baseline_loss`` (e.g. ln 10 for ten balanced classes)
-    or else the smallest loss any run started at. The doctor stops at the first trial that repairs (``try_all``:
-    tries the whole plan), after ``max_trials`` trials, or when the plan is spent; when no single remedy works and
-    trials are left, it combines the two that brought the loss lowest (one trial).
+    or else the smallest loss any run started at; and when the probe learned before it failed, the final loss keeps
+    at least half of the progress the probe had made at its best (32-step median).
+
+    The doctor stops one family after the first family of remedies that repairs (a second opinion, so that two cures
+    are ranked; a family such as "LR /10, /100" goes one step further while that lowers the final loss;
+    ``try_all``: tries the whole plan), after ``max_trials`` trials, or when the plan is spent; when no single
+    remedy works and trials are left, it combines the two that brought the loss lowest (one trial).
 
     Args:
         model: Returns a new LightningModule, the same one at every call (the seed is set before each call).
@@ -172,8 +176,11 @@ def doctor(
         return result
     traits = ModelTraits.of(template)
     findings = Findings.of(probe.verdict_class, probe.summaries)
-    families = plan(findings, traits, declared_variants(template), steps)
+    second_opinion = False
+    fp16 = str(kwargs.get("precision", "")).startswith("16")
+    families = plan(findings, traits, declared_variants(template), steps, fp16)
     for family in families:
+        best_in_family: Trial | None = None
         for remedy in family:
             if len(tried) >= max_trials:
                 break
@@ -182,11 +189,22 @@ def doctor(
                 # It cured the failure but the step is now too large for the healthier gradient: the same remedy
                 # at a 10x lower learning rate (a deep ReLU net at the LR its sigmoid twin needed).
                 outcome = trial(remedy + learning_rate(0.1))
-            # Climb a family (a lower LR still) only while the failure stays the same.
-            if outcome.works or outcome.verdict_class != probe.verdict_class:
+            # Climb a family (a lower LR still) until a step repairs: a 10x lower LR that is still too high can read
+            # stalled rather than unstable (stuck after its first blow-up), so a changed failure is no reason to
+            # stop. Past the first step that repairs, one step more while it keeps lowering the final loss: the
+            # search for the factor (a stalled run's LR 100x up learns, 1000x up may learn what healthy runs do).
+            if best_in_family is not None and not _better(outcome, best_in_family):
                 break
-        if len(tried) >= max_trials or (result.best is not None and not try_all):
+            if outcome.works:
+                best_in_family = outcome
+        if len(tried) >= max_trials:
             break
+        if result.best is not None and not try_all:
+            # A second opinion: the next family too, so that the table ranks two cures (a clipped IRNN against a
+            # re-initialised one) and the better one wins.
+            if second_opinion or len(tried) >= max_trials:
+                break
+            second_opinion = True
     if result.best is None and len(tried) < max_trials:
         pair = _combination(tried, probe)
         if pair is not None:
@@ -205,7 +223,18 @@ def repaired(trial: Trial, probe: Trial, baseline: float | None, runs: Sequence[
         return trial.verdict_class == "healthy"  # no single loss (a GAN): the verdict is the outcome
     starts = [r.start_loss for r in [*runs, trial] if r.start_loss is not None and math.isfinite(r.start_loss)]
     trivial = baseline if baseline is not None else min(starts, default=math.inf)
-    return trial.final_loss < probe.final_loss and trial.final_loss <= LEARNED_FRACTION * trivial
+    learned = trial.final_loss < probe.final_loss and trial.final_loss <= LEARNED_FRACTION * trivial
+    best = probe.best_loss
+    if best is None or not math.isfinite(trivial) or best >= trivial:
+        return learned
+    # A run that learned before it failed sets a higher bar: the repair keeps at least half the progress the
+    # failing run had made at its best (the loss rules' own measure of a blow-up: half the progress given back).
+    return learned and trial.final_loss <= best + (trivial - best) / 2
+
+
+def _better(trial: Trial, than: Trial) -> bool:
+    """``trial`` repaired too, to a lower final loss."""
+    return trial.works and (trial.final_loss or math.inf) < (than.final_loss or math.inf)
 
 
 def _overshot(outcome: Trial, probe: Trial) -> bool:

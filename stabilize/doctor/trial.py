@@ -44,6 +44,8 @@ class Trial:
     #: Whether the trial repaired the run (:meth:`Doctor.judge <stabilize.doctor.Doctor>` decides).
     works: bool = False
     error: str | None = None
+    #: The lowest 32-step median loss the run reached (a run that learned, then blew up: how far it had got).
+    best_loss: float | None = None
     #: (step, smoothed loss) of every trace point, for the plot.
     curve: list[tuple[int, float]] = field(default_factory=list)
     diagnosis: str = ""
@@ -108,7 +110,7 @@ def run_trial(
     worst = min(classes, key=SEVERITY.index)
     if error is not None and worst == "healthy":
         worst = "exploding" if "finite" in error.lower() else "failed"
-    start_loss, final_loss, curve = _losses(health, len(summaries))
+    start_loss, final_loss, best_loss, curve = _losses(health, len(summaries))
     return Trial(
         remedy,
         "; ".join(verdict(s) for s in summaries.values()) or "no step taken",
@@ -117,24 +119,29 @@ def run_trial(
         final_loss,
         seconds,
         error=error,
+        best_loss=best_loss,
         curve=curve,
         diagnosis=health.diagnosis(module) if module is not None and summaries else "",
         summaries=summaries,
     )
 
 
-def _losses(health: GradientHealthCallback, optimizers: int) -> tuple[float | None, float | None, list]:
-    """The first step's loss, the final loss and the smoothed curve of a single-optimizer run."""
+def _losses(
+    health: GradientHealthCallback, optimizers: int
+) -> tuple[float | None, float | None, float | None, list[tuple[int, float]]]:
+    """The first step's loss, the final loss, the best steady loss and the smoothed curve of a single-optimizer
+    run (all None for several optimizers, or no loss)."""
     if optimizers != 1:
-        return None, None, []
+        return None, None, None, []
     points = health.trace_of(0)
     losses = [p["loss"] for p in points]
     if not losses or all(math.isnan(v) for v in losses):
-        return None, None, []
+        return None, None, None, []
     tail = [v if math.isfinite(v) else math.inf for v in losses[-FINAL_STEPS:]]
     start = next((v for v in losses if math.isfinite(v)), math.inf)
+    steady = [p["steady_loss"] for p in points if math.isfinite(p["steady_loss"])]
     curve = [(p["step"], p["smoothed_loss"]) for p in points]
-    return start, statistics.median(tail), curve
+    return start, statistics.median(tail), min(steady, default=None), curve
 
 
 class _Quiet:

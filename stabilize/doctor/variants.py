@@ -16,8 +16,9 @@ VARIANT_KINDS = (
     "pre_ln",
     "qk_norm",
     "non_saturating_loss",
+    "z_loss",
+    "zero_init_residual",
     "adamw",
-    "sgd",
 )
 
 

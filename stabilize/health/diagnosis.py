@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 RELU_LIKE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.PReLU, nn.Mish)
 SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid)
 NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+#: Endings of the class names of attention modules and transformer blocks in common libraries.
+ATTENTION_NAMES = ("Attention", "TransformerBlock", "EncoderLayer", "DecoderLayer")
 #: Keys a model's ``gradient_health_hints()`` may use.
 HINT_KINDS = ("vanishing", "exploding", "nonfinite", "stalled", "unstable")
 #: What the verdict's worst finding is: :func:`verdict_class`'s values.
@@ -51,8 +53,9 @@ class ModelTraits:
     relu_like: bool = False
     #: A LightningModule with ``automatic_optimization = False``: the Trainer's gradient clipping does not apply.
     manual_optimization: bool = False
-    #: Attention modules (``nn.MultiheadAttention`` or a module class named ``*Attention``): a transformer, which
-    #: already has residual connections and normalization, and whose instabilities QK-norm and z-loss address.
+    #: Attention modules (``nn.MultiheadAttention``, or a module class named ``*Attention``, ``*TransformerBlock``,
+    #: ``*EncoderLayer`` or ``*DecoderLayer``): a transformer, which already has residual connections and
+    #: normalization, and whose instabilities QK-norm and z-loss address.
     attention: bool = False
 
     @classmethod
@@ -64,8 +67,7 @@ class ModelTraits:
             relu_like=any(isinstance(m, RELU_LIKE) for m in modules),
             manual_optimization=getattr(module, "automatic_optimization", True) is False,
             attention=any(
-                isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith(("Attention", "SelfAttention"))
-                for m in modules
+                isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith(ATTENTION_NAMES) for m in modules
             ),
         )
 

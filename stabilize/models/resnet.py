@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args
 from torch import Tensor, nn
 from typing_extensions import override
 
+from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import (
@@ -136,6 +137,14 @@ class ResNet(ImageClassifier):
     ) -> None:
         check_resnet_arguments(depth, width, shortcut)
         super().__init__(**kwargs)
+
+    @override
+    def stabilize_variants(self) -> dict[str, Variant]:
+        variants = super().stabilize_variants()
+        if not self.hparams["zero_init_residual"]:
+            words = "every residual branch starting at zero (the block is the identity at initialisation)"
+            variants["zero_init_residual"] = Variant(words, {"zero_init_residual": True})
+        return variants
 
     @override
     def build_network(self) -> nn.Module:

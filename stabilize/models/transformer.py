@@ -20,7 +20,7 @@ ResidualScaling = Literal["none", "deepnorm"]
 TransformerInit = Literal["gpt2", "default"]
 
 
-class Block(nn.Module):
+class TransformerBlock(nn.Module):
     """One transformer block: causal self-attention and an MLP, each a residual branch, normalized before the branch
     (``"pre"``: ``x + f(LN(x))``) or after the sum (``"post"``: ``LN(a * x + f(x))``, with DeepNorm's ``a`` when
     residual scaling is on). ``qk_norm`` normalizes queries and keys per head before their dot product."""
@@ -162,7 +162,7 @@ class TransformerLM(TrainingRecipe):
         self.embed = nn.Embedding(vocab_size, width)
         self.position = nn.Embedding(context, width)
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, norm_position, qk_norm, gain, bias) for _ in range(depth)
+            TransformerBlock(width, heads, mlp_ratio, norm_position, qk_norm, gain, bias) for _ in range(depth)
         )
         # Pre-LN ends with a normalization of the residual stream; post-LN's last block already normalized it.
         self.final_norm = nn.LayerNorm(width, bias=bias) if norm_position == "pre" else nn.Identity()
@@ -181,7 +181,7 @@ class TransformerLM(TrainingRecipe):
                 if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
         for block in self.blocks:
-            assert isinstance(block, Block)
+            assert isinstance(block, TransformerBlock)
             for projection in (block.proj, block.mlp[2]):
                 assert isinstance(projection, nn.Linear)
                 with torch.no_grad():
@@ -200,7 +200,7 @@ class TransformerLM(TrainingRecipe):
         x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device))
         measure = self.record_forward_statistics and self.training
         statistics: dict[str, Tensor] = {}
-        for index, block in enumerate(cast(list[Block], self.blocks)):
+        for index, block in enumerate(cast(list[TransformerBlock], self.blocks)):
             block.measure = measure
             x = block(x)
             if measure and block.logit_max is not None:
@@ -255,6 +255,8 @@ class TransformerLM(TrainingRecipe):
             variants["pre_ln"] = Variant("pre-LN blocks instead of post-LN", {"norm_position": "pre"})
         if not self.hparams["qk_norm"]:
             variants["qk_norm"] = Variant("LayerNorm on queries and keys (QK-norm)", {"qk_norm": True})
+        if self.hparams["z_loss"] == 0:
+            variants["z_loss"] = Variant("z-loss 1e-4 on the output logits (PaLM's weight)", {"z_loss": 1e-4})
         return variants
 
     @override

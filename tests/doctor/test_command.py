@@ -17,7 +17,9 @@ MODEL = ["--model", "tests.helpers.doctor_models.TeacherNet", "--model.bias", "-
 
 def test_stabilize_doctor_repairs_the_run_and_its_patch_applies(tmp_path: Path) -> None:
     out = tmp_path / "doctor"
-    result = stabilize_command("doctor", *MODEL, "--doctor.steps", "100", "--doctor.out", str(out), cwd=tmp_path)
+    # One trial: the re-initialisation (the plan's first remedy for a ReLU net's vanishing), then the patch.
+    options = ["--doctor.steps", "100", "--doctor.max_trials", "1", "--doctor.out", str(out)]
+    result = stabilize_command("doctor", *MODEL, *options, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "probing TeacherNet for 100 steps (seed 42)" in result.stdout
     assert "Repaired by re-init auto" in result.stdout and "| re-init auto | healthy |" in result.stdout

@@ -45,8 +45,10 @@ def test_plan_for_saturating_vanishing_dead_units_through_time_and_stalls() -> N
     assert dead[:2] == [["re-init auto"], ["LR /10", "LR /100"]]
     gated = {"gated_cell": Variant("LSTM", {"cell": "lstm"})}
     assert names(plan(Findings("vanishing", through_time=True), ModelTraits(), gated, 100))[0] == ["gated cell"]
-    assert names(plan(Findings("stalled"), RELU, {}, 100))[0] == ["LR x10", "LR x100", "LR x1000"]
+    assert names(plan(Findings("stalled"), RELU, {}, 100))[0] == ["LR x10", "LR x100", "LR x1000", "LR x10000"]
     assert plan(Findings("healthy"), RELU, {}, 100) == []
+    half = names(plan(Findings("exploding", explosion_step=50), RELU, {}, 200, fp16=True))
+    assert half[0] == ["bf16 instead of fp16"]
 
 
 def trial(name: str | None, verdict: str, final: float | None, start: float | None = 1.4, **kw: Any) -> Trial:
@@ -65,6 +67,10 @@ def test_repaired_needs_a_healthy_verdict_and_a_loss_that_learned() -> None:
     exploded = trial(None, "exploding", math.inf, start=1e5)
     assert repaired(trial("clip", "exploding", 0.5), exploded, None, [exploded])
     assert not repaired(trial("a", "exploding", 0.5), exploded, None, [exploded])
+    # A probe that learned to 0.5 before it blew up: a repair keeps half that progress (bar 0.5 + 0.9 / 2).
+    learned_first = trial(None, "unstable", 3.0, best_loss=0.5)
+    assert repaired(trial("a", "healthy", 0.9), learned_first, None, [learned_first])
+    assert not repaired(trial("a", "healthy", 1.0), learned_first, None, [learned_first])
     # Two optimizers (a GAN): no single loss, the verdict is the outcome.
     assert repaired(trial("a", "healthy", None, None), trial(None, "collapse", None, None), None, [])
 
@@ -84,14 +90,26 @@ def scripted(monkeypatch: pytest.MonkeyPatch, outcomes: dict[str | None, tuple[s
     return tried
 
 
-def test_doctor_stops_at_the_first_repair_and_climbs_a_family_only_on_the_same_failure(
+def test_doctor_stops_at_the_first_repair_and_climbs_a_family_until_a_step_repairs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    tried = scripted(monkeypatch, {None: ("unstable", 3.0), "LR /10": ("unstable", 2.5), "LR /100": ("healthy", 1.0)})
+    # 10x lower still too high reads stalled (stuck after its blow-up): the family goes on to 100x.
+    tried = scripted(monkeypatch, {None: ("unstable", 3.0), "LR /10": ("stalled", 2.5), "LR /100": ("healthy", 1.0)})
     result = doctor(TeacherNet, None, steps=50)
-    assert tried == ["None", "LR /10", "LR /100"]
+    assert tried == ["None", "LR /10", "LR /100", "warm-up 10 steps"]  # and a second opinion, which fails here
     assert result.best is not None and result.best.name == "LR /100"
-    assert "Repaired by LR /100" in result.conclusion and result.cost == pytest.approx(3.0)
+    assert "Repaired by LR /100" in result.conclusion and result.cost == pytest.approx(4.0)
+
+
+def test_doctor_goes_one_step_further_while_the_family_keeps_lowering_the_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    outcomes = {None: ("stalled", 1.38), "LR x100": ("healthy", 1.0), "LR x1000": ("healthy", 0.5)}
+    tried = scripted(monkeypatch, outcomes)
+    result = doctor(TeacherNet, None, steps=50, max_trials=3)
+    assert tried == ["None", "LR x10", "LR x100", "LR x1000"]
+    assert result.best is not None and result.best.name == "LR x1000"
+    worse = scripted(monkeypatch, {**outcomes, "LR x10": ("healthy", 0.9), "LR x100": ("healthy", 1.0)})
+    assert doctor(TeacherNet, None, steps=50, max_trials=2).best.name == "LR x10"  # type: ignore[union-attr]
+    assert worse == ["None", "LR x10", "LR x100"]
 
 
 def test_doctor_follows_an_overshoot_with_a_lower_lr_and_combines_when_nothing_works(
@@ -116,20 +134,22 @@ def test_a_healthy_run_costs_one_probe_and_is_left_alone() -> None:
     assert "nothing to repair" in result.conclusion and result.cost == pytest.approx(1.0)
 
 
-def test_the_doctor_cures_dead_relus_by_reinitialising(tmp_path: Path) -> None:
+def test_the_doctor_cures_dead_relus_and_ranks_two_cures(tmp_path: Path) -> None:
     lines: list[str] = []
     result = doctor(lambda: TeacherNet(bias=-10.0), None, steps=100, log=lines.append)
     assert result.probe.verdict_class == "vanishing"
+    # The plan for a ReLU net's vanishing: re-initialise; then a second opinion, the LayerNorm the model declares.
+    assert [t.name for t in result.trials] == ["re-init auto", "normalization"]
+    assert all(t.works and t.verdict_class == "healthy" for t in result.trials)
     best = result.best
-    assert best is not None and best.remedy is not None and best.name == "re-init auto"
-    assert best.verdict_class == "healthy" and best.final_loss is not None and result.probe.final_loss is not None
+    assert best is not None and best.final_loss == min(t.final_loss for t in result.trials)  # type: ignore[type-var]
+    assert result.probe.final_loss is not None and best.final_loss is not None
     assert best.final_loss < 0.9 * math.log(4) < result.probe.final_loss  # learned; the probe sat near the prior
-    assert len(lines) == 2 and "repaired" in lines[1]
+    assert len(lines) == 3 and all("-> repaired" in line for line in lines[1:])
     table = result.table().splitlines()
-    assert table[2].startswith("| re-init auto | healthy") and table[-1].startswith("| probe (as configured)")
-    assert "Reinitialize(scheme='auto')" in result.report()
+    assert table[2].startswith(f"| {best.name} | healthy") and table[-1].startswith("| probe (as configured)")
     figure = result.plot()
-    assert len(figure.axes[0].lines) == 2
+    assert len(figure.axes[0].lines) == 3
     figure.savefig(tmp_path / "doctor.png")
 
 
