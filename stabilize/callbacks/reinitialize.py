@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from stabilize.errors import ConfigurationError
+from stabilize.errors import ConfigurationError, check_integers
 
 InitScheme = Literal["auto", "he", "xavier", "lecun", "orthogonal"]
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -36,7 +36,7 @@ class Reinitialize(Callback):
         seed: Seed of the generator the new weights are drawn from.
 
     Raises:
-        ConfigurationError: For an unknown scheme.
+        ConfigurationError: For an unknown scheme or a seed that is not an integer.
 
     Example::
 
@@ -49,6 +49,7 @@ class Reinitialize(Callback):
         super().__init__()
         if scheme not in get_args(InitScheme):
             raise ConfigurationError(f"scheme must be one of {list(get_args(InitScheme))}, got {scheme!r}.")
+        check_integers(None, seed=seed)
         self.scheme = scheme
         self.seed = seed
         #: Layers re-initialised by the last ``setup`` (their qualified names).

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
@@ -87,13 +87,21 @@ def doctor_main(arguments: Sequence[str]) -> DoctorResult:
         print(__doc__)
         sys.exit(0)
     rest = resolve_arguments(["fit", *rest])[1:]
-    cli = StabilizeCLI(args=rest, run=False)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the run's arguments are passed as args: Lightning warns about both
+    try:
+        cli = StabilizeCLI(args=rest, run=False)
+    finally:
+        sys.argv = argv
     seed = options.seed if options.seed is not None else int(cli.config.get("seed_everything") or 0)
     settings = cli.config.get("trainer", {})
     trainer_kwargs = {key: settings[key] for key in KEPT_TRAINER_SETTINGS if settings.get(key) is not None}
 
     def model() -> LightningModule:
         return cli.parser.instantiate_classes(cli.config)["model"]
+
+    def data() -> LightningDataModule | None:
+        # A new datamodule per trial: one that keeps a generator (augmentation draws) must start each trial afresh.
+        return cli.parser.instantiate_classes(cli.config).get("data")
 
     def callbacks() -> list[Callback]:
         fresh = cli.parser.instantiate_classes(cli.config)["trainer"].get("callbacks") or []
@@ -106,7 +114,7 @@ def doctor_main(arguments: Sequence[str]) -> DoctorResult:
     print(f"stabilize doctor: probing {type(cli.model).__name__} for {options.steps} steps (seed {seed})")
     result = doctor(
         model,
-        cli.datamodule,
+        data,
         steps=options.steps,
         seed=seed,
         trainer_kwargs=trainer_kwargs,

@@ -41,7 +41,7 @@ class Trial:
     start_loss: float | None
     final_loss: float | None
     seconds: float
-    #: Whether the trial repaired the run (:meth:`Doctor.judge <stabilize.doctor.Doctor>` decides).
+    #: Whether the trial repaired the run (:func:`~stabilize.doctor.repaired` decides).
     works: bool = False
     error: str | None = None
     #: The lowest 32-step median loss the run reached (a run that learned, then blew up: how far it had got).

@@ -120,6 +120,22 @@ def test_pathology_zoo_smoke_cases_get_their_labels(tmp_path: Path) -> None:
     assert all(saved["confusion"][label][label] == 1 for label in saved["confusion"])
 
 
+def test_repair_bench_smoke_cases(tmp_path: Path) -> None:
+    # Structure, not outcomes: each failing case's remedy and its before/after outcome are recorded, the healthy
+    # case costs one probe and is left alone (its verdict has the zoo's wide margins), and the totals add up.
+    run_smoke("repair_bench.py", tmp_path, "--out", str(tmp_path / "repair.json"))
+    saved = json.loads((tmp_path / "repair.json").read_text())
+    rows = {row["name"]: row for row in saved["cases"]}
+    assert set(rows) == {"mlp-adam", "big-init", "deep-sigmoid"}
+    assert rows["mlp-adam"]["untouched"] and rows["mlp-adam"]["runs"] == 1 and rows["mlp-adam"]["cost"] == 1.0
+    for name in ("big-init", "deep-sigmoid"):
+        row = rows[name]
+        assert row["detected"] in {"exploding", "vanishing"} and row["runs"] == len(row["trials"]) + 1 >= 2
+        assert {"before", "after", "remedy", "repaired", "cost"} <= set(row) and row["cost"] > 1
+    assert saved["failing_cases"] == 2 and saved["healthy_cases"] == 1 and saved["healthy_changed"] == 0
+    assert saved["repaired"] == sum(rows[n]["repaired"] for n in ("big-init", "deep-sigmoid"))
+
+
 def test_bench_sharpness_methods(tmp_path: Path) -> None:
     figures = json.loads(run_smoke("bench_sharpness_methods.py", tmp_path)[-1])
     assert set(figures["by_products"]) == {"3", "5"}
