@@ -11,6 +11,8 @@ of ``report.md``, ``loss.png`` and, when a remedy works, ``fix.yaml``: default `
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,11 +148,12 @@ def config_patch(remedy: Remedy, config: dict[str, Any], model: LightningModule)
     trainer: dict[str, Any] = dict(remedy.trainer)
     if remedy.callbacks:
         listed = (config.get("trainer") or {}).get("callbacks") or []
+        listed = [_without_defaults(entry) for entry in (listed if isinstance(listed, list) else [listed])]
         added = [
             {"class_path": f"stabilize.callbacks.{cls.__name__}", "init_args": dict(arguments)}
             for cls, arguments in remedy.callbacks
         ]
-        trainer["callbacks"] = [*(listed if isinstance(listed, list) else [listed]), *added]
+        trainer["callbacks"] = [*listed, *added]
     if trainer:
         patch["trainer"] = trainer
     if remedy.variant is not None:
@@ -163,6 +166,24 @@ def config_patch(remedy: Remedy, config: dict[str, Any], model: LightningModule)
             path = f"stabilize.models.{cls.__name__}" if cls.__module__.startswith("stabilize.") else cls.__qualname__
             patch["model"] = {"class_path": path, "init_args": _plain({**kept, **variant.init_args})}
     return patch
+
+
+def _without_defaults(entry: Any) -> Any:
+    """A ``class_path``/``init_args`` entry without the arguments that equal its class's defaults (the config dump
+    writes them all)."""
+    if not isinstance(entry, dict) or "class_path" not in entry:
+        return entry
+    module, _, name = entry["class_path"].rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return entry
+    given = {
+        key: value
+        for key, value in (entry.get("init_args") or {}).items()
+        if key not in parameters or _plain({key: parameters[key].default})[key] != value
+    }
+    return {"class_path": entry["class_path"], **({"init_args": given} if given else {})}
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:

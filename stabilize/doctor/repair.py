@@ -160,7 +160,7 @@ def doctor(
             result.works = repaired(result, probe, baseline_loss, [probe, *tried])
             tried.append(result)
         mark = "" if remedy is None else ("  -> repaired" if result.works else "  -> not repaired")
-        mark += f"  ({result.error})" if result.error else ""
+        mark += f"  ({result.error.split('. ')[0]})" if result.error else ""  # its first sentence
         say(f"{result.name:<28} {result.verdict_class:<10} final loss {_loss(result.final_loss):>8}{mark}")
         return result
 

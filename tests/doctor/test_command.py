@@ -46,11 +46,13 @@ def test_doctor_options_are_split_from_the_run_s_arguments() -> None:
 
 
 def test_config_patch_keeps_the_run_s_callbacks_and_writes_whole_model_for_another_class() -> None:
-    config = {"trainer": {"callbacks": [{"class_path": "stabilize.callbacks.GradientHealthCallback"}]}}
+    health = {"class_path": "stabilize.callbacks.GradientHealthCallback", "init_args": {"median_window": 64}}
+    health["init_args"]["on_nonfinite"] = "skip"  # the one argument given; the dump writes the defaults too
+    config = {"trainer": {"callbacks": [health]}}
     patch = config_patch(reinitialisation("he"), config, DeepPlainCNN())
-    assert [c["class_path"] for c in patch["trainer"]["callbacks"]] == [
-        "stabilize.callbacks.GradientHealthCallback",
-        "stabilize.callbacks.Reinitialize",
+    assert patch["trainer"]["callbacks"] == [
+        {"class_path": "stabilize.callbacks.GradientHealthCallback", "init_args": {"on_nonfinite": "skip"}},
+        {"class_path": "stabilize.callbacks.Reinitialize", "init_args": {"scheme": "he"}},
     ]
     plain = DeepPlainCNN(depth=20, init_scale=1.5, lr=0.01)
     residual = config_patch(Remedy("residual", "structure", variant=plain.stabilize_variants()["residual"]), {}, plain)
