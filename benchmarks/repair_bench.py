@@ -197,8 +197,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The failing cases as a Markdown table (the docs' table), then one line for the healthy ones."""
     lines = [
-        "| case | detected | remedy chosen | before | after (healthy bar) | repaired | cost | random, same budget |",
-        "|---|---|---|---|---|:-:|---:|---:|",
+        "| case | detected | remedy chosen | before | after (healthy bar) | repaired | runs | time"
+        " | random, same budget |",
+        "|---|---|---|---|---|:-:|---:|---:|---:|",
     ]
     for r in rows:
         if "untouched" in r:
@@ -207,7 +208,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         mark = "yes" if r["repaired"] else ("no (bar out of reach)" if r.get("unreachable") else "no")
         lines.append(
             f"| {r['name']} | {r['detected']} | {r['remedy'] or '-'} | {_outcome(r['before'])}"
-            f" | {_outcome(r['after'])} | {mark} | {r['cost']:.1f}x | {random} |"
+            f" | {_outcome(r['after'])} | {mark} | {r['runs']} | {r['cost']:.1f}x | {random} |"
         )
     healthy = [r for r in rows if "untouched" in r]
     untouched = sum(r["untouched"] for r in healthy)
@@ -235,6 +236,10 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "reachable_cases": len(reachable),
         "repair_rate_reachable": sum(r["repaired"] for r in reachable) / max(len(reachable), 1),
         "random_repair_rate": sum(randoms) / len(randoms) if randoms else None,
+        # The cost in probe budgets: every trial runs the probe's steps, so runs are the exact multiple; the time
+        # ratio also carries the machine's noise (another job on the cores during the probe or a trial).
+        "mean_runs_failing": sum(r["runs"] for r in failing) / max(len(failing), 1),
+        "mean_runs_all": sum(r["runs"] for r in rows) / max(len(rows), 1),
         "mean_cost_failing": sum(r["cost"] for r in failing) / max(len(failing), 1),
         "mean_cost_all": sum(r["cost"] for r in rows) / max(len(rows), 1),
         "healthy_cases": len(healthy),
@@ -263,7 +268,9 @@ def main() -> None:
     parser.add_argument("--table", type=Path, default=None, help="print a saved JSON's Markdown table and stop")
     args = parser.parse_args()
     if args.table is not None:
-        print(markdown(json.loads(args.table.read_text())["cases"]))
+        rows = json.loads(args.table.read_text())["cases"]
+        print(markdown(rows))
+        print(json.dumps(summary(rows), indent=1))
         return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

@@ -80,17 +80,24 @@ class DoctorResult:
         return "\n".join(lines)
 
     def plot(self) -> Figure:
-        """The smoothed training loss of the probe and of every trial against the step."""
+        """The smoothed training loss of the probe and of every trial against the step, on a linear scale up to
+        twice the lowest starting loss (a run that blew up leaves the frame, and its label says so)."""
         import matplotlib.pyplot as plt
 
         figure, axes = plt.subplots(figsize=(8, 4.5), layout="constrained")
-        for trial in [self.probe, *self.trials]:
+        runs = [self.probe, *self.trials]
+        starts = [t.start_loss for t in runs if t.start_loss is not None and math.isfinite(t.start_loss)]
+        top = 2 * min(starts) if starts else None
+        for trial in runs:
             if trial.curve:
                 steps, losses = zip(*trial.curve)
                 style = {"color": "black", "linewidth": 2} if trial.remedy is None else {"linewidth": 1.2}
                 label = f"{trial.name}: {trial.verdict_class}" + (" (repaired)" if trial.works else "")
+                if top is not None and not all(math.isfinite(v) and v <= top for v in losses):
+                    label += " (leaves the frame)"
                 axes.plot(steps, losses, label=label, **style)
-        axes.set_yscale("log")
+        if top is not None:
+            axes.set_ylim(0, top)
         axes.set_xlabel("optimizer step")
         axes.set_ylabel("training loss (8-step median)")
         axes.set_title("stabilize doctor: the probe and the remedies tried")
