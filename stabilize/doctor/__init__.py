@@ -8,7 +8,7 @@ change, a plot). Models declare their structural variants with ``stabilize_varia
 from stabilize.doctor.remedies import Findings, Remedy, plan
 from stabilize.doctor.repair import DoctorResult, doctor, repaired
 from stabilize.doctor.trial import Trial, run_trial
-from stabilize.doctor.variants import VARIANT_KINDS, Variant, declared_variants
+from stabilize.models.variants import VARIANT_KINDS, Variant, declared_variants
 
 __all__ = [
     "VARIANT_KINDS",

@@ -20,9 +20,9 @@ from stabilize.callbacks.gradient_clipping import GradientClipping
 from stabilize.callbacks.learning_rate_scale import LearningRateScale
 from stabilize.callbacks.reinitialize import Reinitialize
 from stabilize.callbacks.swap_activations import SwapActivations
-from stabilize.doctor.variants import Variant
 from stabilize.health.diagnosis import TEMPORAL_VANISHING, ModelTraits
 from stabilize.health.records import HealthSummary
+from stabilize.models.variants import Variant
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from lightning.pytorch import Callback
 from stabilize.callbacks.learning_rate_scale import LearningRateScale
 from stabilize.doctor.remedies import Findings, Remedy, learning_rate, plan
 from stabilize.doctor.trial import LEARNED_FRACTION, DataSource, ModelFactory, Trial, run_trial
-from stabilize.doctor.variants import declared_variants
 from stabilize.errors import ConfigurationError, check_integers
 from stabilize.health.diagnosis import ModelTraits
+from stabilize.models.variants import declared_variants
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

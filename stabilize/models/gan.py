@@ -9,7 +9,6 @@ from torch import Tensor
 from torchvision.utils import make_grid
 from typing_extensions import override
 
-from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError, DataError, check_integers
 from stabilize.models.epoch_means import DeviceLoggedModule
 from stabilize.models.gan_networks import (
@@ -19,6 +18,7 @@ from stabilize.models.gan_networks import (
     discriminator_loss,
     generator_loss,
 )
+from stabilize.models.variants import Variant
 
 
 class DCGAN(DeviceLoggedModule):

@@ -7,7 +7,6 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
-from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError, check_integers
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import (
@@ -22,6 +21,7 @@ from stabilize.models.blocks import (
     get_norm_layer,
     init_weights,
 )
+from stabilize.models.variants import Variant
 
 MIN_PLAIN_DEPTH = 5  # stem + one conv per stage + head
 

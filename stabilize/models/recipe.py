@@ -13,9 +13,9 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 from torch.utils import _foreach_utils
 from typing_extensions import override
 
-from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError, TrainingDivergedError
 from stabilize.models.epoch_means import DeviceLoggedModule
+from stabilize.models.variants import Variant
 
 OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
 SchedulerName = Literal["cosine", "onecycle", "triangular", "constant"]

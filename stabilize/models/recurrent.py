@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError, DataError, check_integers
 from stabilize.models.recipe import OptimizerName, SchedulerName, TrainingRecipe
+from stabilize.models.variants import Variant
 
 CellName = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
 RecurrentInit = Literal["default", "orthogonal", "identity"]

@@ -9,7 +9,6 @@ from typing import Any, Literal, get_args
 from torch import Tensor, nn
 from typing_extensions import override
 
-from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError
 from stabilize.models.base import ImageClassifier
 from stabilize.models.blocks import (
@@ -28,6 +27,7 @@ from stabilize.models.blocks import (
     get_norm_layer,
     init_weights,
 )
+from stabilize.models.variants import Variant
 
 ResNetNorm = Literal["batch", "group", "layer"]
 #: Builds a residual block from ``(in_channels, out_channels, stride=..., activation=..., shortcut_kind=...)``;

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from stabilize.doctor.variants import Variant
 from stabilize.errors import ConfigurationError, DataError, check_integers
 from stabilize.models.recipe import OptimizerName, SchedulerName, TrainingRecipe
+from stabilize.models.variants import Variant
 
 NormPosition = Literal["pre", "post"]
 ResidualScaling = Literal["none", "deepnorm"]

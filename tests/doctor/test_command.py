@@ -8,8 +8,8 @@ import yaml
 
 from stabilize.doctor.command import config_patch, doctor_options
 from stabilize.doctor.remedies import Remedy, reinitialisation
-from stabilize.doctor.variants import Variant
 from stabilize.models import DeepPlainCNN, ResNet
+from stabilize.models.variants import Variant
 from tests.helpers.commands import stabilize_command
 
 MODEL = ["--model", "tests.helpers.doctor_models.TeacherNet", "--model.bias", "-10", "--trainer.logger", "false"]

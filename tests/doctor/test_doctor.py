@@ -11,8 +11,8 @@ import pytest
 from stabilize.doctor import DoctorResult, Findings, Remedy, Trial, doctor, plan, repaired
 from stabilize.doctor import repair as doctor_module
 from stabilize.doctor.remedies import clipping, learning_rate, reinitialisation
-from stabilize.doctor.variants import Variant
 from stabilize.health.diagnosis import ModelTraits
+from stabilize.models.variants import Variant
 from tests.helpers.doctor_models import TeacherNet
 
 RELU = ModelTraits(relu_like=True)

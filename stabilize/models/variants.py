@@ -1,4 +1,5 @@
-"""The structural changes a model declares for ``stabilize doctor``: its ``stabilize_variants()`` hook."""
+"""The structural changes a model declares for ``stabilize doctor`` (its ``stabilize_variants()`` hook): part of the
+models, so that declaring them imports nothing of the doctor, the callbacks or the metrics."""
 
 from __future__ import annotations
 
