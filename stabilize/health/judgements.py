@@ -19,7 +19,7 @@ from stabilize.health.records import (
     SpikeEvent,
     StepRecord,
 )
-from stabilize.health.stall import loss_stall
+from stabilize.health.stall import loss_progress, loss_stall
 from stabilize.health.trace import TracePoint
 
 
@@ -31,6 +31,7 @@ class Judgements(TypedDict):
     gradient_collapse: GradientCollapse | None
     loss_stall: LossStall | None
     loss_blowups: list[LossBlowup]
+    loss_progress: float | None
 
 
 def judges_loss(optimizers: int) -> bool:
@@ -67,4 +68,5 @@ def judgements(
         "gradient_collapse": judged_collapse(series, explosions, criteria.collapse_factor),
         "loss_stall": loss_stall(series) if judge_loss else None,
         "loss_blowups": blowups,
+        "loss_progress": loss_progress(series) if judge_loss else None,
     }

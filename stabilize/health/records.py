@@ -198,6 +198,9 @@ class HealthSummary(TypedDict):
     #: The training loss's blow-ups, recovered or not (single-optimizer runs; see
     #: :mod:`stabilize.health.instability`).
     loss_blowups: NotRequired[list[LossBlowup]]
+    #: How far the training loss fell over the run, ``1 - end / start`` (single-optimizer runs; see
+    #: :func:`stabilize.health.stall.loss_progress`).
+    loss_progress: NotRequired[float | None]
     #: The largest per-layer update-to-weight ratio at a logging step (``track_update_ratio``).
     largest_update_to_weight: NotRequired[UpdateRatio | None]
     #: Findings confirmed during training, in the order they were raised (``GradientHealthCallback``'s alerts).

@@ -31,14 +31,33 @@ def loss_stall(history: Sequence[LossPoint]) -> LossStall | None:
     frequency baseline (plain-20 at LR 0.05, the sigmoid plain nets, post-LN transformers without a warm-up, 10.0%
     and 16% test accuracy) and on none that learned; the pathology zoo's healthy cases never fire it.
     """
-    losses = [(r["step"], r["loss"]) for r in history if math.isfinite(r.get("loss", math.nan))]
+    losses = _finite(history)
     if len(losses) < MIN_RECORDS:
         return None
     count = len(losses)
-    start = statistics.median(loss for _, loss in losses[:3])
+    start, end = _start_and_end(losses)
     early = losses[count // 20 : count // 10 + 1]
     level = statistics.median(loss for _, loss in early)
-    end = statistics.median(loss for _, loss in losses[-(count // 10) :])
     if not (start > 0 and level > 0) or level < EARLY_SHARE * start or end < (1 - STALL_PROGRESS) * level:
         return None
     return {"since_step": early[0][0], "start_loss": start, "level": level, "end_loss": end}
+
+
+def loss_progress(history: Sequence[LossPoint]) -> float | None:
+    """How far the training loss fell over the run, ``1 - end / start`` with :func:`loss_stall`'s medians (the
+    first three records, the last tenth): 0.9 for a loss that ended at a tenth of its start. ``None`` with fewer
+    than :data:`MIN_RECORDS` finite records or a start that is not positive (no ratio to take)."""
+    losses = _finite(history)
+    if len(losses) < MIN_RECORDS:
+        return None
+    start, end = _start_and_end(losses)
+    return 1.0 - end / start if start > 0 else None
+
+
+def _finite(history: Sequence[LossPoint]) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in history if math.isfinite(r.get("loss", math.nan))]
+
+
+def _start_and_end(losses: list[tuple[int, float]]) -> tuple[float, float]:
+    start = statistics.median(loss for _, loss in losses[:3])
+    return start, statistics.median(loss for _, loss in losses[-(len(losses) // 10) :])

@@ -78,3 +78,16 @@ def test_the_verdict_names_every_finding_worst_first_and_transient_spikes_as_a_n
     assert verdict_class(calm) == "healthy"
     lines = "\n".join(diagnosis_lines(calm, None))
     assert "Transient:" in lines and "at steps 40-41" in lines and "Healthy: no action needed" in lines
+
+
+def test_a_small_gradient_at_t0_is_no_finding_in_a_run_that_learned() -> None:
+    # A tanh RNN that learned to recall a token 60 steps back (loss 1.38 -> 0.10) still read 1e-4 at t=0: once a
+    # memory is held its gradient back to t=0 decays. Vanishing through time is a finding only while the loss did
+    # not fall by half (the failing runs stay at their start: progress ~0).
+    stuck = summary(last_temporal_ratio={"ratio": 1e-4, "step": 290}, loss_progress=0.01)
+    learned = summary(last_temporal_ratio={"ratio": 1e-4, "step": 290}, loss_progress=0.93)
+    assert verdict_class(stuck) == "vanishing" and "vanishing through time" in verdict(stuck)
+    assert verdict_class(learned) == "healthy" and verdict(learned) == "healthy"
+    lines = "\n".join(diagnosis_lines(learned, None))
+    assert "The loss fell 93% all the same" in lines and "gated cells" not in lines
+    assert verdict_class(summary(last_temporal_ratio={"ratio": 1e-4, "step": 290})) == "vanishing"  # no loss known
