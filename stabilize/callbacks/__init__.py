@@ -10,6 +10,7 @@ from stabilize.callbacks.reinitialize import Reinitialize
 from stabilize.callbacks.sample_quality import SampleQuality
 from stabilize.callbacks.sharpness_monitor import SharpnessMonitor
 from stabilize.callbacks.swap_activations import SwapActivations
+from stabilize.callbacks.swap_optimizer import SwapOptimizer
 
 __all__ = [
     "ForwardStatisticsMonitor",
@@ -22,4 +23,5 @@ __all__ = [
     "SampleQuality",
     "SharpnessMonitor",
     "SwapActivations",
+    "SwapOptimizer",
 ]

@@ -1,4 +1,5 @@
-"""The callbacks the doctor's remedies are made of: LearningRateScale, Reinitialize, SwapActivations."""
+"""The callbacks the doctor's remedies are made of: LearningRateScale, Reinitialize, SwapActivations,
+SwapOptimizer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from stabilize.callbacks import LearningRateScale, Reinitialize, SwapActivations
+from stabilize.callbacks import LearningRateScale, Reinitialize, SwapActivations, SwapOptimizer
 from stabilize.callbacks.reinitialize import auto_scheme
 from stabilize.errors import ConfigurationError
 
@@ -132,3 +133,75 @@ def test_swap_activations_replaces_saturating_modules() -> None:
     assert isinstance(kept.net[3], nn.Sigmoid)
     with pytest.warns(UserWarning, match="no Sigmoid/Tanh module"):
         SwapActivations().setup(Trainer(logger=False), OneWeight(), "fit")
+
+
+class TwoGroups(LightningModule):
+    """Two weights with loss = a + b (gradient 1 each), an SGD group each at rates 1.0 and 0.5, a StepLR halving."""
+
+    def __init__(self, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.b = nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.optimizer = optimizer
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.a + self.b
+
+    def configure_optimizers(self) -> Any:
+        groups = [{"params": [self.a], "lr": 1.0}, {"params": [self.b], "lr": 0.5}]
+        optimizer: Any = torch.optim.SGD(groups, momentum=0.9) if self.optimizer == "sgd" else torch.optim.Adam(groups)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_swap_optimizer_trains_with_adamw_at_the_group_ratios_under_the_module_s_schedule(tmp_path: Path) -> None:
+    module = TwoGroups()
+    trainer = fit(module, 6, [SwapOptimizer("adamw", lr=1e-3)], tmp_path)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.AdamW) and "momentum" not in optimizer.param_groups[0]
+    assert trainer.lr_scheduler_configs[0].scheduler.optimizer is optimizer
+    # A constant gradient of 1 makes every Adam step exactly lr / (1 + eps) long (its moments' ratio is 1), and the
+    # SGD group's weight decay (0) carries over: each weight's path is minus the sum of its rates, which StepLR
+    # halves every 2 steps, group b at half group a's. Float64: only eps (1e-8 of each step) separates the two.
+    rates = [1e-3 * 0.5 ** (step // 2) for step in range(6)]
+    assert module.a.item() == pytest.approx(-sum(rates), rel=1e-7)
+    assert module.b.item() == pytest.approx(-0.5 * sum(rates), rel=1e-7)
+
+
+def test_swap_optimizer_leaves_an_adam_alone_and_swaps_the_reverse(tmp_path: Path) -> None:
+    trainer = fit(TwoGroups("adam"), 2, [SwapOptimizer("adamw")], tmp_path / "a")
+    assert type(trainer.optimizers[0]) is torch.optim.Adam  # Adam is of AdamW's family: nothing to do
+    module = TwoGroups("adam")
+    trainer = fit(module, 1, [SwapOptimizer("sgd", lr=0.2)], tmp_path / "b")
+    assert isinstance(trainer.optimizers[0], torch.optim.SGD) and trainer.optimizers[0].defaults["momentum"] == 0.9
+    assert (module.a.item(), module.b.item()) == pytest.approx((-0.2, -0.1))  # first step: momentum buffer = grad
+
+
+def test_swap_optimizer_resumes_with_the_state_of_the_optimizer_it_saved(tmp_path: Path) -> None:
+    def trainer(steps: int) -> Trainer:
+        return Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[SwapOptimizer("adamw")],
+            default_root_dir=tmp_path,
+        )
+
+    data = DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=1)
+    first = trainer(3)
+    first.fit(TwoGroups(), data)
+    first.save_checkpoint(tmp_path / "three.ckpt")
+    second = trainer(6)
+    second.fit(TwoGroups(), data, ckpt_path=tmp_path / "three.ckpt")
+    optimizer = second.optimizers[0]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.state[optimizer.param_groups[0]["params"][0]]["step"].item() == 6  # AdamW's state went on
+
+
+@pytest.mark.parametrize("bad", [{"to": "lion"}, {"lr": 0.0}, {"lr": float("nan")}])
+def test_swap_optimizer_refuses_bad_arguments(bad: dict) -> None:
+    with pytest.raises(ConfigurationError):
+        SwapOptimizer(**bad)
