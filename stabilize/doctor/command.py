@@ -4,7 +4,7 @@
     stabilize fit --config configs/exploding_relu.yaml --config stabilize-doctor/fix.yaml ...
 
 Every argument the ``fit`` subcommand takes describes the run; ``--doctor.*`` options set the doctor's own:
-``steps`` (probe budget, default 200), ``max_trials`` (6), ``try_all``, ``baseline_loss`` and ``out`` (the folder
+``steps`` (probe budget, default 200), ``max_trials`` (8), ``try_all``, ``baseline_loss`` and ``out`` (the folder
 of ``report.md``, ``loss.png`` and, when a remedy works, ``fix.yaml``: default ``stabilize-doctor``).
 """
 
@@ -70,7 +70,7 @@ def doctor_options(arguments: Sequence[str]) -> tuple[argparse.Namespace, list[s
     """The ``--doctor.*`` options, and the rest (the run's ``fit`` arguments)."""
     parser = argparse.ArgumentParser(prog="stabilize doctor", allow_abbrev=False, add_help=False)
     parser.add_argument("--doctor.steps", dest="steps", type=int, default=200)
-    parser.add_argument("--doctor.max_trials", dest="max_trials", type=int, default=6)
+    parser.add_argument("--doctor.max_trials", dest="max_trials", type=int, default=8)
     parser.add_argument("--doctor.try_all", dest="try_all", action="store_true")
     parser.add_argument("--doctor.baseline_loss", dest="baseline_loss", type=float, default=None)
     parser.add_argument("--doctor.seed", dest="seed", type=int, default=None)

@@ -20,7 +20,8 @@ from stabilize.callbacks.gradient_clipping import GradientClipping
 from stabilize.callbacks.learning_rate_scale import LearningRateScale
 from stabilize.callbacks.reinitialize import Reinitialize
 from stabilize.callbacks.swap_activations import SwapActivations
-from stabilize.health.diagnosis import TEMPORAL_VANISHING, ModelTraits
+from stabilize.callbacks.swap_optimizer import SwapOptimizer
+from stabilize.health.diagnosis import ModelTraits, vanishing_through_time
 from stabilize.health.records import HealthSummary
 from stabilize.models.variants import Variant
 
@@ -110,6 +111,10 @@ def activation_swap(to: str, scheme: str) -> Remedy:
     )
 
 
+def optimizer_swap(to: str = "adamw") -> Remedy:
+    return Remedy(f"{to} instead of sgd", "training", ((SwapOptimizer, {"to": to}),))
+
+
 def bf16() -> Remedy:
     # fp16's 5-bit exponent overflows where bf16's 8 bits (float32's range) do not: the cure for fp16-only NaNs.
     return Remedy("bf16 instead of fp16", "training", trainer={"precision": "bf16-mixed"})
@@ -128,20 +133,28 @@ class Findings:
     explosion_step: int | None = None
     dead_units: bool = False
     through_time: bool = False
+    #: The loss stalled too (the loss-stall rule fired on a single-optimizer run).
+    stalled_loss: bool = False
+    #: The run trains with plain SGD (with or without momentum), which AdamW may replace.
+    sgd: bool = False
 
     @classmethod
-    def of(cls, verdict_class: str, summaries: Mapping[str, HealthSummary]) -> Findings:
+    def of(
+        cls, verdict_class: str, summaries: Mapping[str, HealthSummary], optimizers: tuple[str, ...] = ()
+    ) -> Findings:
+        """The findings of a probe: its verdict class, its health summaries and its optimizers' class names."""
         firsts = [
             step
             for s in summaries.values()
             for step in [*(e["first_step"] for e in s["explosions"]), *(e["first_step"] for e in s["nonfinite"])]
         ]
-        temporal = [s.get("last_temporal_ratio") for s in summaries.values()]
         return cls(
             verdict_class,
             min(firsts) if firsts else None,
             any(s.get("dead_units") for s in summaries.values()),
-            any(t is not None and t["ratio"] < TEMPORAL_VANISHING for t in temporal),
+            any(vanishing_through_time(s) for s in summaries.values()),
+            any(s.get("loss_stall") for s in summaries.values()),
+            "SGD" in optimizers,
         )
 
 
@@ -161,13 +174,18 @@ def plan(
     lower = [[learning_rate(0.1), learning_rate(0.01)]]
     warm = [[warmup(max(10, steps // 5))]]
     half = [[bf16()]] if fp16 else []
+    # AdamW instead of SGD: the model's own variant where it declares one (it knows its rate), else the swap.
+    adaptive = structure("adamw") or ([[optimizer_swap()]] if findings.sgd else [])
+    # A short range test: 10x up at a time, on while the loss keeps falling further (LR x10 to x10,000).
+    raising = [[learning_rate(10.0**k) for k in range(1, 5)]]
     if kind == "exploding":
         from_start = findings.explosion_step is not None and findings.explosion_step < max(10, steps // 10)
         first = [*reinit, *structure("zero_init_residual"), [clipping()]] if from_start else [[clipping()], *lower]
         rest = [*lower, *warm] if from_start else [*warm, *reinit]
-        return [*half, *first, *rest, *structure("normalization", "residual", "gated_cell")]
+        return [*half, *first, *rest, *adaptive, *structure("normalization", "residual", "gated_cell")]
     if kind == "unstable":
-        return [*lower, *warm, [clipping()], *structure("qk_norm", "z_loss", "pre_ln", "normalization"), *half]
+        structural = structure("qk_norm", "z_loss", "pre_ln", "normalization")
+        return [*lower, *warm, [clipping()], *structural, *half, *adaptive]
     if kind == "vanishing":
         families: list[list[Remedy]] = []
         if findings.through_time:
@@ -180,13 +198,15 @@ def plan(
             families += [[activation_swap("relu", "he")], [activation_swap("selu", "lecun")]]
         if not (findings.through_time or findings.dead_units or traits.attention):
             families += reinit
-        return [*families, *structure("normalization", "residual")]
+        # A vanishing gradient whose loss stalled may be a step too small rather than a signal lost: Adam at 10x
+        # the LR teaches a tanh RNN to recall a token 60 steps back that neither re-initialisation nor clipping
+        # does (the repair bench's rnn-through-time). After the changes that address the gradient itself.
+        stalled = raising if findings.stalled_loss else []
+        return [*families, *stalled, *structure("normalization", "residual")]
     if kind == "collapse":
         return [*structure("non_saturating_loss"), *lower, [clipping()], *structure("normalization")]
     if kind == "stalled":
-        # A short range test: 10x up at a time, on while the loss keeps falling further (LR x10 to x10,000).
-        raising = [learning_rate(10.0**k) for k in range(1, 5)]
-        return [raising, *structure("adamw"), *reinit]
+        return [*raising, *adaptive, *reinit]
     return []
 
 

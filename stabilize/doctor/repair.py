@@ -112,7 +112,7 @@ def doctor(
     seed: int = 0,
     trainer_kwargs: Mapping[str, Any] | None = None,
     callbacks: Callable[[], list[Callback]] | None = None,
-    max_trials: int = 6,
+    max_trials: int = 8,
     try_all: bool = False,
     baseline_loss: float | None = None,
     log: Callable[[str], None] | None = None,
@@ -129,7 +129,8 @@ def doctor(
     The doctor stops one family after the first family of remedies that repairs (a second opinion, so that two cures
     are ranked; a family such as "LR /10, /100" goes one step further while that lowers the final loss;
     ``try_all``: tries the whole plan), after ``max_trials`` trials, or when the plan is spent; when no single
-    remedy works and trials are left, it combines the two that brought the loss lowest (one trial).
+    remedy works and trials are left, it tries at most :data:`COMBINATIONS` pairs: a remedy that cured the verdict
+    but did not learn with the others, lowest final loss first, then the two that brought the loss lowest.
 
     Args:
         model: Returns a new LightningModule, the same one at every call (the seed is set before each call).
@@ -182,7 +183,7 @@ def doctor(
         result.conclusion = "The run is healthy: nothing to repair (one probe, no change)."
         return result
     traits = ModelTraits.of(template)
-    findings = Findings.of(probe.verdict_class, probe.summaries)
+    findings = Findings.of(probe.verdict_class, probe.summaries, probe.optimizers)
     second_opinion = False
     fp16 = str(kwargs.get("precision", "")).startswith("16")
     families = plan(findings, traits, declared_variants(template), steps, fp16)
@@ -212,10 +213,10 @@ def doctor(
             if second_opinion or len(tried) >= max_trials:
                 break
             second_opinion = True
-    if result.best is None and len(tried) < max_trials:
-        pair = _combination(tried, probe)
-        if pair is not None:
-            trial(pair)
+    for pair in _combinations(tried):
+        if result.best is not None or len(tried) >= max_trials:
+            break
+        trial(pair)
     result.conclusion = _conclusion(result, traits, families, max_trials)
     return result
 
@@ -256,17 +257,41 @@ def _overshot(outcome: Trial, probe: Trial) -> bool:
     )
 
 
-def _combination(tried: list[Trial], probe: Trial) -> Remedy | None:
-    """The two single remedies (of different kinds of change) that brought the final loss lowest, combined."""
+#: The most combinations of two remedies tried when no single remedy repaired the run (within ``max_trials``).
+COMBINATIONS = 2
+
+
+def _combinations(tried: list[Trial]) -> list[Remedy]:
+    """Pairs of single remedies of different kinds of change, most promising first, at most :data:`COMBINATIONS`:
+    a remedy that cured the verdict without learning (clipping that tamed an RNN's explosion but left it stuck) with
+    each other remedy, lowest final loss first (AdamW, which learned while still exploding); then pairs of the
+    remedies that brought the final loss lowest."""
     singles = [t for t in tried if t.remedy is not None and " + " not in t.remedy.name and t.error is None]
     singles.sort(key=lambda t: t.final_loss if t.final_loss is not None else math.inf)
-    for i, first in enumerate(singles):
-        for second in singles[i + 1 :]:
-            a, b = first.remedy, second.remedy
-            assert a is not None and b is not None
-            if a.callbacks[:1] != b.callbacks[:1] and not (a.variant and b.variant) and _family(a) != _family(b):
-                return a + b
-    return None
+    cured = [t for t in singles if t.verdict_class == "healthy" or t.verdict_class in _tolerated(t)]
+    pairs = [(other, cure) for cure in cured for other in singles if _combinable(other, cure)]
+    pairs += [(a, b) for i, a in enumerate(singles) for b in singles[i + 1 :] if _combinable(a, b)]
+    combined: list[Remedy] = []
+    for first, second in pairs:
+        remedy = _remedy(first) + _remedy(second)
+        if remedy.name not in {r.name for r in combined}:
+            combined.append(remedy)
+    return combined[:COMBINATIONS]
+
+
+def _remedy(trial: Trial) -> Remedy:
+    assert trial.remedy is not None
+    return trial.remedy
+
+
+def _tolerated(trial: Trial) -> frozenset[str]:
+    return _remedy(trial).tolerates
+
+
+def _combinable(first: Trial, second: Trial) -> bool:
+    """Two remedies of different kinds of change (not two variants, not two steps of one family)."""
+    a, b = _remedy(first), _remedy(second)
+    return a.callbacks[:1] != b.callbacks[:1] and not (a.variant and b.variant) and _family(a) != _family(b)
 
 
 def _family(remedy: Remedy) -> str:

@@ -51,6 +51,8 @@ class Trial:
     diagnosis: str = ""
     #: The health summary of each optimizer (what the plan reads from the probe).
     summaries: dict[str, HealthSummary] = field(default_factory=dict, repr=False)
+    #: The class names of the optimizers the run trained with (after any remedy's swap).
+    optimizers: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -77,6 +79,7 @@ def run_trial(
         health = GradientHealthCallback(verbose=False)
         own = [health, *own]
     module: LightningModule | None = None
+    trainer: Trainer | None = None
     error = None
     try:
         with warnings.catch_warnings(), _Quiet("lightning.pytorch", "lightning.fabric"):
@@ -123,6 +126,7 @@ def run_trial(
         curve=curve,
         diagnosis=health.diagnosis(module) if module is not None and summaries else "",
         summaries=summaries,
+        optimizers=tuple(type(o).__name__ for o in trainer.optimizers) if trainer is not None else (),
     )
 
 

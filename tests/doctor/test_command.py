@@ -41,7 +41,7 @@ def test_doctor_options_are_split_from_the_run_s_arguments() -> None:
     options, rest = doctor_options(
         ["--config", "a.yaml", "--doctor.steps", "50", "--doctor.try_all", "--model.lr", "1"]
     )
-    assert options.steps == 50 and options.try_all and options.max_trials == 6
+    assert options.steps == 50 and options.try_all and options.max_trials == 8
     assert rest == ["--config", "a.yaml", "--model.lr", "1"]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from stabilize.doctor import DoctorResult, Findings, Remedy, Trial, doctor, plan, repaired
 from stabilize.doctor import repair as doctor_module
-from stabilize.doctor.remedies import clipping, learning_rate, reinitialisation
+from stabilize.doctor.remedies import clipping, learning_rate, optimizer_swap, reinitialisation
 from stabilize.health.diagnosis import ModelTraits
 from stabilize.models.variants import Variant
 from tests.helpers.doctor_models import TeacherNet
@@ -27,6 +27,15 @@ def test_plan_explosion_from_the_start_tries_the_initialisation_first() -> None:
     assert families[:3] == [["re-init auto"], ["clip norm 1"], ["LR /10", "LR /100"]]
     later = names(plan(Findings("exploding", explosion_step=150), RELU, {}, 200))
     assert later[:2] == [["clip norm 1"], ["LR /10", "LR /100"]] and later[-1] == ["re-init auto"]
+
+
+def test_plan_offers_adamw_to_sgd_runs_after_the_cheaper_changes() -> None:
+    swap = names(plan(Findings("exploding", explosion_step=0, sgd=True), RELU, {}, 200))
+    assert swap[3:5] == [["warm-up 40 steps"], ["adamw instead of sgd"]]
+    assert ["adamw instead of sgd"] not in names(plan(Findings("exploding", explosion_step=0), RELU, {}, 200))
+    declared = {"adamw": Variant("AdamW at 1e-3", {"optimizer": "adamw", "lr": 1e-3})}
+    own = names(plan(Findings("unstable", sgd=True), RELU, declared, 200))
+    assert own[-1] == ["adamw"]  # the model's own variant (it knows its rate) before the generic swap
 
 
 def test_plan_unstable_lowers_the_lr_and_never_reinitialises_a_transformer() -> None:
@@ -46,6 +55,12 @@ def test_plan_for_saturating_vanishing_dead_units_through_time_and_stalls() -> N
     gated = {"gated_cell": Variant("LSTM", {"cell": "lstm"})}
     assert names(plan(Findings("vanishing", through_time=True), ModelTraits(), gated, 100))[0] == ["gated cell"]
     assert names(plan(Findings("stalled"), RELU, {}, 100))[0] == ["LR x10", "LR x100", "LR x1000", "LR x10000"]
+    # A vanishing run whose loss stalled too: the range test after the changes aimed at the gradient.
+    stalled_rnn = names(plan(Findings("vanishing", through_time=True, stalled_loss=True), ModelTraits(), {}, 100))
+    assert stalled_rnn == [["re-init auto"], ["clip norm 1"], ["LR x10", "LR x100", "LR x1000", "LR x10000"]]
+    assert ["LR x10", "LR x100", "LR x1000", "LR x10000"] not in names(
+        plan(Findings("vanishing", through_time=True), ModelTraits(), {}, 100)
+    )
     assert plan(Findings("healthy"), RELU, {}, 100) == []
     half = names(plan(Findings("exploding", explosion_step=50), RELU, {}, 200, fp16=True))
     assert half[0] == ["bf16 instead of fp16"]
@@ -126,6 +141,20 @@ def test_doctor_follows_an_overshoot_with_a_lower_lr_and_combines_when_nothing_w
     capped = scripted(monkeypatch, {None: ("vanishing", 1.35)})
     doctor(TeacherNet, None, steps=50, max_trials=1)
     assert capped == ["None", "re-init auto"]
+
+
+def test_combinations_pair_the_remedy_that_cured_the_verdict_with_the_ones_that_learned() -> None:
+    # The IRNN of the repair bench: re-init leaves it at chance (vanishing), clipping tames the explosion without
+    # learning, AdamW learns while still exploding; AdamW + clipping is what reaches its bar.
+    tried = [
+        Trial(reinitialisation(), "vanishing", "vanishing", 1.4, 1.39, 1.0),
+        Trial(clipping(), "exploding", "exploding", 1.4, 56.8, 1.0),
+        Trial(learning_rate(0.1), "exploding", "exploding", 1.4, math.inf, 1.0),
+        Trial(optimizer_swap(), "exploding", "exploding", 1.4, 25.7, 1.0),
+    ]
+    pairs = [remedy.name for remedy in doctor_module._combinations(tried)]
+    assert pairs == ["re-init auto + clip norm 1", "adamw instead of sgd + clip norm 1"]
+    assert len(pairs) == doctor_module.COMBINATIONS
 
 
 def test_a_healthy_run_costs_one_probe_and_is_left_alone() -> None:
