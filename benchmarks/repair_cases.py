@@ -77,16 +77,6 @@ def collection_cases() -> list[zoo.Case]:
     ]
 
 
-#: Failing cases whose healthy bar no known cure reaches within the case's budget, and the measurement that says so:
-#: recalling the first of 60 tokens is out of reach in 200-300 steps even for gated cells.
-UNREACHABLE = dict.fromkeys(
-    ("rnn-through-time", "irnn-gain"),
-    "no healthy twin reaches the bar in the case's steps: an LSTM (Adam at 1e-2 and 3e-3) and a GRU (1e-3 and 1e-2)"
-    " of the same size recall the first of 60 tokens at 24-27% after 300 steps, their verdict vanishing through"
-    " time too",
-)
-
-
 def healthy_bars() -> dict[str, Bar]:
     """The bar each failing case's repaired run must reach, by case name."""
     teacher = zoo.accuracy(zoo.teacher_data(2000, seed=1), at_least=0.7)

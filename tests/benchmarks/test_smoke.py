@@ -135,6 +135,18 @@ def test_repair_bench_smoke_cases(tmp_path: Path) -> None:
     assert saved["repaired"] == int(failing["repaired"])
 
 
+def test_repair_bench_random_baseline_offers_adamw_to_sgd_runs_only() -> None:
+    from benchmarks import pathology_zoo as zoo
+    from benchmarks import repair_bench
+
+    def names(module: object) -> list[str]:
+        return [remedy.name for remedy in repair_bench.catalogue(module, 100)]  # type: ignore[arg-type]
+
+    assert "adamw instead of sgd" in names(zoo.Supervised(zoo.he_mlp(2), optimizer="sgd"))
+    assert "adamw instead of sgd" not in names(zoo.Supervised(zoo.he_mlp(2), optimizer="adam"))
+    assert repair_bench.random_rate(1, 8, 7) == pytest.approx(7 / 8) and repair_bench.random_rate(0, 8, 3) == 0
+
+
 def test_bench_sharpness_methods(tmp_path: Path) -> None:
     figures = json.loads(run_smoke("bench_sharpness_methods.py", tmp_path)[-1])
     assert set(figures["by_products"]) == {"3", "5"}
