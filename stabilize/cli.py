@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import signal
 import sys
 import warnings
@@ -33,11 +32,11 @@ import stabilize.callbacks
 import stabilize.datamodules
 import stabilize.models
 from stabilize.callbacks import InterruptCheckpoint, LineProgress
-from stabilize.cli_arguments import configs_command, overview, resolve_arguments
+from stabilize.cli_arguments import resolve_arguments
 from stabilize.errors import ConfigurationError, DataError, DataNotFoundError, StabilizeError, check_writable_folder
+from stabilize.launcher import configs_command, fail, overview
 
 DEFAULT_SEED = 42
-DEBUG_ENV = "STABILIZE_DEBUG"
 #: ``--ckpt_path`` values Lightning resolves itself (not file names).
 LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
@@ -226,10 +225,7 @@ def main(args: Sequence[str] | None = None) -> None:
         print("stabilize: stopped by SIGTERM (see the checkpoint line above to resume)", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except StabilizeError as error:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            raise
-        print(f"stabilize: error: {error}\n(set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
-        sys.exit(2 if isinstance(error, ConfigurationError) else 1)
+        fail(error)
 
 
 def _quiet_lightning_noise() -> None:

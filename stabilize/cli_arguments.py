@@ -1,17 +1,17 @@
-"""What the ``stabilize`` command does with its arguments before Lightning's CLI sees them: the overview help,
-``--version``, ``stabilize configs``, shipped configs by name, and unknown class names told apart with a suggestion.
+"""What the ``stabilize`` command does with its arguments before Lightning's CLI sees them: shipped configs by name,
+and unknown class names told apart with a suggestion (the overview, ``--version`` and ``configs`` are
+:mod:`stabilize.launcher`'s, which answers them without importing torch).
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
-import stabilize
 from stabilize.errors import ConfigurationError
-from stabilize.shipped import configs_folder, require_config, shipped_names
+from stabilize.shipped import require_config
 
 #: Lightning's subcommands, which take ``--config``.
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -22,45 +22,6 @@ CLASS_FLAGS: dict[str, type] = {
     "--trainer.callbacks": Callback,
     "--trainer.callbacks+": Callback,
 }
-
-
-def overview() -> str:
-    """``stabilize --help``: every subcommand in one line, then where to read more."""
-    version = stabilize.__version__
-    return f"""usage: stabilize {{fit,validate,test,predict,study,doctor,configs}} ... (stabilize {version})
-
-See, and stop, vanishing and exploding gradients: Lightning models, datamodules and GradientHealthCallback.
-
-subcommands:
-  fit        train a model: stabilize fit --config resnet20 [--data.data_dir DIR] (Lightning's CLI)
-  validate   evaluate a checkpoint on the validation split (--ckpt_path FILE)
-  test       evaluate a checkpoint on the test split (--ckpt_path FILE)
-  predict    run a checkpoint's predictions
-  study      train a grid of runs and write a report: stabilize study quickstart --data-dir DIR
-  doctor     try the remedies on a failing run, say which works: stabilize doctor --config exploding_relu
-  configs    list the shipped configs and grids, or print one: stabilize configs resnet20
-
-options:
-  -h, --help     this overview; `stabilize fit --help` lists every flag of a subcommand
-  --version      the installed version
-
-Models: {", ".join(_short_names(LightningModule, "stabilize.models"))}
-Data:   {", ".join(_short_names(LightningDataModule, "stabilize.datamodules"))}"""
-
-
-def configs_command(arguments: Sequence[str]) -> str:
-    """``stabilize configs``: the shipped configs and grids with their first comment line; ``stabilize configs NAME``:
-    the file itself (``> my.yaml`` to copy it)."""
-    if arguments and not arguments[0].startswith("-"):
-        name = arguments[0]
-        kind = "study" if name in shipped_names("study") and name not in shipped_names() else "fit"
-        return require_config(name, kind).read_text()
-    lines = ["Experiment configs (stabilize fit --config NAME):"]
-    lines += [f"  {name:<22} {_summary(name, 'fit')}" for name in shipped_names()]
-    lines += ["", "Study grids (stabilize study NAME):"]
-    lines += [f"  {name:<22} {_summary(name, 'study')}" for name in shipped_names("study")]
-    lines += ["", f"Folder: {configs_folder()}; `stabilize configs NAME > my.yaml` copies one to edit."]
-    return "\n".join(lines)
 
 
 def resolve_arguments(arguments: list[str]) -> list[str]:
@@ -135,12 +96,3 @@ def _short_names(base: type, package: str) -> list[str]:
             and not cls.__dict__.get("abstract_base", False)
         }
     )
-
-
-def _summary(name: str, kind: str) -> str:
-    """The first comment line of a shipped config, cut to fit a line."""
-    for line in require_config(name, kind).read_text().splitlines():
-        if line.startswith("#"):
-            text = line.lstrip("# ").strip()
-            return text if len(text) <= 90 else text[:87] + "..."
-    return ""

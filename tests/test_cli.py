@@ -348,6 +348,28 @@ def test_help_lists_every_subcommand_and_version_prints(capsys: pytest.CaptureFi
     assert capsys.readouterr().out.strip() == f"stabilize {stabilize.__version__}"
 
 
+def test_the_overview_names_every_model_and_datamodule_of_the_packages() -> None:
+    # The launcher lists them without importing the packages: the lists must be the classes they define.
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from stabilize import launcher
+    from stabilize.cli_arguments import _short_names
+
+    assert list(launcher.MODEL_NAMES) == _short_names(LightningModule, "stabilize.models")
+    assert list(launcher.DATA_NAMES) == _short_names(LightningDataModule, "stabilize.datamodules")
+
+
+def test_version_help_and_configs_answer_without_importing_torch(tmp_path: Path) -> None:
+    # Not a timing (a loaded machine varies): the seconds go into importing torch and Lightning, which these skip.
+    script = (
+        "import sys; from stabilize.launcher import main; main(['--version']); main([]); main(['configs']);"
+        " heavy = {'torch', 'lightning', 'jsonargparse'} & set(sys.modules); assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"stabilize {stabilize.__version__}\nusage: stabilize")
+
+
 def test_configs_lists_the_shipped_ones_and_prints_one(capsys: pytest.CaptureFixture) -> None:
     main(["configs"])
     listing = capsys.readouterr().out
