@@ -10,31 +10,34 @@ Any other LightningModule or LightningDataModule can be named by its import path
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import logging
+import os
+import re
 import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 # Imported for their side effect too: jsonargparse resolves short class names among the imported subclasses.
-import stabilize
 import stabilize.callbacks
 import stabilize.datamodules
-import stabilize.models
+import stabilize.models  # noqa: F401
 from stabilize.callbacks import InterruptCheckpoint, LineProgress
 from stabilize.cli_arguments import resolve_arguments
 from stabilize.errors import ConfigurationError, DataError, DataNotFoundError, StabilizeError, check_writable_folder
-from stabilize.launcher import configs_command, fail, overview
+from stabilize.launcher import answered, fail
 
 DEFAULT_SEED = 42
 #: ``--ckpt_path`` values Lightning resolves itself (not file names).
@@ -56,6 +59,7 @@ class StabilizeCLI(LightningCLI):
         # A second run or a resume in the same folder rewrites the saved config instead of refusing to start.
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {"callbacks": [InterruptCheckpoint()]})
+        kwargs.setdefault("parser_class", ConciseArgumentParser)
         super().__init__(
             model_class=LightningModule,
             datamodule_class=None,
@@ -64,6 +68,12 @@ class StabilizeCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    @override
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # No abbreviations: argparse would take --trainer.max_epoch for --trainer.max_epochs, hiding typos in scripts.
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
 
     @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
@@ -128,6 +138,72 @@ class StabilizeCLI(LightningCLI):
                 f"The hyperparameters saved in {ckpt_path} do not fit {class_path.rsplit('.', 1)[-1]} (the message"
                 " above names the argument): is it a checkpoint of another model?"
             ) from error
+
+
+class ConciseArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose errors say the cause first, in at most five lines: the error, the nearest option
+    to a misspelt one, and where to find the rest (jsonargparse prints the whole usage, 50 lines, before the one line
+    that matters). ``JSONARGPARSE_DEBUG`` set, or a parser that raises instead of exiting, behaves as jsonargparse's."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        lines = [f"{prog}: error: {line}" for line in _condensed(message)]
+        lines += _option_suggestions(parser, message)[:3]
+        lines.append(f"(`{prog} --help` lists every option)")
+        sys.stderr.write("\n".join(lines[:5]) + "\n")
+        self.exit(2)
+
+
+def _condensed(message: str) -> list[str]:
+    """jsonargparse's nested message for a class's argument (every Union subtype it tried, the value's repr) as the
+    one line that matters, naming the flag; another message as it is, cut to three lines."""
+    key = re.search(r'Parser key "(\w+)":', message)
+    problem = re.search(r"Problem with given class_path '([\w.]+)':", message)
+    if key and problem:
+        name = problem.group(1).rsplit(".", 1)[-1]
+        unknown = re.search(r"Option '(\w+)' is not accepted", message)
+        if unknown:
+            argument = unknown.group(1)
+            accepted = _init_arguments(problem.group(1))
+            near = difflib.get_close_matches(argument, accepted, n=1, cutoff=0.6)
+            hint = f" Did you mean --{key.group(1)}.{near[0]}?" if near else ""
+            return [f"--{key.group(1)}.{argument}: {name} takes no argument {argument!r}.{hint}"]
+        wrong = re.search(r'Parser key "(\w+)":\s*Expected a (.+?)\. Got value: (.*)', message)
+        if wrong:
+            expected = re.sub(r"<class '([\w.]+)'>", r"\1", wrong.group(2))
+            return [f"--{key.group(1)}.{wrong.group(1)}: {name} expects {expected}, got {wrong.group(3)!r}."]
+    choice = re.search(r"invalid choice: '(\w+)' \(choose from (.*)\)", message)
+    if choice:
+        choices = re.findall(r"'(\w+)'", choice.group(2))
+        near = difflib.get_close_matches(choice.group(1), choices, n=1)
+        return [message.strip() + (f" Did you mean {near[0]!r}?" if near else "")]
+    lines = message.strip().splitlines()
+    return lines[:3] + (["... (JSONARGPARSE_DEBUG=1 shows the whole message)"] if len(lines) > 3 else [])
+
+
+def _init_arguments(class_path: str) -> list[str]:
+    found = _import_class(class_path)
+    if not isinstance(found, type):
+        return []
+    return [p for p in inspect.signature(found.__init__).parameters if p not in ("self", "args", "kwargs")]
+
+
+def _option_suggestions(parser: LightningArgumentParser, message: str) -> list[str]:
+    """``Did you mean --trainer.max_epochs?`` for each unrecognized ``--flag`` of ``message`` near a known one."""
+    if "unrecognized arguments" not in message:
+        return []
+    known = sorted(option for option in parser._option_string_actions if option.startswith("--"))
+    suggestions = []
+    for word in message.split("unrecognized arguments:", 1)[1].split():
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--"):
+            near = difflib.get_close_matches(flag, known, n=1, cutoff=0.8)
+            suggestions.append(f"{flag}: did you mean {near[0]}?" if near else f"{flag}: no such option.")
+    return suggestions
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -195,14 +271,7 @@ def main(args: Sequence[str] | None = None) -> None:
     arguments = list(sys.argv[1:] if args is None else args)
     _quiet_lightning_noise()
     try:
-        if not arguments or arguments[0] in ("-h", "--help"):
-            print(overview())
-            return
-        if arguments[0] == "--version":
-            print(f"stabilize {stabilize.__version__}")
-            return
-        if arguments[0] == "configs":
-            print(configs_command(arguments[1:]))
+        if answered(arguments):
             return
         if arguments[0] == "doctor":
             from stabilize.doctor.command import doctor_main

@@ -5,6 +5,7 @@ every other command goes on to :func:`stabilize.cli.main`.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from stabilize.errors import ConfigurationError, StabilizeError
 from stabilize.shipped import configs_folder, require_config, shipped_names
 
 DEBUG_ENV = "STABILIZE_DEBUG"
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "study", "doctor", "configs")
 #: The collection's model and datamodule classes, for the overview without importing them (a test checks these
 #: against the classes the packages define).
 MODEL_NAMES = (
@@ -40,14 +42,7 @@ def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``stabilize`` console script and of ``python -m stabilize``."""
     arguments = list(sys.argv[1:] if args is None else args)
     try:
-        if not arguments or arguments[0] in ("-h", "--help"):
-            print(overview())
-            return
-        if arguments[0] == "--version":
-            print(f"stabilize {stabilize.__version__}")
-            return
-        if arguments[0] == "configs":
-            print(configs_command(arguments[1:]))
+        if answered(arguments):
             return
     except StabilizeError as error:
         fail(error)
@@ -57,6 +52,27 @@ def main(args: Sequence[str] | None = None) -> None:
     from stabilize.cli import main as run_command  # torch and Lightning from here on
 
     run_command(arguments if args is not None else None)
+
+
+def answered(arguments: Sequence[str]) -> bool:
+    """Answer the overview, ``--version`` and ``configs`` (True), or refuse an unknown subcommand, without torch.
+
+    Raises:
+        ConfigurationError: For a first argument that is neither an option nor a subcommand, or an unknown config.
+    """
+    if not arguments or arguments[0] in ("-h", "--help"):
+        print(overview())
+    elif arguments[0] == "--version":
+        print(f"stabilize {stabilize.__version__}")
+    elif arguments[0] == "configs":
+        print(configs_command(arguments[1:]))
+    elif not arguments[0].startswith("-") and arguments[0] not in SUBCOMMANDS:
+        near = difflib.get_close_matches(arguments[0], SUBCOMMANDS, n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ConfigurationError(f"No subcommand {arguments[0]!r}.{hint} The subcommands: {', '.join(SUBCOMMANDS)}.")
+    else:
+        return False
+    return True
 
 
 def fail(error: StabilizeError) -> None:
