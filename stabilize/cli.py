@@ -189,7 +189,7 @@ def _init_arguments(class_path: str) -> list[str]:
     found = _import_class(class_path)
     if not isinstance(found, type):
         return []
-    return [p for p in inspect.signature(found.__init__).parameters if p not in ("self", "args", "kwargs")]
+    return [p for p in inspect.signature(found).parameters if p not in ("args", "kwargs")]
 
 
 def _option_suggestions(parser: LightningArgumentParser, message: str) -> list[str]:
