@@ -211,6 +211,9 @@ def test_missing_data_is_one_message_not_a_traceback(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "CIFAR-10 not found" in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("(set STABILIZE_DEBUG=1")
+    # Found missing while the Trainer prepares the data, before it creates the run's folder: none is left behind,
+    # and no "partial" gradient report of a run that took no step.
+    assert not (tmp_path / "lightning_logs").exists() and "Gradient health" not in result.stderr + result.stdout
 
 
 def test_python_m_stabilize_names_itself_stabilize(tmp_path: Path) -> None:

@@ -348,7 +348,9 @@ class GradientHealthCallback(Callback):
         for monitor in self._monitors.values():
             monitor.flush()
             monitor.stopped_by = self._stopped_by
-        if self.verbose and trainer.is_global_zero and not isinstance(exception, FloatingPointError):
+        seen = any(monitor.steps for monitor in self._monitors.values())
+        # A run that failed before its first step (its data missing, a setting) has nothing to report.
+        if self.verbose and trainer.is_global_zero and seen and not isinstance(exception, FloatingPointError):
             rank_zero_info(self.diagnosis(pl_module))
 
     @override

@@ -145,8 +145,16 @@ class CIFAR10DataModule(LightningDataModule):
     # ----------------------------------------------------------------------------------------------------- data
     @override
     def prepare_data(self) -> None:
-        if find_batches_folder(self.data_dir) is None and self.hparams["download"]:
+        if find_batches_folder(self.data_dir) is not None:
+            return
+        if self.hparams["download"]:
             self._download()
+            return
+        cache = Path(self.hparams["cache_file"]).expanduser() if self.hparams["cache_file"] else None
+        if cache is None or not cache.is_file():
+            # Here rather than at setup: the Trainer prepares the data before it creates the logger's run folder,
+            # which a missing copy would otherwise leave behind empty.
+            raise self._not_found()
 
     def _download(self) -> None:
         try:
@@ -156,6 +164,13 @@ class CIFAR10DataModule(LightningDataModule):
                 f"Could not download CIFAR-10 from {self.url} into {self.data_dir} ({type(err).__name__}: {err})."
                 f" {self._fixes()}"
             ) from err
+
+    def _not_found(self) -> DataNotFoundError:
+        searched = (
+            f"CIFAR-10 not found: searched {self.data_dir.resolve()} and {(self.data_dir / FOLDER).resolve()}"
+            " for data_batch_1..5 and test_batch."
+        )
+        return DataNotFoundError(f"{searched} {self._fixes()}", searched=searched)
 
     def _fixes(self) -> str:
         return (
@@ -192,11 +207,7 @@ class CIFAR10DataModule(LightningDataModule):
                 self._download()
                 folder = find_batches_folder(self.data_dir)
             if folder is None:
-                searched = (
-                    f"CIFAR-10 not found: searched {self.data_dir.resolve()} and {(self.data_dir / FOLDER).resolve()}"
-                    " for data_batch_1..5 and test_batch."
-                )
-                raise DataNotFoundError(f"{searched} {self._fixes()}", searched=searched)
+                raise self._not_found()
         tensors = load_cifar10(folder)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
