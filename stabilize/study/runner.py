@@ -143,7 +143,8 @@ def _train(
     _save_config(run, budget, trainer_args, model, datamodule, run_dir / "config.yaml")
     extra = [callback_class(**arguments) for callback_class, arguments in run.callbacks]
     trainer = Trainer(
-        logger=TensorBoardLogger(out, name=run.name, version="tensorboard"),
+        # No hp_metric: Lightning's placeholder scalar (-1) would sit empty beside the study's real metrics.
+        logger=TensorBoardLogger(out, name=run.name, version="tensorboard", default_hp_metric=False),
         callbacks=[
             health,
             *extra,

@@ -56,6 +56,10 @@ def test_two_run_grid_writes_the_report_and_is_not_trained_twice(tiny_cifar: Pat
     config = (out / "resnet" / "config.yaml").read_text()
     assert "stabilize.models.resnet.ResNet" in config and "depth: 8" in config and "zero_init_residual" in config
     assert (out / "resnet" / "tensorboard").is_dir()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(out / "resnet" / "tensorboard")).Reload().Tags()["scalars"]
+    assert scalars and "hp_metric" not in scalars  # the run's metrics, without Lightning's empty placeholder
 
     # A rerun trains nothing and judges each run's saved gradient records again under the current rules: a verdict
     # saved by older rules is replaced (and saved), one that still holds is kept.
