@@ -37,7 +37,8 @@ def flow_figure(
     # A fixed size: TensorBoard shows figures scaled to its card's width, so a wider figure only shrinks the text.
     figure = Figure(figsize=(7.0, 4.2), dpi=90)
     # Fixed margins instead of tight_layout, which costs a full extra layout pass per drawing.
-    figure.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.32)
+    # The left margin holds the y label beside tick labels as wide as 1e-20.
+    figure.subplots_adjust(left=0.12, right=0.98, top=0.92, bottom=0.32)
     axis = figure.add_subplot()
     depth = list(range(len(names)))
     axis.plot(depth, finite, marker="o", markersize=3, linewidth=1.2, color="#1f77b4", label="layer grad norm")
@@ -73,6 +74,9 @@ def short_names(names: Sequence[str]) -> list[str]:
     shared = 0
     while parts and all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
         shared += 1
+    # Indices alone ("0.0" ... "19.2", the blocks of an nn.Sequential) read as numbers: keep the last shared name.
+    while shared and all(part.isdigit() for p in parts for part in p[shared:]):
+        shared -= 1
     return [".".join(p[shared:]) for p in parts]
 
 

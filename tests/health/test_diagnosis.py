@@ -91,3 +91,12 @@ def test_a_small_gradient_at_t0_is_no_finding_in_a_run_that_learned() -> None:
     lines = "\n".join(diagnosis_lines(learned, None))
     assert "The loss fell 93% all the same" in lines and "gated cells" not in lines
     assert verdict_class(summary(last_temporal_ratio={"ratio": 1e-4, "step": 290})) == "vanishing"  # no loss known
+
+
+def test_layer_labels_drop_the_shared_prefix_but_never_read_as_numbers() -> None:
+    from stabilize.health.figures import short_names
+
+    assert short_names(["network.stages.0.conv", "network.stages.1.conv"]) == ["0.conv", "1.conv"]
+    # An nn.Sequential of blocks: "0.0" ... "19.2" would read as numbers on the axis.
+    assert short_names(["network.0.0", "network.19.2"]) == ["network.0.0", "network.19.2"]
+    assert short_names(["model.net.0", "model.net.1"]) == ["net.0", "net.1"]
