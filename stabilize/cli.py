@@ -4,8 +4,8 @@
 ``stabilize fit --config configs/resnet56.yaml``; ``validate``, ``test``, ``predict``, ``--print_config`` and
 ``--trainer.callbacks+=GradientHealthCallback`` work with the short class names of everything imported below.
 Any other LightningModule or LightningDataModule can be named by its import path (``--model my_pkg.MyNet``).
-``stabilize study --config configs/study/quickstart.yaml`` runs a grid of experiments (:mod:`stabilize.study`);
-``stabilize doctor --config theirs.yaml`` tries the remedies on a failing run (:mod:`stabilize.doctor`).
+``stabilize study --config configs/study/quickstart.yaml`` runs a grid of experiments (`stabilize.study`);
+``stabilize doctor --config theirs.yaml`` tries the remedies on a failing run (`stabilize.doctor`).
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 class StabilizeCLI(LightningCLI):
-    """:class:`~lightning.pytorch.cli.LightningCLI` with subclass mode for model and data, TensorBoard logging
+    """`LightningCLI` with subclass mode for model and data, TensorBoard logging
     (Lightning's default logger whenever tensorboard is installed, which it is as a dependency) and a fixed seed.
 
     ``--model`` accepts any LightningModule and ``--data`` any LightningDataModule (optional, for models that
     bring their own dataloaders). Errors raised by the classes' argument checks
-    (:class:`~stabilize.errors.ConfigurationError`) are reported like jsonargparse's own parse errors, as one
+    (`ConfigurationError`) are reported like jsonargparse's own parse errors, as one
     message and exit code 2, instead of a traceback; any other exception is a bug and keeps its traceback.
     """
 
@@ -251,7 +251,7 @@ def _import_class(class_path: str) -> object:
 
 
 def _configuration_error(error: BaseException | None) -> ConfigurationError | None:
-    """The :class:`ConfigurationError` in ``error``'s chain of causes, if there is one."""
+    """The `ConfigurationError` in ``error``'s chain of causes, if there is one."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, ConfigurationError):
@@ -264,7 +264,7 @@ def _configuration_error(error: BaseException | None) -> ConfigurationError | No
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``stabilize`` console script and of ``python -m stabilize``.
 
-    A :class:`~stabilize.errors.StabilizeError` raised while running (missing or corrupt data, data that does not
+    A `StabilizeError` raised while running (missing or corrupt data, data that does not
     fit the model, a setting that only fails once the data is known) ends the command with one message and exit
     code 1 (2 for a setting); ``STABILIZE_DEBUG=1`` shows the traceback.
     """

@@ -1,6 +1,6 @@
 """What the ``stabilize`` command does with its arguments before Lightning's CLI sees them: shipped configs by name,
 and unknown class names told apart with a suggestion (the overview, ``--version`` and ``configs`` are
-:mod:`stabilize.launcher`'s, which answers them without importing torch).
+`stabilize.launcher`'s, which answers them without importing torch).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class TrainingDivergedError(StabilizeError, FloatingPointError):
 
 
 def check_writable_folder(folder: Path, argument: str) -> None:
-    """Raise :class:`ConfigurationError` naming ``argument`` when ``folder`` can neither be created nor written.
+    """Raise `ConfigurationError` naming ``argument`` when ``folder`` can neither be created nor written.
 
     Raises:
         ConfigurationError: ``folder`` is a file, or it (or the first existing folder above it) is not writable.
@@ -57,7 +57,7 @@ def check_writable_folder(folder: Path, argument: str) -> None:
 
 
 def check_integers(minimum: int | None = None, **values: object) -> None:
-    """Raise :class:`ConfigurationError` naming the first of ``values`` that is not an integer (a bool or a float such
+    """Raise `ConfigurationError` naming the first of ``values`` that is not an integer (a bool or a float such
     as 1.5 is not; ``None`` is skipped, for optional arguments) or is below ``minimum``.
 
     Raises:

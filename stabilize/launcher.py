@@ -1,6 +1,6 @@
 """The ``stabilize`` console script's front: ``--version``, the overview (``stabilize``, ``--help``) and
 ``stabilize configs`` answer without importing torch or Lightning (which take seconds, more on a loaded machine);
-every other command goes on to :func:`stabilize.cli.main`.
+every other command goes on to `stabilize.cli.main`.
 """
 
 from __future__ import annotations

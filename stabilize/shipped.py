@@ -45,7 +45,7 @@ def unknown_config_message(value: str, kind: str = "fit") -> str:
 
 
 def require_config(value: str, kind: str = "fit") -> Path:
-    """Like :func:`resolve_config`, but a value that is neither raises.
+    """Like `resolve_config`, but a value that is neither raises.
 
     Raises:
         ConfigurationError: Listing the shipped names and suggesting the nearest.

@@ -29,15 +29,15 @@ DEFAULT_HINTS = {
 
 class ForwardStatisticsMonitor(Callback):
     """Log and diagnose the statistics a model measures of its own forward pass
-    (:class:`~stabilize.health.forward_statistics.ForwardStatisticsSource`: a transformer's residual-stream RMS per
+    (`ForwardStatisticsSource`: a transformer's residual-stream RMS per
     block, largest attention logit per layer, largest output logit), every ``log_every_n_steps`` optimizer steps.
 
     The monitor asks for a measurement by setting the module's ``record_forward_statistics`` for the training batches
     of logging steps only (materialising attention logits beside a fused kernel costs a matmul per layer), and reads
     all of a step's values in one host transfer; between logging steps nothing is measured or synchronised. When
     ``fit`` ends it prints the findings (``diagnosis()``): attention logits above
-    :data:`~stabilize.health.forward_statistics.ATTENTION_LOGIT_LIMIT` (attention-logit growth, Wortsman et al.
-    2023: QK-norm or a lower LR), output logits above :data:`~stabilize.health.forward_statistics.OUTPUT_LOGIT_LIMIT`
+    `ATTENTION_LOGIT_LIMIT` (attention-logit growth, Wortsman et al.
+    2023: QK-norm or a lower LR), output logits above `OUTPUT_LOGIT_LIMIT`
     (output-logit divergence: z-loss), each with the step and layer of its largest value; with neither, one line
     with the largest values and the residual stream's growth over depth. A module's ``forward_statistics_hints()``
     (keys ``"attention_logits"``, ``"output_logits"``) words the advice in its own flags. A module that does not
@@ -51,19 +51,18 @@ class ForwardStatisticsMonitor(Callback):
     Raises:
         ConfigurationError: If ``log_every_n_steps`` is not a positive integer or ``None``.
 
-    Example::
-
+    Example:
+        ```python
         monitor = ForwardStatisticsMonitor()
         Trainer(callbacks=[GradientHealthCallback(), monitor]).fit(TransformerLM(), CharTextDataModule())
         print(monitor.diagnosis())
+        ```
 
-    ====================================  =====================================================================
-    key                                   value (at each measured step)
-    ====================================  =====================================================================
-    ``forward/block_rms/<i>``             RMS of the residual stream after block ``i``
-    ``forward/attention_logit_max/<i>``   largest scaled query-key product of block ``i`` (causal positions)
-    ``forward/output_logit_max``          largest absolute output logit
-    ====================================  =====================================================================
+    | key | value (at each measured step) |
+    |---|---|
+    | ``forward/block_rms/<i>`` | RMS of the residual stream after block ``i`` |
+    | ``forward/attention_logit_max/<i>`` | largest scaled query-key product of block ``i`` (causal positions) |
+    | ``forward/output_logit_max`` | largest absolute output logit |
     """
 
     def __init__(self, log_every_n_steps: int | None = None, verbose: bool = True) -> None:

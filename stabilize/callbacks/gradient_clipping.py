@@ -22,11 +22,11 @@ class GradientClipping(Callback):
     (non-finite norm) is neither clipped nor remembered; under DDP they are already all-reduced, so every rank takes
     the same decision without a collective.
 
-    Put it after :class:`~stabilize.callbacks.GradientHealthCallback` in ``callbacks``: Lightning calls them in order,
+    Put it after `GradientHealthCallback` in ``callbacks``: Lightning calls them in order,
     so the health callback reports the norm before clipping, and this one logs the norm after.
 
     Args:
-        method: ``"norm"``, ``"autoclip"``, ``"zclip"`` or ``"agc"`` (see :class:`stabilize.health.clipping.ClipRule`).
+        method: ``"norm"``, ``"autoclip"``, ``"zclip"`` or ``"agc"`` (see `stabilize.health.clipping.ClipRule`).
         max_norm: Limit of ``"norm"``.
         percentile: AutoClip's percentile of recent total norms.
         window: Recent steps remembered.
@@ -41,19 +41,20 @@ class GradientClipping(Callback):
     Raises:
         ConfigurationError: For an unknown method or an out-of-range value.
 
-    Example::
-
+    Example:
+        ```python
         trainer = Trainer(callbacks=[GradientHealthCallback(), GradientClipping(method="autoclip")])
+        ```
 
     Logged metrics (``grad_clip/optimizer_<i>/...`` with several optimizers):
 
-    ==================================  ==========================================================
-    ``grad_clip/threshold``             the limit at the logging step (AGC: the ratio)
-    ``grad_clip/clipped_fraction``      fraction of the steps since the last log that were clipped
-    ``grad_clip/skipped``               steps dropped by ``skip_spikes`` so far
-    ``grad_clip/pre_norm``              total gradient norm before clipping
-    ``grad_clip/post_norm``             total gradient norm after clipping
-    ==================================  ==========================================================
+    | key | value |
+    |---|---|
+    | ``grad_clip/threshold`` | the limit at the logging step (AGC: the ratio) |
+    | ``grad_clip/clipped_fraction`` | fraction of the steps since the last log that were clipped |
+    | ``grad_clip/skipped`` | steps dropped by ``skip_spikes`` so far |
+    | ``grad_clip/pre_norm`` | total gradient norm before clipping |
+    | ``grad_clip/post_norm`` | total gradient norm after clipping |
     """
 
     def __init__(

@@ -45,7 +45,7 @@ class GradientHealthCallback(Callback):
     ``clip_grad_norm_`` does), so every number is the whole model's; histograms are not written. Lightning's
     ``FSDPStrategy`` (FSDP1) and DeepSpeed are refused at setup. Works on any LightningModule: float64, complex and
     sparse gradients, tied weights (counted once), lazy and compiled modules; the maths lives in
-    :mod:`stabilize.health`.
+    `stabilize.health`.
 
     **Every step** (the cheap check): one fused ``torch._foreach_norm`` over the gradients and a handful of device
     ops that count non-finite gradient tensors, GradScaler-skipped steps and exploding steps on the device; with the
@@ -62,19 +62,19 @@ class GradientHealthCallback(Callback):
     ``on_before_backward`` at every step, is judged too: a loss that blows up (its smoothed value above twice its
     best, or giving back half its progress) and does not recover makes the verdict ``unstable``, which an adaptive
     optimizer at too high a learning rate produces while its gradient norm stays unremarkable
-    (:mod:`stabilize.health.instability`). Every step's loss and total norm reach the host with the next logging
+    (`stabilize.health.instability`). Every step's loss and total norm reach the host with the next logging
     step's one transfer, so the verdict is the same at any ``log_every_n_steps``, and the fit's last step always
     gets a record. The verdict does not depend on the loss's scale (the defaults and why:
-    :class:`stabilize.health.HealthCriteria` and :mod:`stabilize.health.explosions`).
+    `stabilize.health.HealthCriteria` and `stabilize.health.explosions`).
 
     When a finding is confirmed while training runs (a loss blow-up, an explosion by a rule that needs no future:
-    :mod:`stabilize.health.alerts`), the callback says so at the next logging step, once per kind: one log line,
+    `stabilize.health.alerts`), the callback says so at the next logging step, once per kind: one log line,
     and with a TensorBoardLogger the text ``grad_health/alerts`` and a scalar; ``on_unhealthy="stop"`` also saves a
     checkpoint and stops the run, so a doomed run costs minutes.
 
     The remedies in the diagnosis are generic (normalization, residual connections, activations, initialisation,
     clipping, warm-up); a model adds its own by defining ``gradient_health_hints()`` (see
-    :mod:`stabilize.health.diagnosis`).
+    `stabilize.health.diagnosis`).
 
     Args:
         log_every_n_steps: Optimizer steps between detailed records; defaults to the Trainer's
@@ -125,8 +125,8 @@ class GradientHealthCallback(Callback):
         ConfigurationError: (a ValueError) If a threshold is negative, NaN or the thresholds are inverted, an
             interval is negative or not an integer, or ``on_nonfinite`` or ``on_unhealthy`` is unknown.
 
-    Example::
-
+    Example:
+        ```python
         from lightning.pytorch import Trainer
         from stabilize.callbacks import GradientHealthCallback
 
@@ -135,34 +135,30 @@ class GradientHealthCallback(Callback):
         trainer.fit(model, datamodule)
         print(health.diagnosis())        # also printed at the end of fit
         health.save_json("gradient_health.json")
+        ```
 
     Logged metrics (with several optimizers every key gets a segment naming the optimizer after its family: the
     submodule that holds all its parameters, e.g. ``grad_health/discriminator/global_norm`` for a GAN, else
     ``optimizer_<i>``, e.g. ``grad_health/optimizer_1/global_norm``; the diagnosis has one section per optimizer):
 
-    ======================================  ============================================================
-    key                                     value (at each logging step)
-    ======================================  ============================================================
-    ``grad_health/global_norm``             L2 norm of all gradients of the optimizer
-    ``grad_health/global_norm_max``         largest global norm since the previous logging step (inclusive)
-    ``grad_health/min_layer_norm``          smallest layer gradient norm
-    ``grad_health/max_layer_norm``          largest layer gradient norm
-    ``grad_health/depth_ratio``             first layer's gradient norm / last layer's (forward order)
-    ``grad_health/vanishing_layers``        number of layers classified as vanishing
-    ``grad_health/spikes``                  spikes (steps above ``exploding_factor`` x the running median)
-                                            since the previous logging step (inclusive)
-    ``grad_health/exploding``               spikes since the previous logging step that were part of a
-                                            persistent run or above ``exploding_threshold``
-    ``grad_health/nonfinite``               non-finite gradient tensors since the previous logging step
-    ``grad_health/amp_skipped``             steps the GradScaler skipped since the previous logging step
-    ``grad_health/alert_<kind>``            1 at the step an alert of this kind (``unstable``, ``exploding``)
-                                            was raised
-    ``grad_norm/<layer>``                   gradient L2 norm of the layer
-    ``grad_to_weight/<layer>``              gradient norm / weight norm
-    ``update_to_weight/<layer>``            ``||w_after - w_before|| / ||w_before||`` (``track_update_ratio``)
-    ``activation_dead/<module>``            dead-channel fraction after a ReLU-like module (``track_activations``)
-    ``activation_saturated/<module>``       saturated-output fraction of sigmoid/tanh (``track_activations``)
-    ======================================  ============================================================
+    | key | value (at each logging step) |
+    |---|---|
+    | ``grad_health/global_norm`` | L2 norm of all gradients of the optimizer |
+    | ``grad_health/global_norm_max`` | largest global norm since the previous logging step (inclusive) |
+    | ``grad_health/min_layer_norm`` | smallest layer gradient norm |
+    | ``grad_health/max_layer_norm`` | largest layer gradient norm |
+    | ``grad_health/depth_ratio`` | first layer's gradient norm / last layer's (forward order) |
+    | ``grad_health/vanishing_layers`` | number of layers classified as vanishing |
+    | ``grad_health/spikes`` | steps above ``exploding_factor`` x the running median since the last logging step |
+    | ``grad_health/exploding`` | those of the spikes in a persistent run or above ``exploding_threshold`` |
+    | ``grad_health/nonfinite`` | non-finite gradient tensors since the previous logging step |
+    | ``grad_health/amp_skipped`` | steps the GradScaler skipped since the previous logging step |
+    | ``grad_health/alert_<kind>`` | 1 at the step an alert of this kind (``unstable``, ``exploding``) was raised |
+    | ``grad_norm/<layer>`` | gradient L2 norm of the layer |
+    | ``grad_to_weight/<layer>`` | gradient norm / weight norm |
+    | ``update_to_weight/<layer>`` | ‖w_after - w_before‖ / ‖w_before‖ (``track_update_ratio``) |
+    | ``activation_dead/<module>`` | dead-channel fraction after a ReLU-like module (``track_activations``) |
+    | ``activation_saturated/<module>`` | saturated-output fraction of sigmoid/tanh (``track_activations``) |
 
     TensorBoard also receives ``grad_hist/<layer>`` histograms, the ``grad_health/flow`` figure and the
     ``grad_health/alerts`` text.
@@ -468,7 +464,7 @@ class GradientHealthCallback(Callback):
             self._output.scalars(trainer.loggers, metrics, step)
 
     def flow_figure(self, names: Sequence[str], norms: Sequence[float]) -> Figure:
-        """The gradient-flow figure (see :func:`stabilize.health.flow_figure`) with this callback's thresholds."""
+        """The gradient-flow figure (see `stabilize.health.flow_figure`) with this callback's thresholds."""
         largest = max((n for n in norms if math.isfinite(n)), default=1.0)
         return flow_figure(names, norms, self.criteria.vanishing_floor(largest), self.exploding_threshold)
 
@@ -483,13 +479,13 @@ class GradientHealthCallback(Callback):
 
     def spike_steps(self) -> list[int]:
         """The first step of every logging interval with gradient spikes, of every optimizer (transient spikes and
-        explosions alike), in order: what :class:`~stabilize.callbacks.SharpnessMonitor` compares with the
+        explosions alike), in order: what `SharpnessMonitor` compares with the
         sharpness."""
         return sorted({event["first_step"] for monitor in self._monitors.values() for event in monitor.spikes})
 
     @property
     def history(self) -> list[StepRecord]:
-        """The records of every logging step (of the first optimizer; see :meth:`history_of` for others)."""
+        """The records of every logging step (of the first optimizer; see `history_of` for others)."""
         return self.history_of(min(self._monitors, default=0))
 
     def history_of(self, optimizer_index: int) -> list[StepRecord]:
@@ -497,7 +493,7 @@ class GradientHealthCallback(Callback):
         return monitor.history if monitor is not None else []
 
     def trace_of(self, optimizer_index: int = 0) -> list[dict[str, Any]]:
-        """Every step's loss and total norm of one optimizer (:class:`~stabilize.health.trace.StepTrace`'s points:
+        """Every step's loss and total norm of one optimizer (`StepTrace`'s points:
         ``step``, ``loss``, ``smoothed_loss``, ``steady_loss``, ``global_norm``); empty before its first step."""
         monitor = self._monitors.get(optimizer_index)
         return monitor.trace_points() if monitor is not None else []

@@ -32,11 +32,13 @@ class InterruptCheckpoint(Callback):
     Raises:
         ConfigurationError: If ``filename`` is empty.
 
-    Example::
-
+    Example:
+        ```python
         trainer = Trainer(callbacks=[InterruptCheckpoint()])
         trainer.fit(model, datamodule)                    # kill -TERM <pid> -> checkpoints/interrupted.ckpt
         trainer.fit(model, datamodule, ckpt_path=".../checkpoints/interrupted.ckpt")
+        ```
+
     """
 
     def __init__(

@@ -22,7 +22,7 @@ class LearningRateScale(Callback):
     right after, so schedulers that update the rate from its current value (``StepLR``, ``CosineAnnealingLR``'s
     recursive form, ``ReduceLROnPlateau``) keep seeing their own rates, and automatic and manual optimization,
     gradient accumulation and fp16's skipped steps (no ``step()``, no warm-up progress) all behave. This is how
-    :func:`stabilize.doctor.repair` tries "a lower learning rate" or "a warm-up" on a model it did not write.
+    `stabilize.doctor.repair` tries "a lower learning rate" or "a warm-up" on a model it did not write.
 
     Args:
         factor: Constant multiplier of the learning rate (``0.1``: ten times lower).
@@ -31,9 +31,10 @@ class LearningRateScale(Callback):
     Raises:
         ConfigurationError: If ``factor`` is not a positive finite number or ``warmup_steps`` is negative.
 
-    Example::
-
+    Example:
+        ```python
         trainer = Trainer(callbacks=[LearningRateScale(factor=0.1, warmup_steps=100)])
+        ```
 
     Logs nothing: the rate an optimizer steps with is what ``LearningRateMonitor`` reads between steps, the
     module's own (the factor is applied only during the step).

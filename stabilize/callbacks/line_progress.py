@@ -28,10 +28,12 @@ class LineProgress(ProgressBar):
     Raises:
         ConfigurationError: If ``every_n_steps`` is not a positive integer.
 
-    Example::
-
+    Example:
+        ```python
         trainer = Trainer(callbacks=[LineProgress(every_n_steps=100)])
         # epoch 0  batch 100/390  step 100  1.71 s/10 steps  train/loss_step=2.01
+        ```
+
     """
 
     def __init__(self, every_n_steps: int = 50, prefix: str = "") -> None:

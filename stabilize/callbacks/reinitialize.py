@@ -38,9 +38,10 @@ class Reinitialize(Callback):
     Raises:
         ConfigurationError: For an unknown scheme or a seed that is not an integer.
 
-    Example::
-
+    Example:
+        ```python
         trainer = Trainer(callbacks=[Reinitialize("he")])
+        ```
 
     Logs nothing; says on rank zero how many layers it re-initialised and with which scheme.
     """
@@ -65,7 +66,7 @@ class Reinitialize(Callback):
 
 
 def auto_scheme(module: nn.Module) -> InitScheme:
-    """The scheme ``"auto"`` picks for ``module`` (see :class:`Reinitialize`)."""
+    """The scheme ``"auto"`` picks for ``module`` (see `Reinitialize`)."""
     modules = list(module.modules())
     if any(isinstance(m, nn.SELU) for m in modules):
         return "lecun"

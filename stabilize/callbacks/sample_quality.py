@@ -17,8 +17,8 @@ from stabilize.metrics import SHIPPED_CLASSIFIER, quality_metrics
 
 @runtime_checkable
 class ImageGenerator(Protocol):
-    """What :class:`SampleQuality` needs of a LightningModule: ``count`` fresh samples, images in ``[0, 1]`` of the
-    test images' shape, on the module's device (:class:`~stabilize.models.DCGAN` implements it)."""
+    """What `SampleQuality` needs of a LightningModule: ``count`` fresh samples, images in ``[0, 1]`` of the
+    test images' shape, on the module's device (`DCGAN` implements it)."""
 
     def generate_images(self, count: int) -> Tensor: ...
 
@@ -30,7 +30,7 @@ class SampleQuality(Callback):
     on torch-fidelity's Inception-v3 (``classifier="inception"``, where its weights are present locally).
 
     The metrics are an evaluation concern, so they live here and not in the model: any LightningModule that implements
-    :class:`ImageGenerator` can be measured, and the classifier never enters the model's checkpoints. The test batches
+    `ImageGenerator` can be measured, and the classifier never enters the model's checkpoints. The test batches
     must hold images in ``[0, 1]`` (an ``(images, labels)`` pair or the images alone), e.g.
     ``CIFAR10DataModule(normalize=False)``.
 
@@ -42,27 +42,23 @@ class SampleQuality(Callback):
 
     Raises:
         ConfigurationError: If ``samples`` is not a positive integer; when testing starts, if the module does not
-            implement :class:`ImageGenerator` or the classifier cannot be read.
+            implement `ImageGenerator` or the classifier cannot be read.
 
-    Example::
-
+    Example:
+        ```python
         trainer = Trainer(callbacks=[SampleQuality("cifar10-resnet20", samples=5000)])
         trainer.test(dcgan, CIFAR10DataModule(normalize=False, augment=False, val_size=0))
 
         # the command line: stabilize test --config dcgan --ckpt_path <checkpoint> \\
         #     --trainer.callbacks+=SampleQuality --trainer.callbacks.classifier=cifar10-resnet20
+        ```
 
     Logged at the end of ``test``:
 
-    .. list-table::
-       :header-rows: 1
-
-       * - key
-         - value
-       * - ``gan/classifier_fid``, ``gan/classifier_is``
-         - FID and Inception Score on the classifier's features and logits (a classifier checkpoint)
-       * - ``gan/fid``, ``gan/inception_score``
-         - the standard FID and Inception Score (``classifier="inception"``)
+    | key | value |
+    |---|---|
+    | ``gan/classifier_fid``, ``gan/classifier_is`` | FID and IS on a classifier checkpoint's features and logits |
+    | ``gan/fid``, ``gan/inception_score`` | the standard FID and Inception Score (``classifier="inception"``) |
     """
 
     def __init__(self, classifier: str = SHIPPED_CLASSIFIER, samples: int = 5000, prefix: str = "gan/") -> None:

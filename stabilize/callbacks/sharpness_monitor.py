@@ -25,7 +25,7 @@ class SharpnessMonitor(Callback):
     r"""Measure the sharpness (the largest Hessian eigenvalue of the training loss) every ``every_n_steps`` optimizer
     steps and compare it with the stability limit of the learning rate (``2 / lr`` for SGD, ``(2 + 2 momentum) / lr``
     with heavy-ball momentum, ``(2 + 2 momentum) / ((1 + 2 momentum) lr)`` with Nesterov's, dampening and weight decay
-    included: :func:`~stabilize.health.sharpness.stability_limit`): at a ratio near 1 the learning rate, not the data,
+    included: `stability_limit`): at a ratio near 1 the learning rate, not the data,
     sets the curvature (the Edge of Stability, Cohen et al. 2021), and spikes are the optimizer overshooting.
 
     The monitor never changes the training it watches: a measurement leaves every random generator (torch's CPU and
@@ -48,10 +48,10 @@ class SharpnessMonitor(Callback):
         iterations: Most Hessian-vector products per measurement.
         tolerance: Where a measurement stops: Lanczos once its residual bound puts the estimate within this fraction
             of the eigenvalue, power iteration once the estimate changes by less than this fraction. The default,
-            1%, is ten times finer than what the diagnosis reads (a ratio of :data:`AT_THE_LIMIT` = 0.9) and saves a
+            1%, is ten times finer than what the diagnosis reads (a ratio of `AT_THE_LIMIT` = 0.9) and saves a
             Hessian-vector product or three against 1e-3 (ResNet-20, ``benchmarks/bench_sharpness_methods.py``: 4
             products instead of 7 cold, -0.7% off; 4 instead of 5 warm-started, 2e-7 off).
-            :func:`~stabilize.health.sharpness.top_eigenvalue`'s default is 1e-3.
+            `top_eigenvalue`'s default is 1e-3.
         examples: Measure on the first this many examples of the batch (``None``: all of it). The cost of a
             measurement is proportional to it, but the sharpness of a small sample reads high: on ResNet-20 on
             CIFAR-10 (``benchmarks/bench_sharpness_sample.py``), 64 examples read 7-17% and 32 read 17-56% above 512,
@@ -60,7 +60,7 @@ class SharpnessMonitor(Callback):
         method: ``"lanczos"`` (the default: few Hessian-vector products, keeps up to ``iterations + 1`` copies of
             the parameters) or ``"power"`` (power iteration: two copies, slow when the top eigenvalues are close).
         at_initialisation: Also measure before the first optimizer step (at the first training batch), into
-            :attr:`initial_sharpness`. The measurements of :attr:`history` are taken after an optimizer step: the one
+            `initial_sharpness`. The measurements of `history` are taken after an optimizer step: the one
             labelled step ``k`` after ``k + 1`` updates, so step 0's is not the initial sharpness (it depends on
             the learning rate of that first update).
 
@@ -69,20 +69,19 @@ class SharpnessMonitor(Callback):
             ``tolerance`` is not positive or ``method`` unknown; when ``fit`` starts, for a manually optimized module
             without ``sharpness_loss``.
 
-    Example::
-
+    Example:
+        ```python
         trainer = Trainer(callbacks=[SharpnessMonitor(every_n_steps=50)])
         trainer.fit(model, datamodule)
         print(monitor.diagnosis())
+        ```
 
-    ===================================  ==========================================================
-    key                                  value (at each measurement)
-    ===================================  ==========================================================
-    ``sharpness/max_eigenvalue``         largest Hessian eigenvalue of the loss on the fixed batch (not Adam)
-    ``sharpness/preconditioned``         largest eigenvalue of ``P^-1 H`` (Adam and AdamW, instead)
-    ``sharpness/stability_limit``        SGD's (``stability_limit``); ``(2 + 2 beta1) / ((1 - beta1) lr)`` (Adam)
-    ``sharpness/ratio``                  measured eigenvalue / stability_limit (SGD, Adam)
-    ===================================  ==========================================================
+    | key | value (at each measurement) |
+    |---|---|
+    | ``sharpness/max_eigenvalue`` | largest Hessian eigenvalue of the loss on the fixed batch (not Adam) |
+    | ``sharpness/preconditioned`` | largest eigenvalue of ``P^-1 H`` (Adam and AdamW, instead) |
+    | ``sharpness/stability_limit`` | SGD's (``stability_limit``); ``(2 + 2 beta1) / ((1 - beta1) lr)`` (Adam) |
+    | ``sharpness/ratio`` | measured eigenvalue / stability_limit (SGD, Adam) |
     """
 
     def __init__(
@@ -197,7 +196,7 @@ class SharpnessMonitor(Callback):
 
     def spikes_at_the_limit(self, spike_steps: Sequence[int]) -> tuple[list[int], list[int]]:
         """Split ``spike_steps`` into those whose latest measurement before them was at the limit (ratio at least
-        :data:`AT_THE_LIMIT`: the optimizer overshooting the curvature it climbed to) and the others (a hard batch,
+        `AT_THE_LIMIT`: the optimizer overshooting the curvature it climbed to) and the others (a hard batch,
         or a cause the sharpness does not see). Steps before the first measurement, or without a limit, are others."""
         at_limit, others = [], []
         for spike in spike_steps:

@@ -24,7 +24,7 @@ class SwapActivations(Callback):
     Only modules can be swapped: an activation the model calls as a function (``torch.sigmoid(x)``) is not seen,
     and a sigmoid that is part of the task (a gate of an LSTM, the output of a binary classifier written as a
     module at the end) is swapped too unless ``skip_last`` keeps the last one. Pair it with
-    :class:`~stabilize.callbacks.Reinitialize` (listed after it): the initialisation that suited the old activation
+    `Reinitialize` (listed after it): the initialisation that suited the old activation
     rarely suits the new one. Warns when the model has no module to swap.
 
     Args:
@@ -34,9 +34,10 @@ class SwapActivations(Callback):
     Raises:
         ConfigurationError: For an unknown activation.
 
-    Example::
-
+    Example:
+        ```python
         trainer = Trainer(callbacks=[SwapActivations("relu"), Reinitialize("he")])
+        ```
 
     Logs nothing; says on rank zero how many modules it swapped.
     """

@@ -29,7 +29,7 @@ class SwapOptimizer(Callback):
     its groups kept, ``lr_0`` its first group's rate) with the group's own weight decay; the other hyperparameters
     are the new optimizer's defaults (they do not translate: SGD's momentum means nothing to AdamW). Schedulers
     that drive the old optimizer drive the new one, from base rates scaled the same way. Optimizers already of the
-    target's family (Adam or AdamW for ``"adamw"``) are left alone. This is how :func:`stabilize.doctor.doctor`
+    target's family (Adam or AdamW for ``"adamw"``) are left alone. This is how `stabilize.doctor.doctor`
     tries "AdamW instead of SGD" on a model it did not write.
 
     The swap happens in ``on_fit_start``, before Lightning restores a checkpoint's optimizer state, so a resumed run
@@ -43,9 +43,10 @@ class SwapOptimizer(Callback):
     Raises:
         ConfigurationError: If ``to`` is not one of the two, or ``lr`` is not a positive finite number.
 
-    Example::
-
+    Example:
+        ```python
         trainer = Trainer(callbacks=[SwapOptimizer("adamw", lr=3e-4)])
+        ```
 
     Logs nothing; says once which optimizers it replaced.
     """

@@ -21,9 +21,9 @@ ALERT_ADVICE = {
 
 
 class UnhealthyAlarm:
-    """Carries out ``on_unhealthy`` for the alerts of :meth:`GradientMonitor.new_alerts
-    <stabilize.health.GradientMonitor.new_alerts>`: ``"warn"`` writes one log line per alert (rank zero) and, with a
-    TensorBoardLogger, a text ``grad_health/alerts`` and a scalar ``grad_health/alert_<kind>`` at its step;
+    """Carries out ``on_unhealthy`` for the alerts of `GradientMonitor.new_alerts`: ``"warn"`` writes one log line
+    per alert (rank zero) and, with a TensorBoardLogger, a text ``grad_health/alerts`` and a scalar
+    ``grad_health/alert_<kind>`` at its step;
     ``"stop"`` also saves a checkpoint (``unhealthy-step=<step>.ckpt`` in the ModelCheckpoint's folder, else the
     Trainer's ``default_root_dir``) and stops the run after the batch; ``"ignore"`` keeps the alerts in the summary
     only. Under DDP every process computes its own alerts from its own loss; whether to stop is rank zero's,

@@ -2,9 +2,11 @@
 
 torchvision's v2 transforms draw *one* set of random parameters for a whole batched tensor (torchvision issue
 #8484); here every image gets its own scale, shift, flip and cutout. Scale, shift and flip are axis-aligned, so the
-bilinear resampling of image ``n`` separates into a row matrix and a column matrix::
+bilinear resampling of image ``n`` separates into a row matrix and a column matrix:
 
-    out[n, c] = Wy[n] @ img[n, c] @ Wx[n].T        (Wy: H x H, Wx: W x W, one pair per image)
+```text
+out[n, c] = Wy[n] @ img[n, c] @ Wx[n].T        (Wy: H x H, Wx: W x W, one pair per image)
+```
 
 Two batched matrix products resample the whole batch, with zero (black) padding where the shifted or shrunken
 image leaves the frame, or with the image mirrored at its border (``padding="reflect"``, as the speed runs
@@ -82,7 +84,7 @@ def resampling_matrices(
 def shift_and_flip(images: Tensor, shift: Tensor, flip: Tensor | None, max_shift: int, reflect: bool = False) -> Tensor:
     """Move image ``n`` by ``shift[:, n]`` whole pixels (rows, columns), zero-filling what enters the frame (or
     mirroring the image there, with ``reflect``), and mirror it where ``flip[n]``: exactly what
-    :func:`resampling_matrices` computes at scale 1, by two gathers (from a copy zero-padded by ``max_shift``, at
+    `resampling_matrices` computes at scale 1, by two gathers (from a copy zero-padded by ``max_shift``, at
     least ``shift.abs().max()``; reflection needs no copy, only folded indices)."""
     n, channels, height, width = images.shape
     pad = 0 if reflect else max_shift

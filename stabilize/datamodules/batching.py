@@ -36,11 +36,11 @@ class BatchPermutationSampler(DistributedSampler):
     """Yields whole batches of indices (with the epoch), so a batch is produced by one tensor index.
 
     Each epoch draws a permutation from ``seed + epoch`` (or keeps the order when ``shuffle=False``), shards it
-    across ``num_replicas`` processes as :class:`~torch.utils.data.DistributedSampler` does (padding by
+    across ``num_replicas`` processes as `DistributedSampler` does (padding by
     wrapping around) and cuts it into batches. It subclasses ``DistributedSampler`` so that Lightning recognises it
-    as already distributed-aware and does not replace it; Lightning calls :meth:`set_epoch` every epoch.
+    as already distributed-aware and does not replace it; Lightning calls `set_epoch` every epoch.
 
-    :meth:`resume_at` makes the next pass over a given epoch start at a given batch (a run resumed mid-epoch).
+    `resume_at` makes the next pass over a given epoch start at a given batch (a run resumed mid-epoch).
     """
 
     def __init__(
@@ -130,11 +130,11 @@ class ResumeByDataModule:
 
 
 class ResumableDataLoader(ResumeByDataModule, DataLoader):
-    """A DataLoader over index batches that Lightning treats as resumable (see :class:`ResumeByDataModule`)."""
+    """A DataLoader over index batches that Lightning treats as resumable (see `ResumeByDataModule`)."""
 
 
 class DeviceBatchLoader(ResumeByDataModule):
-    """Iterable of batches of a :class:`TensorBatches` whose tensors already live on the accelerator: no
+    """Iterable of batches of a `TensorBatches` whose tensors already live on the accelerator: no
     DataLoader, no worker and no host-to-device copy. Exposes ``sampler`` so that Lightning sets its epoch, and
     ``batch_sampler = None`` as a DataLoader without one does (Lightning reads it before validation and test)."""
 

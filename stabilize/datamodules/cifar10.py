@@ -46,7 +46,7 @@ class CIFAR10DataModule(LightningDataModule):
     """CIFAR-10 held as uint8 tensors, batched by tensor indexing and augmented per image on the batch's device.
 
     Batches leave the loaders as uint8 ``(N, 3, 32, 32)`` images (a quarter of the bytes of float32 over PCIe)
-    and int64 labels. :meth:`on_after_batch_transfer`, which the Trainer calls once the batch is on its device,
+    and int64 labels. `on_after_batch_transfer`, which the Trainer calls once the batch is on its device,
     turns them into normalized float32 and, for training batches only, applies random scale, translation, flip
     and cutout with independent parameters per image. Validation, test and predict data are never augmented.
 
@@ -81,7 +81,7 @@ class CIFAR10DataModule(LightningDataModule):
     Raises:
         ValueError: At construction, for a non-positive batch size, a negative or too large ``val_size``, an
             inverted scale range or other out-of-range arguments.
-        FileNotFoundError: At :meth:`setup`, when no copy is found and ``download`` is off.
+        FileNotFoundError: At `setup`, when no copy is found and ``download`` is off.
     """
 
     url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -348,7 +348,7 @@ class CIFAR10DataModule(LightningDataModule):
         return self.augmentation.normalize(images)
 
     def transform_batch(self, batch: Any, train: bool) -> Any:
-        """Apply :meth:`transform_images` to an ``(images, labels)`` batch or a bare image tensor."""
+        """Apply `transform_images` to an ``(images, labels)`` batch or a bare image tensor."""
         if isinstance(batch, (tuple, list)) and batch:
             return (self.transform_images(batch[0], train), *batch[1:])
         return self.transform_images(batch, train)

@@ -100,12 +100,12 @@ class SequenceTaskDataModule(LightningDataModule):
 class AddingProblemDataModule(SequenceTaskDataModule):
     """The adding problem (Hochreiter & Schmidhuber 1997): input ``(N, T, 2)``, channel 0 values from U[0, 1],
     channel 1 a marker that is 1 at one position in the first half and one in the second; the target is the sum of
-    the two marked values. Predicting the constant 1.0 scores MSE 1/6 (:attr:`baseline_mse`); below 0.04
-    (:attr:`solved_mse`, Pascanu et al. 2013) the task counts as solved.
+    the two marked values. Predicting the constant 1.0 scores MSE 1/6 (`baseline_mse`); below 0.04
+    (`solved_mse`, Pascanu et al. 2013) the task counts as solved.
 
     Args:
         seq_len: Sequence length T (at least 2).
-        **kwargs: Sizes and seed of :class:`SequenceTaskDataModule`.
+        **kwargs: Sizes and seed of `SequenceTaskDataModule`.
     """
 
     baseline_mse = 1 / 6
@@ -133,11 +133,11 @@ class CopyMemoryDataModule(SequenceTaskDataModule):
     """The copy-memory task (Arjovsky et al. 2016): 10 symbols from 8, ``delay - 1`` blanks, a delimiter, 10 blanks;
     the net must output blanks and then the 10 symbols. Inputs are one-hot ``(N, delay + 20, 10)`` (0 blank, 1-8
     symbols, 9 delimiter), targets class indices ``(N, delay + 20)``. A memoryless net that outputs blanks and then
-    guesses scores the cross-entropy ``10 ln 8 / (delay + 20)`` per step (:attr:`baseline_cross_entropy`).
+    guesses scores the cross-entropy ``10 ln 8 / (delay + 20)`` per step (`baseline_cross_entropy`).
 
     Args:
         delay: Steps between the last symbol and the delimiter, plus one (at least 1).
-        **kwargs: Sizes and seed of :class:`SequenceTaskDataModule`.
+        **kwargs: Sizes and seed of `SequenceTaskDataModule`.
     """
 
     num_classes = 10

@@ -11,14 +11,14 @@ from stabilize.datamodules.cifar10 import CIFAR10DataModule
 
 
 class SequentialCIFAR10DataModule(CIFAR10DataModule):
-    """:class:`CIFAR10DataModule` whose batches are sequences: each image as 32 steps of 96 features (its rows, the
+    """`CIFAR10DataModule` whose batches are sequences: each image as 32 steps of 96 features (its rows, the
     three channels side by side) or, with ``pixel_by_pixel``, 1,024 steps of 3 features. Augmentation is off by
     default (a recurrent benchmark, not an image one).
 
     Args:
         pixel_by_pixel: One step per pixel instead of one per row.
         augment: Augment training images before they become sequences.
-        **kwargs: Everything else of :class:`CIFAR10DataModule`.
+        **kwargs: Everything else of `CIFAR10DataModule`.
     """
 
     def __init__(self, pixel_by_pixel: bool = False, augment: bool = False, **kwargs: Any) -> None:

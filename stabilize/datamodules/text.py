@@ -64,10 +64,12 @@ class CharTextDataModule(LightningDataModule):
         DataNotFoundError: (at setup) When the file is missing.
         DataError: (at setup) When a split is shorter than one window, or a checkpoint's vocabulary differs.
 
-    Example::
-
+    Example:
+        ```python
         data = CharTextDataModule("input.txt", context=64, batch_size=12)
         model = TransformerLM(vocab_size=data.vocab_size, context=64)   # after data.setup()
+        ```
+
     """
 
     def __init__(

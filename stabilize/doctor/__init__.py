@@ -1,8 +1,8 @@
 """``stabilize doctor``: from a diagnosis to a verified cure.
 
-:func:`doctor` probes a run, tries the remedies its findings call for as short trials at the same budget and seed,
-judges each by its outcome and its own verdict, and returns a :class:`DoctorResult` (a ranked table, the winning
-change, a plot). Models declare their structural variants with ``stabilize_variants()`` (:class:`Variant`).
+`doctor` probes a run, tries the remedies its findings call for as short trials at the same budget and seed,
+judges each by its outcome and its own verdict, and returns a `DoctorResult` (a ranked table, the winning
+change, a plot). Models declare their structural variants with ``stabilize_variants()`` (`Variant`).
 """
 
 from stabilize.doctor.remedies import Findings, Remedy, plan

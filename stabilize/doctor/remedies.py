@@ -1,9 +1,9 @@
 """The remedies the doctor tries, and the order it tries them in for each finding.
 
-A :class:`Remedy` is a change to a run that needs nothing from the model's code: callbacks added to the Trainer
+A `Remedy` is a change to a run that needs nothing from the model's code: callbacks added to the Trainer
 (a lower learning rate, a warm-up, a re-initialisation, swapped activation modules, clipping), Trainer arguments, or
-a :class:`Variant` the model declares itself (a structural change: normalization, residual connections, a gated
-cell, pre-LN, QK-norm, a non-saturating GAN loss, another optimizer). :func:`plan` orders them for a probe's
+a `Variant` the model declares itself (a structural change: normalization, residual connections, a gated
+cell, pre-LN, QK-norm, a non-saturating GAN loss, another optimizer). `plan` orders them for a probe's
 findings: cheap before structural, most likely first; each entry is a *family* of escalating steps (a learning rate
 10x, then 100x lower) that the doctor climbs until a step repairs.
 """

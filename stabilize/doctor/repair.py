@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 class DoctorResult:
     """What the doctor did: the probe, the trials in the order tried, and the remedy that works (if any).
 
-    ``trials`` holds the probe first. :meth:`ranked` orders the remedies: those that repaired the run first, then
-    by final loss; :attr:`best` is the first of them that works.
+    ``trials`` holds the probe first. `ranked` orders the remedies: those that repaired the run first, then
+    by final loss; `best` is the first of them that works.
     """
 
     probe: Trial
@@ -118,7 +118,7 @@ def doctor(
     log: Callable[[str], None] | None = None,
 ) -> DoctorResult:
     """Probe a run for ``steps`` optimizer steps and, when its verdict is not healthy, try the remedies its findings
-    call for (:func:`~stabilize.doctor.remedies.plan`), each at the same budget and seed.
+    call for (`plan`), each at the same budget and seed.
 
     A trial *repairs* the run when its verdict is healthy (or one its remedy tolerates: a clipped run's raw gradient
     may still read exploding) and, for a single-optimizer run, its final loss (the median of its last 32 steps) is
@@ -129,7 +129,7 @@ def doctor(
     The doctor stops one family after the first family of remedies that repairs (a second opinion, so that two cures
     are ranked; a family such as "LR /10, /100" goes one step further while that lowers the final loss;
     ``try_all``: tries the whole plan), after ``max_trials`` trials, or when the plan is spent; when no single
-    remedy works and trials are left, it tries at most :data:`COMBINATIONS` pairs: a remedy that cured the verdict
+    remedy works and trials are left, it tries at most `COMBINATIONS` pairs: a remedy that cured the verdict
     but did not learn with the others, lowest final loss first, then the two that brought the loss lowest.
 
     Args:
@@ -149,11 +149,13 @@ def doctor(
     Raises:
         ConfigurationError: If ``steps`` or ``max_trials`` is not a positive integer.
 
-    Example::
-
+    Example:
+        ```python
         result = doctor(lambda: MyNet(lr=0.5), datamodule, steps=200, log=print)
         print(result.report())
         result.plot().savefig("doctor.png")
+        ```
+
     """
     check_integers(1, steps=steps, max_trials=max_trials)
     if baseline_loss is not None and not (math.isfinite(baseline_loss) and baseline_loss > 0):
@@ -222,7 +224,7 @@ def doctor(
 
 
 def repaired(trial: Trial, probe: Trial, baseline: float | None, runs: Sequence[Trial]) -> bool:
-    """Whether ``trial`` repaired ``probe``'s run (see :func:`doctor`)."""
+    """Whether ``trial`` repaired ``probe``'s run (see `doctor`)."""
     remedy = trial.remedy
     tolerated = remedy is not None and trial.verdict_class in remedy.tolerates
     if trial.error is not None or not (trial.verdict_class == "healthy" or tolerated):
@@ -262,7 +264,7 @@ COMBINATIONS = 2
 
 
 def _combinations(tried: list[Trial]) -> list[Remedy]:
-    """Pairs of single remedies of different kinds of change, most promising first, at most :data:`COMBINATIONS`:
+    """Pairs of single remedies of different kinds of change, most promising first, at most `COMBINATIONS`:
     a remedy that cured the verdict without learning (clipping that tamed an RNN's explosion but left it stuck) with
     each other remedy, lowest final loss first (AdamW, which learned while still exploding); then pairs of the
     remedies that brought the final loss lowest."""

@@ -36,12 +36,12 @@ class Trial:
     remedy: Remedy | None
     verdict: str
     verdict_class: str
-    #: The training loss at the first step and the median of the last :data:`FINAL_STEPS` (None: no single loss,
+    #: The training loss at the first step and the median of the last `FINAL_STEPS` (None: no single loss,
     #: e.g. a GAN's two optimizers; ``inf`` when it went non-finite).
     start_loss: float | None
     final_loss: float | None
     seconds: float
-    #: Whether the trial repaired the run (:func:`~stabilize.doctor.repaired` decides).
+    #: Whether the trial repaired the run (`repaired` decides).
     works: bool = False
     error: str | None = None
     #: The lowest 32-step median loss the run reached (a run that learned, then blew up: how far it had got).

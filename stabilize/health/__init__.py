@@ -1,5 +1,5 @@
 """Gradient-health maths in plain torch (no Trainer): per-layer statistics, device counters, records, the
-diagnosis and the figures. :class:`~stabilize.callbacks.GradientHealthCallback` is the Lightning plumbing over it."""
+diagnosis and the figures. `GradientHealthCallback` is the Lightning plumbing over it."""
 
 from stabilize.health.collapse import gradient_collapse
 from stabilize.health.counters import DeviceCounters

@@ -44,12 +44,12 @@ class ActivationProbe:
 
     def metrics(self, values: list[float], prefix: str = "") -> dict[str, float]:
         """Logged keys (``activation_dead/<module>``, ``activation_saturated/<module>``) for ``values`` read in the
-        order of :meth:`tensors`."""
+        order of `tensors`."""
         return {f"activation_{self.stats[name][0]}/{prefix}{name}": v for name, v in zip(sorted(self.stats), values)}
 
     def dead_fractions(self, values: list[float]) -> dict[str, float]:
         """Module name -> dead-channel fraction, for the ReLU-like modules among ``values`` (read in the order of
-        :meth:`tensors`)."""
+        `tensors`)."""
         return {name: v for name, v in zip(sorted(self.stats), values) if self.stats[name][0] == "dead"}
 
     def tensors(self) -> list[Tensor]:

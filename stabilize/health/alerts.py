@@ -1,9 +1,9 @@
 """Alerts: findings confirmed while training runs, from evidence that later steps cannot undo.
 
-Raised by :meth:`GradientMonitor.new_alerts <stabilize.health.GradientMonitor.new_alerts>` at logging steps, once per
+Raised by `GradientMonitor.new_alerts` at logging steps, once per
 kind and run. Only findings whose evidence is complete when it is seen are alerts:
 
-- ``"unstable"``: a loss blow-up confirmed (:mod:`stabilize.health.instability`: it lasted 16 points, or 16 points
+- ``"unstable"``: a loss blow-up confirmed (`stabilize.health.instability`: it lasted 16 points, or 16 points
   after it the loss had not come back);
 - ``"exploding"``: an explosion by a rule that needs no future (a persistent run of spikes, a norm out of range
   five steps in a row, non-finite gradients after a spike; not the loss rule, which waits for the run's end).

@@ -63,7 +63,7 @@ def loss_fell_with_it(history: Sequence[LossPoint], collapse: GradientCollapse) 
 def judged_collapse(
     history: Sequence[LossPoint], explosions: Sequence[ExplosionEvent], factor: float
 ) -> GradientCollapse | None:
-    """:func:`gradient_collapse`, unless something else explains the fall: norms falling back after an explosion
+    """`gradient_collapse`, unless something else explains the fall: norms falling back after an explosion
     that reached the earlier level are no collapse (small spikes within a collapsed run do not undo one), and a
     gradient that fell because the loss fell is convergence."""
     collapse = gradient_collapse(history, factor)

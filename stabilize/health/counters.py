@@ -1,6 +1,6 @@
 """Device-side counters of gradient events between two logging steps.
 
-The fields of :class:`DeviceCounters` are the schema: they drive creation, reset, the single host read of a
+The fields of `DeviceCounters` are the schema: they drive creation, reset, the single host read of a
 logging step and the checkpoint, so a new counter is one new field.
 """
 
@@ -82,7 +82,7 @@ class DeviceCounters:
         return [getattr(self, spec.name).numel() for spec in fields(self)]
 
     def unpack(self, values: list[float]) -> dict[str, Any]:
-        """Host values of :meth:`pack`'s vector: ints for integer counters, floats, lists for per-layer ones."""
+        """Host values of `pack`'s vector: ints for integer counters, floats, lists for per-layer ones."""
         result: dict[str, Any] = {}
         start = 0
         for spec, size in zip(fields(self), self.sizes()):

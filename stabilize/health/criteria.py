@@ -36,10 +36,10 @@ class HealthCriteria:
       (or is full, if smaller): a median of one or two early norms says nothing about the run's range. The rule
       is scale-free: multiplying the loss by any constant changes no spike;
     - spikes are an *explosion* only with evidence that the gradient is out of control (see
-      :func:`~stabilize.health.explosions.classify_spikes`): ``spike_persistence`` (32) consecutive spikes (a single
+      `classify_spikes`): ``spike_persistence`` (32) consecutive spikes (a single
       hard batch makes one, a healthy run knocked off course a run of a few; a diverging run's norm outgrows its
       median step after step), the training loss not coming back after the spike, non-finite gradients following
-      the spike, or the total norm out of range for :data:`CEILING_PERSISTENCE` (5) steps in a row. Out of range
+      the spike, or the total norm out of range for `CEILING_PERSISTENCE` (5) steps in a row. Out of range
       means above ``gradient_to_loss_ceiling`` (1e3) times the step's loss, ``||grad L|| / |L| = ||grad log L||``,
       which multiplying the loss by a constant does not change (healthy runs of the pathology zoo and of the
       committed studies stay below ~40; IRNNs whose recurrence explodes sit at 1e3 to 1e10 from their first step,
@@ -51,7 +51,7 @@ class HealthCriteria:
       falling back after one are no collapse), although no layer need be below the vanishing floor: every layer
       got quieter together, as when a loss saturates (a GAN discriminator that wins outright took the generator's
       gradient 736x down in 2,500 steps; the classifiers of this project's studies fell at most 5.1x, see
-      :func:`~stabilize.health.collapse.gradient_collapse`).
+      `gradient_collapse`).
 
     The first ``warmup_steps`` steps also do not count toward "vanished earlier" or the worst depth ratio: a
     zero-initialised layer (a LoRA ``B``) gives its partner an exactly zero gradient at step 0, by design.

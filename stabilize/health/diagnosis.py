@@ -28,7 +28,7 @@ NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 ATTENTION_NAMES = ("Attention", "TransformerBlock", "EncoderLayer", "DecoderLayer")
 #: Keys a model's ``gradient_health_hints()`` may use.
 HINT_KINDS = ("vanishing", "exploding", "nonfinite", "stalled", "unstable")
-#: What the verdict's worst finding is: :func:`verdict_class`'s values.
+#: What the verdict's worst finding is: `verdict_class`'s values.
 VERDICT_CLASSES = ("healthy", "vanishing", "exploding", "unstable", "collapse", "stalled")
 #: An update of about this fraction of a layer's weights per step is the usual healthy scale of Adam-family training.
 USUAL_UPDATE_TO_WEIGHT = 1e-3
@@ -83,7 +83,7 @@ def _is_norm_named(module: nn.Module) -> bool:
 
 def model_hints(module: nn.Module | None) -> dict[str, str]:
     """The model's own ``gradient_health_hints()``, checked; empty when it defines none. Keys are a kind of
-    :data:`HINT_KINDS`, or ``"<network>/<kind>"`` for the optimizer named ``<network>`` (see :func:`network_hints`)."""
+    `HINT_KINDS`, or ``"<network>/<kind>"`` for the optimizer named ``<network>`` (see `network_hints`)."""
     provider = getattr(module, "gradient_health_hints", None)
     if not callable(provider):
         return {}
@@ -155,8 +155,8 @@ def _blowup_words(blowup: LossBlowup) -> str:
 
 
 def vanishing_through_time(summary: HealthSummary) -> bool:
-    """Whether the run's gradient vanished through time: at t=0 below :data:`TEMPORAL_VANISHING` of the last step's
-    at the last record, in a run whose loss did not fall by :data:`TEMPORAL_LEARNED` (it did not learn anyway)."""
+    """Whether the run's gradient vanished through time: at t=0 below `TEMPORAL_VANISHING` of the last step's
+    at the last record, in a run whose loss did not fall by `TEMPORAL_LEARNED` (it did not learn anyway)."""
     temporal = summary.get("last_temporal_ratio")
     progress = summary.get("loss_progress")
     learned = progress is not None and progress >= TEMPORAL_LEARNED
@@ -164,7 +164,7 @@ def vanishing_through_time(summary: HealthSummary) -> bool:
 
 
 def verdict_class(summary: HealthSummary) -> str:
-    """The kind of the verdict's worst finding, one of :data:`VERDICT_CLASSES`: non-finite gradients count as
+    """The kind of the verdict's worst finding, one of `VERDICT_CLASSES`: non-finite gradients count as
     exploding (their usual cause; a log(0) is told apart by the diagnosis's remedies), a loss blow-up the run did
     not recover from as unstable (the gradient rules had no evidence: an adaptive optimizer at too high a learning
     rate), vanishing layers and vanishing through time as vanishing; a stalled loss with none of those is
@@ -218,7 +218,7 @@ def report(
     module: nn.Module | None = None,
     stopped_by: str | None = None,
 ) -> str:
-    """The whole diagnosis: a title and :func:`diagnosis_lines` per optimizer; with ``module``, remedies fit it.
+    """The whole diagnosis: a title and `diagnosis_lines` per optimizer; with ``module``, remedies fit it.
     ``stopped_by``: the class name of the exception that stopped training, when one did (a partial diagnosis)."""
     traits = ModelTraits.of(module) if module is not None else None
     hints = model_hints(module)

@@ -14,9 +14,9 @@ spike counts as an explosion only with one of these pieces of evidence (each nam
   over which the smoothed loss fell is left a transient spike.
 - ``"nonfinite"``: non-finite gradients appeared at or after the spike, within ``median_window`` steps.
 - ``"loss"``: the spike undid training: the loss blew up from it (within its smoothing window before, or a median
-  window after) and never recovered (:mod:`stabilize.health.instability`); or every loss after the spike (at least
-  :data:`MIN_POINTS_AFTER` smoothed points of the trace, or :data:`MIN_RECORDS_AFTER` records) is above the largest
-  of the :data:`RECORDS_BEFORE` losses before it, and by more than half of the progress the run had made until then
+  window after) and never recovered (`stabilize.health.instability`); or every loss after the spike (at least
+  `MIN_POINTS_AFTER` smoothed points of the trace, or `MIN_RECORDS_AFTER` records) is above the largest
+  of the `RECORDS_BEFORE` losses before it, and by more than half of the progress the run had made until then
   (its first losses minus that level). Differences against the run's own progress make the rule free of the loss's
   scale and sign; a plateau's noise or an outlier that costs a little accuracy does not trip it, and a run that had
   made no progress (a GAN's losses) is not judged by it.
@@ -57,7 +57,7 @@ def classify_spikes(
     """Split spike events into explosions (with the rule that confirmed each) and transient spikes. With the run's
     per-step ``trace``, the loss rules read it (the same at any logging cadence) instead of the records; a spike
     followed by one of the loss ``blowups`` the run did not recover from (see
-    :mod:`stabilize.health.instability`) undid training too."""
+    `stabilize.health.instability`) undid training too."""
     explosions: list[ExplosionEvent] = []
     transient: list[SpikeEvent] = []
     for event in merge_runs(spikes):

@@ -1,6 +1,6 @@
 """Pictures of gradient health: the gradient-flow figure and per-layer gradient histograms.
 
-The figure is a :class:`matplotlib.figure.Figure` built without pyplot, so drawing it never switches the
+The figure is a `matplotlib.figure.Figure` built without pyplot, so drawing it never switches the
 matplotlib backend of the caller's process (a notebook keeps its own).
 """
 

@@ -2,7 +2,7 @@
 attention logit per layer, the output logits' scale) and the findings they support: attention-logit growth and
 output-logit divergence, the two instabilities of Wortsman et al. (2023) that precede a transformer's loss spikes.
 
-Plain torch and Python: no Trainer. :class:`~stabilize.callbacks.ForwardStatisticsMonitor` is the plumbing.
+Plain torch and Python: no Trainer. `ForwardStatisticsMonitor` is the plumbing.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class ForwardStatisticsSource(Protocol):
     logging steps only, so the extra work, e.g. materialising attention logits, is paid only then) and leaves the
     values in ``forward_statistics``: device scalars keyed ``"<statistic>/<layer>"`` (``block_rms/0``,
     ``attention_logit_max/3``, ``output_logit_max``), read by the monitor in one host transfer.
-    :class:`~stabilize.models.TransformerLM` implements it."""
+    `TransformerLM` implements it."""
 
     record_forward_statistics: bool
     forward_statistics: dict[str, Tensor]
@@ -119,8 +119,8 @@ def output_peak(records: Sequence[ForwardRecord]) -> Peak | None:
 
 
 def findings(records: Sequence[ForwardRecord]) -> list[Finding]:
-    """Attention-logit growth (a layer's largest attention logit above :data:`ATTENTION_LOGIT_LIMIT`) and output-logit
-    divergence (the largest absolute output logit above :data:`OUTPUT_LOGIT_LIMIT`), each at its largest record."""
+    """Attention-logit growth (a layer's largest attention logit above `ATTENTION_LOGIT_LIMIT`) and output-logit
+    divergence (the largest absolute output logit above `OUTPUT_LOGIT_LIMIT`), each at its largest record."""
     found = []
     for kind, peak, limit in (
         ("attention_logits", attention_peak(records), ATTENTION_LOGIT_LIMIT),

@@ -2,7 +2,7 @@
 
 An adaptive optimizer (Adam, AdamW) normalises its update, so at a learning rate far too high the loss blows up while
 the gradient norm need not (it often *falls*, the model pinned in a flat region); the gradient rules cannot see it.
-The loss can. These rules read the run's per-step trace (:class:`~stabilize.health.trace.StepTrace`), so they are
+The loss can. These rules read the run's per-step trace (`StepTrace`), so they are
 the same at any logging cadence, and use ratios and differences of the loss itself, so they are free of its scale.
 Losses that are not positive (a log-likelihood, a GAN's minimax loss) have no such ratios and are not judged.
 
@@ -12,18 +12,18 @@ Losses that are not positive (a log-likelihood, a GAN's minimax loss) have no su
   its progress (and at least doubles its best). ``start`` is the first step's loss, or the median of the first
   three if lower. A cross-entropy at twice its starting value is far worse than
   guessing; noise around a plateau never doubles a median of eight steps.
-- A *blow-up* is a stretch of at least :data:`MIN_BLOWUP_POINTS` points whose smoothed loss (median of the last
+- A *blow-up* is a stretch of at least `MIN_BLOWUP_POINTS` points whose smoothed loss (median of the last
   eight) is above the bar frozen at its onset; one hard batch moves a median of eight by nothing.
 - It is *recovered* when, by the end of the run, the loss (median of the last tenth of the points) is back within
-  half the progress made before the blow-up *and* at least :data:`LEARNED_BELOW_START` below the start: a run that
+  half the progress made before the blow-up *and* at least `LEARNED_BELOW_START` below the start: a run that
   blew up at its first steps and fell back to its starting loss has not learned (the AdamW runs of the pathology
   zoo at 100x their learning rate end within 3-6% of their start; the one that recovered ends 64% below).
   A blow-up before the run had learned anything (its best within that same fraction of the start) is recovered only
-  if the loss after it is not flat (:func:`~stabilize.health.stall.loss_stall` of the points after it): a network
+  if the loss after it is not flat (`loss_stall` of the points after it): a network
   the blow-up broke (its ReLU units dead) sits at the trivial loss, which can be well below its start. Recovered
   blow-ups are reported as transient; the others make the verdict ``unstable``.
-- It is *confirmed* during training (an alert) once it has lasted :data:`LASTING_POINTS` points, or once
-  :data:`CONFIRM_POINTS` points after its end have not brought the loss below the recovery bar. A run can recover
+- It is *confirmed* during training (an alert) once it has lasted `LASTING_POINTS` points, or once
+  `CONFIRM_POINTS` points after its end have not brought the loss below the recovery bar. A run can recover
   from a blow-up (the zoo's litgpt GPT stays up for ~40 steps, then learns), so an alert waits for the outcome
   that tells the two apart: no recovery after the loss came down, or a loss that does not come down at all.
 """

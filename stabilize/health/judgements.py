@@ -24,7 +24,7 @@ from stabilize.health.trace import TracePoint
 
 
 class Judgements(TypedDict):
-    """The parts of a :class:`~stabilize.health.HealthSummary` that the rules decide rather than the records hold."""
+    """The parts of a `HealthSummary` that the rules decide rather than the records hold."""
 
     explosions: list[ExplosionEvent]
     transient_spikes: list[SpikeEvent]
@@ -54,7 +54,7 @@ def judgements(
     optimizer) the loss stall and blow-ups. ``split``: explosions and transient spikes already decided (a saved file
     without the raw ``spikes``), which the collapse then takes as given.
 
-    ``trace``: the run's every step (:class:`~stabilize.health.trace.StepTrace`), which the loss and collapse rules
+    ``trace``: the run's every step (`StepTrace`), which the loss and collapse rules
     then read instead of the logging steps' records, so that the verdict does not depend on the logging cadence; a
     file saved before the trace existed is judged from its records."""
     series: Sequence[LossPoint] = trace if trace else history

@@ -70,7 +70,7 @@ class LayerIndex:
         registration order) that owns it.
 
         Layers are sorted by ``forward_order`` (the position at which the forward pass first used each module, see
-        :class:`ForwardOrder`); a module it does not name follows its nearest ancestor it names, other modules come
+        `ForwardOrder`); a module it does not name follows its nearest ancestor it names, other modules come
         last, in registration order.
         """
         in_optimizer = {id(p) for p in optimized}
@@ -109,12 +109,12 @@ class LayerIndex:
         return tuple(i for i, p in enumerate(self.params) if p.grad is not None)
 
     def gradients(self, positions: tuple[int, ...]) -> list[Tensor]:
-        """The gradients of the parameters at ``positions`` (all of which have one, see :meth:`with_gradient`)."""
+        """The gradients of the parameters at ``positions`` (all of which have one, see `with_gradient`)."""
         grads = [self.params[i].grad for i in positions]
         return [g for g in grads if g is not None]
 
     def gradient_norms(self, positions: tuple[int, ...]) -> Tensor:
-        """The L2 norm of the gradient of each listed parameter (see :class:`NormPlan`)."""
+        """The L2 norm of the gradient of each listed parameter (see `NormPlan`)."""
         return self.norms(self.gradients(positions), ("grad", *positions))
 
     def norms(self, tensors: list[Tensor], key: tuple[object, ...]) -> Tensor:
@@ -156,7 +156,7 @@ class ForwardOrder:
     """The order in which a forward pass first calls each module (``name -> position``).
 
     Every module is watched, not only those owning parameters, so that a parameter owner its parent uses
-    functionally can be placed after it. Hooks are attached by :meth:`watch` and removed by :meth:`stop`; one
+    functionally can be placed after it. Hooks are attached by `watch` and removed by `stop`; one
     training pass is enough.
     """
 

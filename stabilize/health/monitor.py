@@ -1,18 +1,20 @@
 """Gradient health of one optimizer's parameters, in plain torch: no Trainer, no logger.
 
-:class:`GradientMonitor` is the maths behind :class:`~stabilize.callbacks.GradientHealthCallback`, usable in a
-raw PyTorch loop::
+`GradientMonitor` is the maths behind `GradientHealthCallback`, usable in a
+raw PyTorch loop:
 
-    monitor = GradientMonitor(HealthCriteria())
-    monitor.attach(LayerIndex.build(model, model.parameters()))
-    for step, batch in enumerate(loader):
-        loss(model, batch).backward()
-        observation = monitor.observe(step, loss=loss)   # device ops only, no host sync
-        if step % 10 == 0:
-            record, _ = monitor.record(step, observation)  # one host transfer
-        optimizer.step(); optimizer.zero_grad()
-    monitor.flush()
-    print(monitor.summary())
+```python
+monitor = GradientMonitor(HealthCriteria())
+monitor.attach(LayerIndex.build(model, model.parameters()))
+for step, batch in enumerate(loader):
+    loss(model, batch).backward()
+    observation = monitor.observe(step, loss=loss)  # device ops only, no host sync
+    if step % 10 == 0:
+        record, _ = monitor.record(step, observation)  # one host transfer
+    optimizer.step(); optimizer.zero_grad()
+monitor.flush()
+print(monitor.summary())
+```
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from stabilize.health.records import (
 from stabilize.health.spike_counting import StepChunk, count_chunk
 from stabilize.health.trace import StepTrace
 
-#: Steps counted together on the device (see :mod:`stabilize.health.spike_counting`); a logging step or any read of
+#: Steps counted together on the device (see `stabilize.health.spike_counting`); a logging step or any read of
 #: the counters counts the steps gathered so far.
 CHUNK_STEPS = 64
 
@@ -92,13 +94,13 @@ class GradientMonitor:
     dead_units: dict[str, float] = field(default_factory=dict)
     #: Whether ``worst_depth_ratio`` comes from the warm-up (then the first judged record replaces it).
     worst_depth_in_warmup: bool = False
-    #: Tied weights, counted once (see :attr:`LayerIndex.shared`).
+    #: Tied weights, counted once (see `LayerIndex.shared`).
     shared_parameters: dict[str, list[str]] = field(default_factory=dict)
     #: Layers that had a gradient at some observed step; layers that had a non-zero learning rate at some record
-    #: (``None`` until :meth:`note_learning_rates` is first called: not tracked).
+    #: (``None`` until `note_learning_rates` is first called: not tracked).
     gradient_layers: set[str] = field(default_factory=set)
     learning_layers: set[str] | None = None
-    #: Findings confirmed during training (see :meth:`new_alerts`), in order.
+    #: Findings confirmed during training (see `new_alerts`), in order.
     alerts: list[Alert] = field(default_factory=list)
     #: The exception that stopped training (its class name), when one did: the summary is then partial.
     stopped_by: str | None = None
@@ -235,7 +237,7 @@ class GradientMonitor:
         """Read the step's layer statistics, the counters and ``extras`` (scalars) in one host transfer.
 
         ``temporal``: the gradient norm at each time step of a recurrent layer's output (see
-        :class:`~stabilize.health.temporal.TemporalProbe`), read in the same transfer.
+        `TemporalProbe`), read in the same transfer.
 
         Returns the record (``None`` for a step the GradScaler skipped: its overflowed norms say nothing about
         the model) and the host values of ``extras``.
@@ -344,7 +346,7 @@ class GradientMonitor:
 
     def update_ratios(self) -> tuple[int, dict[str, float]] | None:
         """After the optimizer stepped: ``||w_after - w_before|| / ||w_before||`` per layer of the snapshot taken by
-        :meth:`record`, added to its record. ``None`` when there is no snapshot."""
+        `record`, added to its record. ``None`` when there is no snapshot."""
         if self._pending_update is None or self.layers is None:
             return None
         step, positions, before, layer_weight = self._pending_update
@@ -380,7 +382,7 @@ class GradientMonitor:
         return torch.cat([values.to(device) for _, values in self._unread], dim=1).reshape(-1)
 
     def _extend_trace(self, values: list[float]) -> None:
-        """Append the host values of :meth:`_unread_values` to the trace, and forget them on the device."""
+        """Append the host values of `_unread_values` to the trace, and forget them on the device."""
         steps = [step for chunk_steps, _ in self._unread for step in chunk_steps]
         self._unread = []
         self._trace.extend(steps, values[: len(steps)], values[len(steps) :])
@@ -393,8 +395,8 @@ class GradientMonitor:
             self._extend_trace(self._unread_values(self._unread[0][1].device).tolist())
 
     def new_alerts(self, judge_loss: bool = True, final: bool = False) -> list[Alert]:
-        """Findings confirmed since the last call (see :func:`~stabilize.health.alerts.confirmed_findings`), also
-        appended to :attr:`alerts`. Reads what has reached the host (call it after :meth:`record` or :meth:`flush`);
+        """Findings confirmed since the last call (see `confirmed_findings`), also
+        appended to `alerts`. Reads what has reached the host (call it after `record` or `flush`);
         the rules read the whole trace, so they run at most once every 16 observed steps or every 1/64 of the trace,
         whichever is longer, and always when ``final`` (the end of training). A finding once confirmed stays
         confirmed, so whether a run raises an alert does not depend on the logging cadence, only when."""
@@ -446,7 +448,7 @@ class GradientMonitor:
         }
 
     def trace_points(self) -> list[dict[str, Any]]:
-        """The per-step trace (see :class:`~stabilize.health.trace.StepTrace`) as points, e.g. for ``save_json``."""
+        """The per-step trace (see `StepTrace`) as points, e.g. for ``save_json``."""
         self._read_trace()
         return [dict(point) for point in self._trace.points()]
 
@@ -474,7 +476,7 @@ class GradientMonitor:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], criteria: HealthCriteria) -> GradientMonitor:
-        """The monitor :meth:`state_dict` saved; a key an older checkpoint lacks keeps its field's default (keys it
+        """The monitor `state_dict` saved; a key an older checkpoint lacks keeps its field's default (keys it
         has that are gone, such as the ``explosions`` of the rule before the spike rules, are not carried)."""
         # Copies: the restored monitor must not append to the lists of a state that another monitor still holds.
         saved = copy.deepcopy({f.name: state[f.name] for f in fields(cls) if _checkpointed(f.name) and f.name in state})

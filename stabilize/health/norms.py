@@ -35,7 +35,7 @@ def foreach_norms(tensors: list[Tensor], fused: bool | None = None) -> Tensor:
 
 
 def plain_floats(tensors: Iterable[Tensor]) -> bool:
-    """Whether every tensor is dense float32, float16 or bfloat16 (the fused path of :func:`foreach_norms`)."""
+    """Whether every tensor is dense float32, float16 or bfloat16 (the fused path of `foreach_norms`)."""
     return all(t.layout == torch.strided and t.dtype in _FUSED_FLOAT32 for t in tensors)
 
 

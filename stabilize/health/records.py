@@ -46,8 +46,8 @@ class StepRecord(TypedDict):
 
 
 class LossPoint(TypedDict):
-    """What the loss and collapse rules read of a run at one step: a logging step's :class:`StepRecord`, or a point
-    of the per-step trace (:class:`~stabilize.health.trace.TracePoint`)."""
+    """What the loss and collapse rules read of a run at one step: a logging step's `StepRecord`, or a point
+    of the per-step trace (`TracePoint`)."""
 
     step: int
     loss: float
@@ -125,7 +125,7 @@ class LossStall(TypedDict):
 
 
 class LossBlowup(TypedDict):
-    """The training loss far above its start or best (see :mod:`stabilize.health.instability`): from
+    """The training loss far above its start or best (see `stabilize.health.instability`): from
     ``onset_step`` (its smoothed loss above the bar) to ``back_step`` (back below it; ``None``: still above at the
     end), its peak, and whether the run ``recovered`` (``end_loss``, the last tenth's, back near ``best_before`` and
     below ``start_loss``). ``confirmed_step``: where the evidence was enough for an alert (``None``: never)."""
@@ -193,13 +193,13 @@ class HealthSummary(TypedDict):
     num_layers: int
     #: The run's total gradient norm fell ``collapse_factor`` below its earlier level (runs without explosions).
     gradient_collapse: GradientCollapse | None
-    #: The training loss stalled near its start (single-optimizer runs; see :mod:`stabilize.health.stall`).
+    #: The training loss stalled near its start (single-optimizer runs; see `stabilize.health.stall`).
     loss_stall: NotRequired[LossStall | None]
     #: The training loss's blow-ups, recovered or not (single-optimizer runs; see
-    #: :mod:`stabilize.health.instability`).
+    #: `stabilize.health.instability`).
     loss_blowups: NotRequired[list[LossBlowup]]
     #: How far the training loss fell over the run, ``1 - end / start`` (single-optimizer runs; see
-    #: :func:`stabilize.health.stall.loss_progress`).
+    #: `stabilize.health.stall.loss_progress`).
     loss_progress: NotRequired[float | None]
     #: The largest per-layer update-to-weight ratio at a logging step (``track_update_ratio``).
     largest_update_to_weight: NotRequired[UpdateRatio | None]

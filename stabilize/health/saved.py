@@ -14,7 +14,7 @@ from stabilize.health.trace import TracePoint
 
 def judge_saved(saved: Mapping[str, Any], criteria: HealthCriteria | None = None) -> dict[str, HealthSummary]:
     """Each optimizer's summary of a ``save_json`` payload with the judgements of the current rules: spikes split
-    into explosions and transient spikes (:func:`~stabilize.health.classify_spikes` on the raw events), the
+    into explosions and transient spikes (`classify_spikes` on the raw events), the
     gradient collapse, the loss stall and blow-ups, from the saved per-step trace (from the records in a file saved
     before the trace existed, which has no blow-ups). What the records themselves hold (vanishing
     layers, depth ratios, dead units, non-finite events) is kept as saved, and so is the split of spikes in a file

@@ -1,17 +1,17 @@
 """Sharpness (the largest eigenvalue of the loss's Hessian) and the learning rate's stability limit, in plain torch.
 
 Gradient descent on a quadratic is stable only while the sharpness stays below ``2 / lr`` (``(2 + 2 beta) / lr``
-with heavy-ball momentum ``beta``, ``(2 + 2 beta) / ((1 + 2 beta) lr)`` with Nesterov's: :func:`stability_limit`);
+with heavy-ball momentum ``beta``, ``(2 + 2 beta) / ((1 + 2 beta) lr)`` with Nesterov's: `stability_limit`);
 Cohen et al. (ICLR 2021) showed full-batch training drives the sharpness up to that limit and then hovers there (the
-Edge of Stability). :func:`top_eigenvalue` finds the sharpness by the Lanczos method on Hessian-vector products
+Edge of Stability). `top_eigenvalue` finds the sharpness by the Lanczos method on Hessian-vector products
 (double backward, no Hessian built; Cohen et al. use Lanczos too), or by power iteration where memory is short,
 warm-started from the previous eigenvector so that a few iterations suffice between measurements.
 
 Adaptive optimizers (Adam, AdamW) take preconditioned steps ``P^-1 g`` with ``P = diag(sqrt(v_hat) + eps)``; for them
 the quantity with a stability limit is the *preconditioned* sharpness, the largest eigenvalue of ``P^-1 H``, and the
 limit is ``(2 + 2 beta1) / ((1 - beta1) lr)`` (38 / lr at beta1 = 0.9; Cohen et al. 2022, "Adaptive Gradient Methods
-at the Edge of Stability"). :func:`adam_preconditioner` reads ``P`` from the optimizer's state and
-:func:`top_eigenvalue` takes it as ``preconditioner``: it iterates on the symmetric ``P^-1/2 H P^-1/2``, which has the
+at the Edge of Stability"). `adam_preconditioner` reads ``P`` from the optimizer's state and
+`top_eigenvalue` takes it as ``preconditioner``: it iterates on the symmetric ``P^-1/2 H P^-1/2``, which has the
 eigenvalues of ``P^-1 H``.
 """
 
@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-#: The methods of :func:`top_eigenvalue`.
+#: The methods of `top_eigenvalue`.
 METHODS = ("lanczos", "power")
 
 
@@ -78,7 +78,7 @@ def top_eigenvalue(
         start: The previous eigenvector (warm start); a random unit vector when ``None``.
         generator: Source of the random start.
         preconditioner: ``P`` per parameter (positive, the parameter's shape): the eigenvalue of ``P^-1 H`` instead
-            (:func:`adam_preconditioner`); the eigenvector is then that of ``P^-1/2 H P^-1/2``.
+            (`adam_preconditioner`); the eigenvector is then that of ``P^-1/2 H P^-1/2``.
         method: ``"lanczos"`` or ``"power"``.
 
     Raises:
@@ -187,7 +187,7 @@ def stability_limit(optimizer: torch.optim.Optimizer) -> float | None:
     """The sharpness above which this optimizer's (first group's) learning rate diverges on a quadratic; ``None`` for
     a zero learning rate and for optimizers without a known limit (RMSprop, Adagrad...).
 
-    SGD (:func:`sgd_critical_step` for the derivation): ``c / lr - weight_decay`` with ``c = 2`` without momentum,
+    SGD (`sgd_critical_step` for the derivation): ``c / lr - weight_decay`` with ``c = 2`` without momentum,
     ``(2 + 2 beta) / (1 - dampening)`` with heavy-ball momentum ``beta`` and ``(2 + 2 beta) / (1 + 2 beta)``
     with Nesterov momentum (1.357 at beta = 0.9, not heavy ball's 3.8). Adam and AdamW: the limit of the
     *preconditioned* sharpness, ``(2 + 2 beta1) / ((1 - beta1) lr)``.

@@ -1,5 +1,5 @@
 """The every-step half of the explosion rules, counted on the device for a chunk of steps at once
-(:mod:`stabilize.health.explosions` judges the counted events at the end).
+(`stabilize.health.explosions` judges the counted events at the end).
 
 Counting each step as it comes takes some sixty tiny tensor operations, most of a millisecond of host time per step;
 the monitor therefore keeps each step's gradient norms (already on the device) and counts a chunk of steps in one
@@ -44,7 +44,7 @@ def count_chunk(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Add the chunk's steps to ``counters`` as a step-by-step count would: a spike when a step's total norm exceeds
     ``exploding_factor`` x the median of the finite norms of the ``median_window`` steps before it (once
-    ``judged``) or is out of range (:func:`out_of_range`); runs of spikes and of out-of-range steps (continued from
+    ``judged``) or is out of range (`out_of_range`); runs of spikes and of out-of-range steps (continued from
     the counters' running state); non-finite tensors per layer; the interval's largest norm and loss sum.
 
     ``history`` holds the window before the chunk (oldest first, NaN where no finite norm); ``layer_index`` maps the

@@ -23,7 +23,7 @@ def loss_stall(history: Sequence[LossPoint]) -> LossStall | None:
     The records' interval losses: the median of the first three (``start``), of those from 5% to 10% of the run
     (``level``, after the quick early drop most runs make: a classifier learning the class frequencies, a language
     model the character frequencies) and of the last tenth (``end``). Stalled when ``end`` is within
-    :data:`STALL_PROGRESS` of ``level`` while ``level`` is still at least :data:`EARLY_SHARE` of ``start``. Ratios
+    `STALL_PROGRESS` of ``level`` while ``level`` is still at least `EARLY_SHARE` of ``start``. Ratios
     only, so free of the loss's scale; losses that are not positive (a log-likelihood, a GAN's minimax loss) have
     no such ratios and are not judged.
 
@@ -44,9 +44,9 @@ def loss_stall(history: Sequence[LossPoint]) -> LossStall | None:
 
 
 def loss_progress(history: Sequence[LossPoint]) -> float | None:
-    """How far the training loss fell over the run, ``1 - end / start`` with :func:`loss_stall`'s medians (the
+    """How far the training loss fell over the run, ``1 - end / start`` with `loss_stall`'s medians (the
     first three records, the last tenth): 0.9 for a loss that ended at a tenth of its start. ``None`` with fewer
-    than :data:`MIN_RECORDS` finite records or a start that is not positive (no ratio to take)."""
+    than `MIN_RECORDS` finite records or a start that is not positive (no ratio to take)."""
     losses = _finite(history)
     if len(losses) < MIN_RECORDS:
         return None

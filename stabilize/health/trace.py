@@ -1,11 +1,11 @@
 """The run's training loss and gradient norm at every optimizer step, kept on the host at a bounded size.
 
-The device counts every step (:mod:`stabilize.health.spike_counting`); each step's loss and total norm reach the host
+The device counts every step (`stabilize.health.spike_counting`); each step's loss and total norm reach the host
 with the next logging step's single transfer and are appended here in step order. So what the rules read from a
-:class:`StepTrace` is the same whether the Trainer logs every step or every 50: the verdict does not depend on the
+`StepTrace` is the same whether the Trainer logs every step or every 50: the verdict does not depend on the
 logging cadence (records, which hold per-layer numbers, are still taken at logging steps only).
 
-A long run would make the trace long, so it keeps at most :data:`MAX_POINTS` points: when full, neighbouring points
+A long run would make the trace long, so it keeps at most `MAX_POINTS` points: when full, neighbouring points
 are averaged in pairs and each point stands for twice as many steps from then on. Which steps a point averages
 depends only on the order of the steps, never on when they arrived.
 """
@@ -23,14 +23,14 @@ MAX_POINTS = 4096
 #: Points in the trailing median that smooths the loss (a hard batch or two is not a trend).
 SMOOTHING_POINTS = 8
 #: Points in the longer trailing median whose lowest value is a run's best loss so far (see
-#: :mod:`stabilize.health.instability`).
+#: `stabilize.health.instability`).
 STEADY_POINTS = 32
 
 
 class TracePoint(TypedDict):
     """One point of the trace: the first step it covers, its mean loss (NaN without one), its smoothed loss (the
-    median of the last :data:`SMOOTHING_POINTS` points' losses), its steady loss (of the last
-    :data:`STEADY_POINTS`) and the mean total gradient norm (NaN without a finite one)."""
+    median of the last `SMOOTHING_POINTS` points' losses), its steady loss (of the last
+    `STEADY_POINTS`) and the mean total gradient norm (NaN without a finite one)."""
 
     step: int
     loss: float

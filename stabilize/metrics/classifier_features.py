@@ -28,7 +28,7 @@ class ClassifierFeatures(nn.Module):
     """Images in ``[0, 1]`` to the penultimate features (or the logits) of a trained classifier.
 
     Args:
-        classifier: A network whose last :class:`~torch.nn.Linear` produces its logits (its input is the feature).
+        classifier: A network whose last `Linear` produces its logits (its input is the feature).
         output: ``"features"`` (for FID) or ``"logits"`` (for the Inception Score, which applies the softmax).
         mean: Per-channel mean the classifier was trained with (images are normalized before it).
         std: Per-channel standard deviation.
@@ -36,10 +36,12 @@ class ClassifierFeatures(nn.Module):
     Raises:
         ConfigurationError: If the classifier has no linear layer.
 
-    Example::
-
+    Example:
+        ```python
         features = ClassifierFeatures.from_checkpoint("resnet20.ckpt")
         fid = FrechetInceptionDistance(feature=features, normalize=True)
+        ```
+
     """
 
     def __init__(
@@ -61,7 +63,7 @@ class ClassifierFeatures(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, output: FeatureKind = "features") -> ClassifierFeatures:
-        """The network of a checkpoint of any :class:`~stabilize.models.ImageClassifier` subclass (its hyperparameters
+        """The network of a checkpoint of any `ImageClassifier` subclass (its hyperparameters
         rebuild it; a ResNet-20 from ``configs/resnet20.yaml`` is the reference)."""
         from stabilize.models import ImageClassifier
 
@@ -110,7 +112,7 @@ SHIPPED_CLASSIFIER = "cifar10-resnet20"
 
 
 def shipped_classifier() -> Path:
-    """The file of :data:`SHIPPED_CLASSIFIER` inside the installed package."""
+    """The file of `SHIPPED_CLASSIFIER` inside the installed package."""
     return Path(str(resources.files("stabilize") / "assets" / "cifar10-resnet20-classifier.ckpt"))
 
 
@@ -120,7 +122,7 @@ STANDARD_INCEPTION = "inception"
 
 def quality_metrics(source: str | Path) -> dict[str, FrechetInceptionDistance | InceptionScore]:
     """FID and Inception Score for images in ``[0, 1]``: on a classifier checkpoint of this project
-    (:func:`classifier_quality_metrics`: keys ``classifier_fid``, ``classifier_is``), or, for ``"inception"``, the
+    (`classifier_quality_metrics`: keys ``classifier_fid``, ``classifier_is``), or, for ``"inception"``, the
     standard ones (keys ``fid``, ``inception_score``), which need the ``torch-fidelity`` package and its Inception
     weights in the local torch hub cache (they cannot be downloaded offline).
 

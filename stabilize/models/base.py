@@ -23,17 +23,17 @@ Stage = Literal["train", "val", "test"]
 
 
 class ImageClassifier(TrainingRecipe):
-    """Base LightningModule of the image models: the optimizers and schedules of :class:`TrainingRecipe`, plus the
+    """Base LightningModule of the image models: the optimizers and schedules of `TrainingRecipe`, plus the
     classification loss, metrics and input checks.
 
-    A variant supplies only its network by overriding :meth:`build_network`; the arguments of the variant's
-    ``__init__`` are available there through ``self.hparams``, because :meth:`save_hyperparameters` records the
+    A variant supplies only its network by overriding `build_network`; the arguments of the variant's
+    ``__init__`` are available there through ``self.hparams``, because `save_hyperparameters` records the
     arguments of the whole ``__init__`` chain. Every checkpoint therefore reloads with ``load_from_checkpoint``.
 
     Args:
         num_classes: Number of classes (size of the logits).
         in_channels: Channels of the input images.
-        optimizer: The optimizer, see :class:`~stabilize.models.recipe.TrainingRecipe` (as for the next five).
+        optimizer: The optimizer, see `TrainingRecipe` (as for the next five).
         lr: Peak learning rate.
         momentum: SGD/RMSprop momentum.
         nesterov: Nesterov momentum for SGD.
@@ -44,7 +44,7 @@ class ImageClassifier(TrainingRecipe):
         label_smoothing: Label smoothing of the training loss. Validation and test losses are plain
             cross-entropy so that they stay comparable across runs.
         channels_last: Run the network in ``torch.channels_last`` memory format (faster convolutions on GPUs).
-        compile: Compile the network with :func:`torch.compile` once, when the Trainer sets the module up.
+        compile: Compile the network with `torch.compile` once, when the Trainer sets the module up.
 
     Raises:
         ValueError: If a numeric argument is out of range.

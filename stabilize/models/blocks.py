@@ -1,9 +1,9 @@
-"""Building blocks shared by every network in :mod:`stabilize.models`.
+"""Building blocks shared by every network in `stabilize.models`.
 
 As in torchvision's ``models/resnet.py``, the normalization layer and the activation are *injected* as factories,
 so the fragile plain network, its normalized twin and the residual networks are assembled from the same pieces
 instead of being copies that drift apart. A factory is a callable: ``norm_layer(num_channels) -> nn.Module`` and
-``activation() -> nn.Module``; :func:`get_norm_layer` and :func:`get_act_layer` turn names into factories (timm's
+``activation() -> nn.Module``; `get_norm_layer` and `get_act_layer` turn names into factories (timm's
 naming, which keeps the functions apart from the ``norm_layer`` arguments they produce).
 """
 
@@ -56,7 +56,7 @@ STAGE_WIDTHS = (16, 32, 64)
 
 
 def get_act_layer(name: str) -> ActivationLayer:
-    """Return the factory for the activation called ``name`` (see :data:`ACTIVATIONS`)."""
+    """Return the factory for the activation called ``name`` (see `ACTIVATIONS`)."""
     try:
         return ACTIVATIONS[name]
     except KeyError:
@@ -232,7 +232,7 @@ class FixupBasicBlock(nn.Module):
     """Residual block without normalization, trained stably by Fixup initialisation (Zhang et al., 2019).
 
     ``x -> +b1 -> conv1 -> +b2 -> act -> +b3 -> conv2 -> *scale -> +b4``, added to the shortcut, then ``act``.
-    :func:`fixup_init` rescales ``conv1`` by ``L^{-1/2}`` (L residual branches) and zeroes ``conv2``, so every
+    `fixup_init` rescales ``conv1`` by ``L^{-1/2}`` (L residual branches) and zeroes ``conv2``, so every
     block starts as the identity and the output variance does not grow with depth.
     """
 

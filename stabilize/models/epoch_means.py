@@ -18,14 +18,16 @@ from typing_extensions import override
 
 
 class EpochMeans:
-    """Weighted means of scalars accumulated on the device since the last :meth:`reset`: one in-place add per value
+    """Weighted means of scalars accumulated on the device since the last `reset`: one in-place add per value
     and step, no host sync. Plain torch; the means are read (and moved to the host) only by whoever logs them.
 
-    Example::
-
+    Example:
+        ```python
         means = EpochMeans()
         means.add("train/loss", loss, weight=len(batch))
         means.means()  # {"train/loss": tensor(...)}: sum(loss_i * weight_i) / sum(weight_i)
+        ```
+
     """
 
     def __init__(self) -> None:
@@ -82,7 +84,7 @@ def reduce_sum(trainer: Trainer, value: Tensor) -> Tensor:
 
 
 class DeviceLoggedModule(LightningModule):
-    """A LightningModule whose training scalars go through :meth:`log_train`: Lightning's keys and values, with the
+    """A LightningModule whose training scalars go through `log_train`: Lightning's keys and values, with the
     per-step cost of a device add. The base of every model here; subclasses that override ``on_train_batch_end`` or
     ``on_train_epoch_end`` call ``super()``."""
 
@@ -113,7 +115,7 @@ class DeviceLoggedModule(LightningModule):
         holds the same keys and ``name`` (the step value during an epoch, the epoch mean after it). Without
         ``epoch``, ``name`` at logging steps. Between logging steps the value only joins a sum on the device, so
         ``callback_metrics`` and the progress bar (with ``prog_bar``, shown when the Trainer has one) change at
-        logging steps; :meth:`latest_train_values` has every step's values.
+        logging steps; `latest_train_values` has every step's values.
         """
         value = value.detach()
         if epoch:
@@ -129,7 +131,7 @@ class DeviceLoggedModule(LightningModule):
             self._logged_this_step.update(names)
 
     def latest_train_values(self) -> dict[str, Tensor]:
-        """This epoch's latest training value of each name given to :meth:`log_train`, on the device."""
+        """This epoch's latest training value of each name given to `log_train`, on the device."""
         return {name: value for name, (value, _, _) in self._latest_train.items()}
 
     def _log_step_value(self, name: str, under_name: bool) -> None:

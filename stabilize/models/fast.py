@@ -61,7 +61,7 @@ class FastCNN(ImageClassifier):
             eigenvalues (and their negatives, so a following ReLU/GELU loses nothing). Only its bias trains.
         whiten_images: How many training images the whitening filters are fitted on: the first ones of the
             datamodule's training split when it offers ``split("train")`` and ``transform_images`` (as
-            :class:`~stabilize.datamodules.CIFAR10DataModule` does), else the first batch.
+            `CIFAR10DataModule` does), else the first batch.
         whiten_bias_epochs: Freeze the whitening bias after this many epochs (``None``: it trains throughout).
         conv_init: ``"dirac"`` initialises the first ``min(in_channels, out_channels)`` filters of every 3x3
             convolution as the identity (the rest keep PyTorch's default), so each starts close to passing its
@@ -83,7 +83,7 @@ class FastCNN(ImageClassifier):
             too, so the final weights come with matching statistics).
         tta: Test-time augmentation of validation/test/predict logits: ``"flip"`` averages the image and its
             mirror, ``"flip_shift"`` adds 1-pixel shifted copies (weights 1/2, 1/4, 1/4), one batched forward pass.
-        **kwargs: Optimizer, schedule, loss and speed switches of :class:`ImageClassifier` (``label_smoothing``,
+        **kwargs: Optimizer, schedule, loss and speed switches of `ImageClassifier` (``label_smoothing``,
             ``nesterov``, ``scheduler="triangular"``, ``channels_last``, ``compile``, ...).
     """
 

@@ -27,16 +27,16 @@ class DCGAN(DeviceLoggedModule):
 
     Each training batch takes one discriminator step; every ``n_critic`` batches the generator takes one step too.
     Optimization is manual (two Adam optimizers, generator first); Lightning's ``toggle_optimizer`` freezes the other
-    network while one steps, so :class:`~stabilize.callbacks.GradientHealthCallback` reads only the stepping
+    network while one steps, so `GradientHealthCallback` reads only the stepping
     network's layers and names its keys ``generator/`` and ``discriminator/``.
 
     Args:
         latent_dim: Size of the noise vector.
-        ngf: Generator width (its last hidden layer; see :class:`~stabilize.models.gan_networks.DCGANGenerator`).
+        ngf: Generator width (its last hidden layer; see `DCGANGenerator`).
         ndf: Discriminator width (its first layer).
         loss: ``"minimax"`` (the original, saturating for the generator when the discriminator wins),
             ``"non_saturating"`` (the DCGAN default) or ``"hinge"`` (SN-GAN). See
-            :func:`~stabilize.models.gan_networks.generator_loss`.
+            `generator_loss`.
         spectral_norm: Spectral normalization of every discriminator convolution.
         generator_batch_norm: BatchNorm in the generator.
         discriminator_batch_norm: BatchNorm in the discriminator (DCGAN); SN-GAN uses none.
@@ -56,21 +56,22 @@ class DCGAN(DeviceLoggedModule):
     Raises:
         ConfigurationError: If an argument is out of range or names an unknown loss.
 
-    Example::
-
+    Example:
+        ```python
         model = DCGAN(loss="hinge", spectral_norm=True, discriminator_batch_norm=False, betas=(0.0, 0.9))
         data = CIFAR10DataModule(normalize=False, augment=False, val_size=0)
         Trainer(max_steps=20_000, callbacks=[GradientHealthCallback()]).fit(model, data)
         images = model.sample()  # (64, 3, 32, 32) in [0, 1], from the fixed noise
         Trainer(callbacks=[SampleQuality("cifar10-resnet20")]).test(model, data)  # gan/classifier_fid, _is
+        ```
 
     Logged keys (at logging steps unless noted, as ``self.log(on_step=True)`` would log them; see
-    :meth:`~stabilize.models.epoch_means.DeviceLoggedModule.log_train`): ``gan/d_loss`` and ``gan/g_loss`` (the latest
+    `log_train`): ``gan/d_loss`` and ``gan/g_loss`` (the latest
     generator step's; ``_step`` and ``_epoch`` for the step values and the epoch means), ``gan/d_real`` and
     ``gan/d_fake`` (mean ``sigmoid`` of the discriminator's logits on real and generated images: how sure it is;
-    every step's in :meth:`latest_train_values`), ``gan/samples`` (image grid). The quality of the samples is
-    measured by :class:`~stabilize.callbacks.SampleQuality` (``gan/classifier_fid``, ``gan/classifier_is``) through
-    :meth:`generate_images`.
+    every step's in `latest_train_values`), ``gan/samples`` (image grid). The quality of the samples is
+    measured by `SampleQuality` (``gan/classifier_fid``, ``gan/classifier_is``) through
+    `generate_images`.
     """
 
     def __init__(
@@ -138,8 +139,8 @@ class DCGAN(DeviceLoggedModule):
         return torch.randn(n, self.hparams["latent_dim"], device=self.device)
 
     def generate_images(self, count: int) -> Tensor:
-        """``count`` images in ``[0, 1]`` from fresh noise (:class:`~stabilize.callbacks.sample_quality.ImageGenerator`:
-        what :class:`~stabilize.callbacks.SampleQuality` measures)."""
+        """``count`` images in ``[0, 1]`` from fresh noise (`ImageGenerator`:
+        what `SampleQuality` measures)."""
         return self.sample(self.noise(count))
 
     # ------------------------------------------------------------------------------------------------- training
@@ -215,7 +216,7 @@ class DCGAN(DeviceLoggedModule):
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Only checks the images: testing a GAN is measuring its samples, which
-        :class:`~stabilize.callbacks.SampleQuality` does against these batches."""
+        `SampleQuality` does against these batches."""
         self._real_images(batch)
 
     # ------------------------------------------------------------------------------------------------ diagnosis
@@ -231,7 +232,7 @@ class DCGAN(DeviceLoggedModule):
         return variants
 
     def gradient_health_hints(self) -> dict[str, str]:
-        """Per-network advice for :class:`~stabilize.callbacks.GradientHealthCallback` (keys ``"<network>/<kind>"``)."""
+        """Per-network advice for `GradientHealthCallback` (keys ``"<network>/<kind>"``)."""
         hp = self.hparams
         better_loss = "--model.loss non_saturating" if hp["loss"] == "minimax" else None
         spectral = None if hp["spectral_norm"] else "--model.spectral_norm true on the discriminator"

@@ -32,10 +32,10 @@ class PlainCNN(ImageClassifier):
 
     Args:
         activation: Nonlinearity after every convolution.
-        init: Weight initialisation (see :func:`stabilize.models.blocks.init_weights`).
+        init: Weight initialisation (see `stabilize.models.blocks.init_weights`).
         lr: Peak learning rate. 0.01, not the base class's 0.1: without normalization this net diverges to NaN
             within a few steps at 0.1 with SGD and momentum.
-        **kwargs: Optimizer, scheduler and loss settings of :class:`ImageClassifier`.
+        **kwargs: Optimizer, scheduler and loss settings of `ImageClassifier`.
     """
 
     widths = (64, 64, 128, 128, 256)
@@ -106,7 +106,7 @@ class DeepPlainCNN(ImageClassifier):
         width: Multiplier of the stage widths 16/32/64.
         init_scale: Multiply the initial weights by this; above 1 every layer amplifies its input, so gradients
             explode with depth (``configs/exploding_relu.yaml``: 1.5 at depth 20).
-        **kwargs: Optimizer, scheduler and loss settings of :class:`ImageClassifier`.
+        **kwargs: Optimizer, scheduler and loss settings of `ImageClassifier`.
 
     Raises:
         ValueError: If ``depth`` or ``width`` is too small.
@@ -170,12 +170,12 @@ class DeepPlainCNN(ImageClassifier):
 
 
 class BatchNormCNN(DeepPlainCNN):
-    """:class:`DeepPlainCNN` with a normalization layer after every convolution (and no shortcuts).
+    """`DeepPlainCNN` with a normalization layer after every convolution (and no shortcuts).
 
     Args:
         norm: ``"batch"`` (BatchNorm), ``"group"`` (GroupNorm, 8 groups) or ``"layer"`` (GroupNorm, 1 group).
-        **kwargs: ``depth``, ``activation``, ``init``, ``width`` of :class:`DeepPlainCNN` and the settings of
-            :class:`ImageClassifier`.
+        **kwargs: ``depth``, ``activation``, ``init``, ``width`` of `DeepPlainCNN` and the settings of
+            `ImageClassifier`.
     """
 
     def __init__(self, norm: NormName = "batch", **kwargs: Any) -> None:

@@ -27,7 +27,7 @@ ONECYCLE_DEFAULT_WARMUP = 0.3
 class TrainingRecipe(DeviceLoggedModule):
     """The optimizer and schedule half of every model here; subclasses add the network, the loss and the metrics.
 
-    :meth:`save_hyperparameters` is called here and records the arguments of the whole ``__init__`` chain, so a
+    `save_hyperparameters` is called here and records the arguments of the whole ``__init__`` chain, so a
     subclass reads its own arguments from ``self.hparams`` (once ``super().__init__`` has run) and every checkpoint
     reloads with ``load_from_checkpoint``.
 
@@ -40,7 +40,7 @@ class TrainingRecipe(DeviceLoggedModule):
         weight_decay: L2 penalty (decoupled for AdamW). Never applied to normalization weights or biases, i.e. to
             any parameter with fewer than two dimensions.
         scheduler: ``"cosine"`` (linear warm-up, then cosine decay to zero), ``"onecycle"``
-            (:class:`~torch.optim.lr_scheduler.OneCycleLR`), ``"triangular"`` (linear from 0.2x up to the peak at
+            (`OneCycleLR`), ``"triangular"`` (linear from 0.2x up to the peak at
             the end of the warm-up, then linearly down to 0.07x, as in the CIFAR-10 speed runs) or ``"constant"``.
             All step once per optimizer step.
         warmup_fraction: Fraction of the total optimizer steps spent warming up (cosine, one-cycle and
@@ -70,7 +70,7 @@ class TrainingRecipe(DeviceLoggedModule):
 
     def stabilize_variants(self) -> dict[str, Variant]:
         """The structural changes ``stabilize doctor`` may try on this model (kinds of
-        :data:`stabilize.doctor.VARIANT_KINDS`): here AdamW at its usual LR for a run under SGD or RMSprop;
+        `stabilize.doctor.VARIANT_KINDS`): here AdamW at its usual LR for a run under SGD or RMSprop;
         subclasses add their architecture's stabilized twins."""
         if self.hparams["optimizer"] in ("adam", "adamw"):
             return {}
@@ -78,7 +78,7 @@ class TrainingRecipe(DeviceLoggedModule):
         return {"adamw": Variant(words, {"optimizer": "adamw", "lr": 1e-3})}
 
     def gradient_health_hints(self) -> dict[str, str]:
-        """Advice specific to this collection that :class:`~stabilize.callbacks.GradientHealthCallback` adds to its
+        """Advice specific to this collection that `GradientHealthCallback` adds to its
         generic remedies (keys ``"vanishing"``, ``"exploding"``, ``"nonfinite"``)."""
         warmup = "with the stabilize command, --model.warmup_fraction 0.05 adds a warm-up"
         return {"exploding": warmup, "nonfinite": warmup}

@@ -78,12 +78,12 @@ class RecurrentNetwork(nn.Module):
 
 
 class RecurrentNet(TrainingRecipe):
-    """A recurrent network on a sequence task, with the optimizers and schedules of :class:`TrainingRecipe`.
+    """A recurrent network on a sequence task, with the optimizers and schedules of `TrainingRecipe`.
 
     ``output="regression"`` predicts one number from the last step (MSE; the adding problem), ``"classification"``
     one class from the last step (cross-entropy and accuracy; sequential CIFAR-10), ``"sequence"`` a class at every
     step (cross-entropy over all steps; the copy task). The top layer's states of the last forward pass are kept in
-    :attr:`recurrent_states`, which GradientHealthCallback reads to show the gradient over time steps.
+    `recurrent_states`, which GradientHealthCallback reads to show the gradient over time steps.
 
     Args:
         input_size: Features per step.
@@ -92,10 +92,10 @@ class RecurrentNet(TrainingRecipe):
         cell: ``"rnn_tanh"``, ``"rnn_relu"``, ``"lstm"`` or ``"gru"``.
         hidden_size: Units per layer.
         num_layers: Stacked recurrent layers.
-        init: ``"default"``, ``"orthogonal"`` or ``"identity"`` (see :func:`init_recurrent`).
+        init: ``"default"``, ``"orthogonal"`` or ``"identity"`` (see `init_recurrent`).
         recurrent_gain: Multiplies the recurrent matrices after the init (above 1 makes a vanilla RNN explode).
         layer_norm: LayerNorm on each layer's output sequence.
-        optimizer: The optimizer, as for :class:`TrainingRecipe` (here Adam by default).
+        optimizer: The optimizer, as for `TrainingRecipe` (here Adam by default).
         lr: Peak learning rate (1e-3 by default).
         momentum: SGD/RMSprop momentum.
         nesterov: Nesterov momentum for SGD.

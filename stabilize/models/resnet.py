@@ -31,7 +31,7 @@ from stabilize.models.variants import Variant
 
 ResNetNorm = Literal["batch", "group", "layer"]
 #: Builds a residual block from ``(in_channels, out_channels, stride=..., activation=..., shortcut_kind=...)``;
-#: block-specific options (e.g. ``norm_layer``, ``preact``) are bound beforehand with :func:`functools.partial`.
+#: block-specific options (e.g. ``norm_layer``, ``preact``) are bound beforehand with `functools.partial`.
 BlockFactory = Callable[..., nn.Module]
 
 
@@ -117,7 +117,7 @@ class ResNet(ImageClassifier):
         norm: ``"batch"``, ``"group"`` or ``"layer"``.
         activation: Nonlinearity inside the blocks.
         init: Initialisation of conv and linear weights.
-        **kwargs: Optimizer, scheduler and loss settings of :class:`ImageClassifier`.
+        **kwargs: Optimizer, scheduler and loss settings of `ImageClassifier`.
 
     Raises:
         ValueError: If ``depth`` is not 6n+2 or ``width`` is not positive.
@@ -180,7 +180,7 @@ class FixupResNet(ImageClassifier):
         width: Multiplier of the stage widths.
         shortcut: ``"A"`` or ``"B"`` (unnormalized projection).
         activation: Nonlinearity inside the blocks.
-        **kwargs: Optimizer, scheduler and loss settings of :class:`ImageClassifier`.
+        **kwargs: Optimizer, scheduler and loss settings of `ImageClassifier`.
     """
 
     def __init__(

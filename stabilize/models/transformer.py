@@ -70,7 +70,7 @@ class TransformerBlock(nn.Module):
 
 class TransformerLM(TrainingRecipe):
     """A decoder-only transformer for next-token prediction (``(N, T)`` token indices in, ``(N, T, vocab)`` logits
-    out), on :class:`~stabilize.models.recipe.TrainingRecipe`'s optimizers and schedules (AdamW with betas
+    out), on `TrainingRecipe`'s optimizers and schedules (AdamW with betas
     (0.9, 0.95) and a warm-up by default, as nanoGPT). Logs ``train/loss``, ``val/loss`` (nats per token).
 
     The knobs the transformer-stability literature turns are arguments: ``norm_position`` (pre-LN trains without a
@@ -93,7 +93,7 @@ class TransformerLM(TrainingRecipe):
         init: ``"gpt2"`` or ``"default"`` (PyTorch's).
         tie_embeddings: Share the input embedding and the output head's weight.
         bias: Biases in the linear layers and LayerNorms (nanoGPT's default has none: ``False``).
-        optimizer: The optimizer, as for :class:`~stabilize.models.recipe.TrainingRecipe` (AdamW here).
+        optimizer: The optimizer, as for `TrainingRecipe` (AdamW here).
         lr: Peak learning rate.
         momentum: SGD/RMSprop momentum.
         nesterov: Nesterov momentum for SGD.
@@ -106,8 +106,8 @@ class TransformerLM(TrainingRecipe):
     Raises:
         ConfigurationError: For a size out of range, ``width`` not divisible by ``heads`` or an unknown option.
 
-    Forward statistics (:class:`~stabilize.health.forward_statistics.ForwardStatisticsSource`, read by
-    :class:`~stabilize.callbacks.ForwardStatisticsMonitor` at its logging steps): ``block_rms/<i>`` (the residual
+    Forward statistics (`ForwardStatisticsSource`, read by
+    `ForwardStatisticsMonitor` at its logging steps): ``block_rms/<i>`` (the residual
     stream's RMS after block ``i``), ``attention_logit_max/<i>`` (block ``i``'s largest scaled query-key product,
     causal positions only; computed beside the fused attention kernel, so only when measured) and
     ``output_logit_max`` (the largest absolute output logit).
@@ -275,7 +275,7 @@ class TransformerLM(TrainingRecipe):
         return hints
 
     def forward_statistics_hints(self) -> dict[str, str]:
-        """Advice for :class:`~stabilize.callbacks.ForwardStatisticsMonitor`'s findings, in this model's flags."""
+        """Advice for `ForwardStatisticsMonitor`'s findings, in this model's flags."""
         return {
             "attention_logits": "--model.qk_norm true (QK-norm) or a lower --model.lr",
             "output_logits": "--model.z_loss 1e-4 or a lower --model.lr",

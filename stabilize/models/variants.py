@@ -26,7 +26,7 @@ VARIANT_KINDS = (
 @dataclass(frozen=True)
 class Variant:
     """A structural change of a model, which the model declares in ``stabilize_variants()`` (a mapping from a kind
-    of :data:`VARIANT_KINDS` to a Variant): the same model built with other constructor arguments, or as another
+    of `VARIANT_KINDS` to a Variant): the same model built with other constructor arguments, or as another
     class. The doctor builds it as ``(model_class or type(model))(**{**model.hparams, **init_args})``, so the model
     must record its arguments with ``save_hyperparameters()``.
 
@@ -43,7 +43,7 @@ class Variant:
     drop: tuple[str, ...] = ()
 
     def build(self, model: LightningModule) -> LightningModule:
-        """A new model: ``model``'s class (or :attr:`model_class`) with its hyperparameters and :attr:`init_args`."""
+        """A new model: ``model``'s class (or `model_class`) with its hyperparameters and `init_args`."""
         arguments = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in self.drop}
         return (self.model_class or type(model))(**{**arguments, **self.init_args})
 

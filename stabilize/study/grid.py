@@ -134,7 +134,7 @@ class Grid:
 
 
 def load_grid(path: str | Path) -> Grid:
-    """Read a grid YAML, a file or a shipped grid's name (``quickstart``: see :mod:`stabilize.shipped`); every entry
+    """Read a grid YAML, a file or a shipped grid's name (``quickstart``: see `stabilize.shipped`); every entry
     is resolved and checked before anything trains.
 
     Raises:

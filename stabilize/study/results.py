@@ -41,7 +41,7 @@ class RunResult(TypedDict):
 
 
 #: The printed and reported table's columns, as README shows them: (key, header, format). ``results.csv`` adds
-#: :data:`EXTRA_COLUMNS`; ``results.json`` holds every field.
+#: `EXTRA_COLUMNS`; ``results.json`` holds every field.
 COLUMNS = (
     ("name", "run", "{}"),
     ("test_acc", "test acc", "{:.1%}"),
@@ -78,7 +78,7 @@ def verdict_fields(summary: HealthSummary | None) -> dict[str, Any]:
 
 def judged_again(result: RunResult, health_file: Path) -> RunResult:
     """``result`` with its verdict under the current rules, judged again from the run's saved
-    ``gradient_health.json`` (its records and raw spike events; see :func:`stabilize.health.judge_saved`): a study
+    ``gradient_health.json`` (its records and raw spike events; see `stabilize.health.judge_saved`): a study
     rerun after the rules changed reports every finished run as a new run would be, without training it again."""
     if not health_file.is_file():
         return result

@@ -38,7 +38,7 @@ def write_cifar10_folder(
     root: Path, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, byte_keys: bool = False
 ) -> Path:
     """Write uint8 ``(N, 3, 32, 32)`` tensors as ``root/cifar-10-batches-py`` (five training batches, the test
-    batch and ``batches.meta``), readable by :class:`CIFAR10DataModule` and torchvision. Returns ``root``."""
+    batch and ``batches.meta``), readable by `CIFAR10DataModule` and torchvision. Returns ``root``."""
     folder = Path(root) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     for name, x, y in zip(TRAIN_FILES, torch.tensor_split(train_x, 5), torch.tensor_split(train_y, 5)):

@@ -1,0 +1,39 @@
+"""The docstrings are Markdown, which the API reference (mkdocstrings) renders: no reStructuredText markup."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "stabilize"
+#: Sphinx roles, an RST literal-block marker ("Example::") and the rules of an RST simple table.
+RST = {
+    "role": re.compile(r":(?:class|func|meth|data|mod|attr|obj|exc):`"),
+    "literal block": re.compile(r"\w::\s*$", re.MULTILINE),
+    "simple table": re.compile(r"^\s*={3,}\s+={3,}\s*$", re.MULTILINE),
+}
+
+
+def docstrings(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text())
+    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))]
+    found = []
+    for node in nodes:
+        text = ast.get_docstring(node, clean=False)
+        if text:
+            found.append((getattr(node, "lineno", 1), text))
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_docstrings_have_no_restructuredtext(path: Path) -> None:
+    raw = [
+        f"line {line}: {kind}"
+        for line, text in docstrings(path)
+        for kind, pattern in RST.items()
+        if pattern.search(text)
+    ]
+    assert not raw, f"{path.name}: reStructuredText markup the API reference would show raw: {raw}"
