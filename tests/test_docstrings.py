@@ -1,4 +1,5 @@
-"""The docstrings are Markdown, which the API reference (mkdocstrings) renders: no reStructuredText markup."""
+"""The docs: docstrings in Markdown (mkdocstrings renders them; no reStructuredText), the site's first page in step
+with README.md."""
 
 from __future__ import annotations
 
@@ -37,3 +38,14 @@ def test_docstrings_have_no_restructuredtext(path: Path) -> None:
         if pattern.search(text)
     ]
     assert not raw, f"{path.name}: reStructuredText markup the API reference would show raw: {raw}"
+
+
+def test_the_getting_started_page_is_the_readme_s_first_ten_minutes() -> None:
+    import importlib.util
+
+    script = PACKAGE.parent / "docs" / "getting_started.py"
+    spec = importlib.util.spec_from_file_location("getting_started", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.PAGE.read_text() == module.page(), "README.md changed: run python docs/getting_started.py"
