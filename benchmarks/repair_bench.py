@@ -12,9 +12,10 @@ every failing case's full run and checked against its healthy bar (``--random``,
 ``1 - C(n - g, k) / C(n, k)`` (``g`` of the ``n`` reach the bar), granting the random strategy an oracle that
 recognises the one that worked. Exact, so the baseline's rate has no sampling noise.
 
-    python benchmarks/repair_bench.py                  # every case, ~15 minutes on 2 cores
-    python benchmarks/repair_bench.py --random         # also the random baseline
+    python benchmarks/repair_bench.py                  # every case, ~30 minutes on 2 cores (25 in the doctor)
+    python benchmarks/repair_bench.py --random         # also the random baseline, ~50 minutes
     python benchmarks/repair_bench.py --smoke          # two cases, one healthy (the test runs this)
+    python benchmarks/repair_bench.py --cases minimax-gan --random --update benchmarks/results/repair_bench.json
 
 Writes ``benchmarks/results/repair_bench.json`` (``--out``) and prints the table.
 """
@@ -276,6 +277,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/...)")
     parser.add_argument("--table", type=Path, default=None, help="print a saved JSON's Markdown table and stop")
+    parser.add_argument(
+        "--update",
+        type=Path,
+        default=None,
+        help="rerun --cases and replace their rows in this saved JSON (totals recomputed, the cases listed under"
+        " 'updated'): after a fix that touches only those cases",
+    )
     args = parser.parse_args()
     if args.table is not None:
         rows = json.loads(args.table.read_text())["cases"]
@@ -301,6 +309,22 @@ def main() -> None:
         print_table(rows[-1:])
     totals = summary(rows)
     print(json.dumps(totals, indent=1))
+    if args.update is not None:
+        saved = json.loads(args.update.read_text())
+        fresh = {row["name"]: row for row in rows}
+        merged = [fresh.pop(row["name"], row) for row in saved["cases"]] + list(fresh.values())
+        updated = sorted({*saved.get("updated", []), *(row["name"] for row in rows)})
+        flags = " --random" if args.random else ""
+        payload = {
+            **saved,
+            **summary(merged),
+            "updated": updated,
+            "update_command": f"python benchmarks/repair_bench.py --cases {' '.join(wanted or [])}{flags} --update",
+            "cases": merged,
+        }
+        args.update.write_text(json.dumps(payload, indent=1))
+        print(json.dumps(summary(merged), indent=1))
+        return
     out = args.out or (None if wanted else Path(__file__).parent / "results" / "repair_bench.json")
     if out is not None:
         payload = {

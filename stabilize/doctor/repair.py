@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 class DoctorResult:
     """What the doctor did: the probe, the trials in the order tried, and the remedy that works (if any).
 
-    ``trials`` holds the probe first. `ranked` orders the remedies: those that repaired the run first, then
-    by final loss; `best` is the first of them that works.
+    ``trials`` holds the remedies in the order tried. `ranked` orders them: those that repaired the run first, then
+    by final loss, then in the order tried; `best` is the first of them that works.
     """
 
     probe: Trial
@@ -50,10 +50,11 @@ class DoctorResult:
         return ranked[0] if ranked and ranked[0].works else None
 
     def ranked(self) -> list[Trial]:
-        def key(trial: Trial) -> tuple[bool, float, float]:
+        def key(trial: Trial) -> tuple[bool, float]:
             loss = trial.final_loss if trial.final_loss is not None else math.inf
-            return (not trial.works, loss if math.isfinite(loss) else math.inf, trial.seconds)
+            return (not trial.works, loss if math.isfinite(loss) else math.inf)
 
+        # A stable sort: trials without a loss to rank them (a GAN's) keep the plan's order, most likely first.
         return sorted(self.trials, key=key)
 
     @property

@@ -215,3 +215,11 @@ def test_remedies_combine_and_say_themselves_in_python() -> None:
     variant = Remedy("normalization", "structure", variant=Variant("LayerNorm", {"norm": True}))
     with pytest.raises(ValueError, match="two model variants"):
         variant + variant
+
+
+def test_cures_without_a_loss_to_rank_them_keep_the_plan_s_order_not_their_speed() -> None:
+    # A GAN's trials have no single loss: the first cure the plan tried wins, whichever trial ran faster.
+    first = Trial(Remedy("non saturating loss", "structure"), "healthy", "healthy", None, None, 30.0, works=True)
+    second = Trial(learning_rate(0.01), "healthy", "healthy", None, None, 5.0, works=True)
+    result = DoctorResult(Trial(None, "collapse", "collapse", None, None, 10.0), [first, second], 100)
+    assert result.best is first and result.ranked() == [first, second]
