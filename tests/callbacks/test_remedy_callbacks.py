@@ -39,7 +39,7 @@ class OneWeight(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def fit(module: LightningModule, steps: int, callbacks: list, tmp_path: Path) -> Trainer:
+def fit(module: LightningModule, steps: int, callbacks: list, tmp_path: Path, ckpt_path: Path | None = None) -> Trainer:
     trainer = Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -51,7 +51,7 @@ def fit(module: LightningModule, steps: int, callbacks: list, tmp_path: Path) ->
         default_root_dir=tmp_path,
     )
     data = DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=1)
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -178,24 +178,9 @@ def test_swap_optimizer_leaves_an_adam_alone_and_swaps_the_reverse(tmp_path: Pat
 
 
 def test_swap_optimizer_resumes_with_the_state_of_the_optimizer_it_saved(tmp_path: Path) -> None:
-    def trainer(steps: int) -> Trainer:
-        return Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[SwapOptimizer("adamw")],
-            default_root_dir=tmp_path,
-        )
-
-    data = DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=1)
-    first = trainer(3)
-    first.fit(TwoGroups(), data)
+    first = fit(TwoGroups(), 3, [SwapOptimizer("adamw")], tmp_path)
     first.save_checkpoint(tmp_path / "three.ckpt")
-    second = trainer(6)
-    second.fit(TwoGroups(), data, ckpt_path=tmp_path / "three.ckpt")
+    second = fit(TwoGroups(), 6, [SwapOptimizer("adamw")], tmp_path, ckpt_path=tmp_path / "three.ckpt")
     optimizer = second.optimizers[0]
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.state[optimizer.param_groups[0]["params"][0]]["step"].item() == 6  # AdamW's state went on
