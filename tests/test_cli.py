@@ -139,6 +139,12 @@ def test_every_config_parses_and_builds(config: Path, tmp_path: Path, monkeypatc
     interval = health[0].log_every_n_steps or cli.trainer.log_every_n_steps
     assert cli.trainer.max_steps > 2 * interval or (cli.trainer.max_epochs or 0) >= 1  # more than one record
     assert any(isinstance(c, InterruptCheckpoint) for c in cli.trainer.callbacks)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # A checkpoint by a validation metric is saved after validation, never at a train epoch's end where a run
+    # stopped early (--trainer.max_steps) would warn that the key is missing.
+    by_metric = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    assert all(c._save_on_train_epoch_end is False for c in by_metric if c.monitor.startswith("val/"))
 
 
 @pytest.mark.parametrize(
