@@ -249,6 +249,8 @@ class GradientHealthCallback(Callback):
         #: The last non-finite step warned about per optimizer, so that a run of them is warned about once.
         self._nonfinite_warned: dict[int, int] = {}
         self._stopped_by: str | None = None
+        #: Training began in this fit (on_train_start): an exception before it leaves nothing to report.
+        self._training = False
         #: The optimizer steps this fit will take (Lightning's estimate; inf when unbounded).
         self._total_steps: float = math.inf
         #: The last step of a single-optimizer fit, which always gets a record: what the run ends with (vanishing
@@ -284,6 +286,7 @@ class GradientHealthCallback(Callback):
         self._fit_steps = dict.fromkeys(self._monitors, 0)
         self._observed_at.clear()
         self._stopped_by = None
+        self._training = False
         if not self._forward_order.order and not _holds_compiled_module(pl_module):
             # Learn the forward order from the first training forward pass, then remove the hooks. Compiled
             # networks keep registration order (hooks added and removed would force a recompile).
@@ -291,6 +294,7 @@ class GradientHealthCallback(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._training = True
         try:
             self._total_steps = float(trainer.estimated_stepping_batches)
         except (TypeError, ValueError, RuntimeError):  # a loader without a length: no known end
@@ -344,9 +348,8 @@ class GradientHealthCallback(Callback):
         for monitor in self._monitors.values():
             monitor.flush()
             monitor.stopped_by = self._stopped_by
-        seen = any(monitor.steps for monitor in self._monitors.values())
-        # A run that failed before its first step (its data missing, a setting) has nothing to report.
-        if self.verbose and trainer.is_global_zero and seen and not isinstance(exception, FloatingPointError):
+        # A fit that failed before training began (its data missing, a setting) has nothing to report.
+        if self.verbose and trainer.is_global_zero and self._training and not isinstance(exception, FloatingPointError):
             rank_zero_info(self.diagnosis(pl_module))
 
     @override
