@@ -1,8 +1,9 @@
-"""LearningRateScale: multiply every optimizer's learning rate by a constant and an optional linear warm-up."""
+"""LearningRateScale: multiply the optimizers' learning rates by a constant and an optional linear warm-up."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from stabilize.errors import ConfigurationError, check_integers
 
 
 class LearningRateScale(Callback):
-    """Scale the learning rate of every optimizer of any LightningModule, on top of its own schedule: the step ``s``
+    """Scale the learning rate of the optimizers of any LightningModule, on top of its own schedule: the step ``s``
     (0-based, per optimizer) runs at ``factor * min(1, (s + 1) / warmup_steps)`` times the rate the module's
     optimizer and scheduler set.
 
@@ -27,9 +28,12 @@ class LearningRateScale(Callback):
     Args:
         factor: Constant multiplier of the learning rate (``0.1``: ten times lower).
         warmup_steps: Optimizer steps of a linear warm-up from ``factor / warmup_steps`` to ``factor``; 0: none.
+        optimizers: Indices (in ``trainer.optimizers``' order) of the optimizers to scale; None: every one. A GAN's
+            ``[0]`` speeds up its first network only (the generator, when it is configured first).
 
     Raises:
-        ConfigurationError: If ``factor`` is not a positive finite number or ``warmup_steps`` is negative.
+        ConfigurationError: If ``factor`` is not a positive finite number, ``warmup_steps`` is negative, or
+            ``optimizers`` is empty or holds a negative index (or, at the start of fit, one the module does not have).
 
     Example:
         ```python
@@ -40,13 +44,18 @@ class LearningRateScale(Callback):
     module's own (the factor is applied only during the step).
     """
 
-    def __init__(self, factor: float = 1.0, warmup_steps: int = 0) -> None:
+    def __init__(self, factor: float = 1.0, warmup_steps: int = 0, optimizers: Sequence[int] | None = None) -> None:
         super().__init__()
         if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
             raise ConfigurationError(f"factor must be a positive finite number, got {factor!r}.")
         check_integers(0, warmup_steps=warmup_steps)
+        if optimizers is not None:
+            if isinstance(optimizers, (str, bytes)) or not optimizers:
+                raise ConfigurationError(f"optimizers must be a non-empty list of indices or None, got {optimizers!r}.")
+            check_integers(0, **{f"optimizers[{i}]": index for i, index in enumerate(optimizers)})
         self.factor = float(factor)
         self.warmup_steps = warmup_steps
+        self.optimizers = None if optimizers is None else sorted(set(optimizers))
         #: Steps taken so far by each optimizer (in the order of ``trainer.optimizers``), checkpointed.
         self.steps: list[int] = []
         self._handles: list[RemovableHandle] = []
@@ -63,7 +72,15 @@ class LearningRateScale(Callback):
         # The optimizers exist from here on (the strategy set them up before this hook).
         self._remove_hooks()
         self.steps += [0] * (len(trainer.optimizers) - len(self.steps))
+        missing = [i for i in self.optimizers or [] if i >= len(trainer.optimizers)]
+        if missing:
+            raise ConfigurationError(
+                f"LearningRateScale(optimizers={self.optimizers}): the module has {len(trainer.optimizers)}"
+                f" optimizer(s), no index {missing[0]}."
+            )
         for index, optimizer in enumerate(trainer.optimizers):
+            if self.optimizers is not None and index not in self.optimizers:
+                continue
             self._handles.append(optimizer.register_step_pre_hook(self._pre_hook(index)))
             self._handles.append(optimizer.register_step_post_hook(self._post_hook(index)))
 

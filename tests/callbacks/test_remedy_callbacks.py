@@ -73,10 +73,40 @@ def test_learning_rate_scale_multiplies_the_schedule_s_own_rates(
     )
 
 
-@pytest.mark.parametrize("bad", [{"factor": 0.0}, {"factor": math.inf}, {"warmup_steps": -1}])
+@pytest.mark.parametrize(
+    "bad", [{"factor": 0.0}, {"factor": math.inf}, {"warmup_steps": -1}, {"optimizers": []}, {"optimizers": [-1]}]
+)
 def test_learning_rate_scale_refuses_bad_arguments(bad: dict) -> None:
     with pytest.raises(ConfigurationError):
         LearningRateScale(**bad)
+
+
+class TwoWeights(LightningModule):
+    """Two SGD optimizers (lr 1) stepping one weight each, as a GAN's two networks do: loss = u + v."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.u = nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.v = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        for optimizer, weight in zip(self.optimizers(), (self.u, self.v)):  # type: ignore[call-overload]
+            optimizer.zero_grad()
+            self.manual_backward(weight * 1.0)
+            optimizer.step()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD([self.u], lr=1.0), torch.optim.SGD([self.v], lr=1.0)
+
+
+def test_learning_rate_scale_of_one_optimizer_leaves_the_other_alone(tmp_path: Path) -> None:
+    module = TwoWeights()
+    fit(module, 8, [LearningRateScale(10.0, optimizers=[0])], tmp_path)  # 8 optimizer steps: 4 of each
+    # Each step moves its weight by exactly -lr (float64): u by 4 x 10, v by 4 x 1.
+    assert (module.u.item(), module.v.item()) == (-40.0, -4.0)
+    with pytest.raises(ConfigurationError, match="no index 2"):
+        fit(TwoWeights(), 2, [LearningRateScale(10.0, optimizers=[2])], tmp_path)
 
 
 class Layers(LightningModule):
