@@ -48,7 +48,7 @@ def run_study(
     its verdict is judged again from its saved ``gradient_health.json`` under the current rules (and saved when it
     changed), so a rerun after the rules changed reports what a new run would;
     a run stopped by SIGTERM or Ctrl+C continues exactly from the checkpoint it wrote (``<run>/interrupted.ckpt``).
-    A run killed without one starts over, its partial TensorBoard logs moved aside to ``tensorboard.abandoned-<n>``;
+    A run killed without one starts over, its partial TensorBoard logs moved aside to ``<run>/abandoned-<n>``;
     a run that fails leaves no folder of its own behind.
 
     Raises:
@@ -103,9 +103,11 @@ def _train_once(run_dir: Path, train: Callable[[Path | None], RunResult], echo: 
     checkpoint = run_dir / INTERRUPTED
     if checkpoint.is_file():
         echo(f"run {run_dir.name}: continuing from {checkpoint}")
-    elif (run_dir / "tensorboard").exists():
-        attempt = 1 + sum(1 for _ in run_dir.glob("tensorboard.abandoned-*"))
-        (run_dir / "tensorboard").rename(run_dir / f"tensorboard.abandoned-{attempt}")
+    elif stale := [*run_dir.glob("events.out.tfevents.*"), *run_dir.glob("hparams.yaml")]:
+        aside = run_dir / f"abandoned-{1 + sum(1 for _ in run_dir.glob('abandoned-*'))}"
+        aside.mkdir()
+        for path in stale:
+            path.rename(aside / path.name)
     try:
         return train(checkpoint if checkpoint.is_file() else None)
     except BaseException:
@@ -143,8 +145,9 @@ def _train(
     _save_config(run, budget, trainer_args, model, datamodule, run_dir / "config.yaml")
     extra = [callback_class(**arguments) for callback_class, arguments in run.callbacks]
     trainer = Trainer(
-        # No hp_metric: Lightning's placeholder scalar (-1) would sit empty beside the study's real metrics.
-        logger=TensorBoardLogger(out, name=run.name, version="tensorboard", default_hp_metric=False),
+        # The event files in the run's own folder, so that TensorBoard (--logdir <out>) names the run by its name alone;
+        # no hp_metric: Lightning's placeholder scalar (-1) would sit empty beside the study's real metrics.
+        logger=TensorBoardLogger(out, name=run.name, version="", default_hp_metric=False),
         callbacks=[
             health,
             *extra,

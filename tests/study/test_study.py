@@ -55,10 +55,10 @@ def test_two_run_grid_writes_the_report_and_is_not_trained_twice(tiny_cifar: Pat
         assert [row["name"] for row in csv.DictReader(file)] == ["plain", "resnet"]
     config = (out / "resnet" / "config.yaml").read_text()
     assert "stabilize.models.resnet.ResNet" in config and "depth: 8" in config and "zero_init_residual" in config
-    assert (out / "resnet" / "tensorboard").is_dir()
+    assert list((out / "resnet").glob("events.out.tfevents.*"))  # TensorBoard names the run "resnet"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars = EventAccumulator(str(out / "resnet" / "tensorboard")).Reload().Tags()["scalars"]
+    scalars = EventAccumulator(str(out / "resnet")).Reload().Tags()["scalars"]
     assert scalars and "hp_metric" not in scalars  # the run's metrics, without Lightning's empty placeholder
 
     # A rerun trains nothing and judges each run's saved gradient records again under the current rules: a verdict
@@ -229,13 +229,14 @@ def test_a_run_killed_without_a_checkpoint_starts_over_with_its_old_logs_moved_a
 ) -> None:
     grid = load_grid(write_grid(tmp_path, TWO_RUNS))
     out = tmp_path / "out"
-    stale = out / "plain" / "tensorboard"
+    stale = out / "plain"
     stale.mkdir(parents=True)
     (stale / "events.out.tfevents.0.partial").write_bytes(b"")  # a SIGKILLed attempt's log
     one_run = dataclasses.replace(grid, runs=grid.runs[:1])
     run_study(one_run, "tiny", out, data_dir=str(tiny_cifar), accelerator="cpu", echo=lambda line: None)
-    assert (out / "plain" / "tensorboard.abandoned-1" / "events.out.tfevents.0.partial").is_file()
-    assert not (out / "plain" / "tensorboard" / "events.out.tfevents.0.partial").exists()
+    assert (out / "plain" / "abandoned-1" / "events.out.tfevents.0.partial").is_file()
+    assert not (out / "plain" / "events.out.tfevents.0.partial").exists()
+    assert list((out / "plain").glob("events.out.tfevents.*"))  # the new attempt's own log
 
 
 class BrokenCallbackError(Exception):
