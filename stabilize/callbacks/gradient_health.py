@@ -446,7 +446,7 @@ class GradientHealthCallback(Callback):
                     step,
                     self.flow_figure,
                     own_step,
-                    final=len(trainer.optimizers) <= 1 and step + self._every >= self._total_steps,
+                    final=step == self._final_step,  # the fit's last step, which always gets a record
                 )
         self._activations.stats.clear()
 

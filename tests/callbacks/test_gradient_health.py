@@ -652,6 +652,16 @@ def test_figures_and_histograms_wait_their_minimum_wall_time(tmp_path: Path) -> 
     assert [e.step for e in events.Scalars("update_to_weight/head")] == list(range(6))
 
 
+def test_the_last_figure_is_the_fit_s_last_step_not_the_logging_step_before_it(tmp_path: Path) -> None:
+    health = GradientHealthCallback(log_every_n_steps=5, verbose=False)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(tmp_path, [health], steps=12, logger=logger).fit(TinyMLP())
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload()
+    # Records at 0, 5, 10 and the last step, 11; step 10 is not the end of training and is not drawn as if it were.
+    assert [r["step"] for r in health.history] == [0, 5, 10, 11]
+    assert [e.step for e in events.Images("grad_health/flow")] == [0, 11]
+
+
 def test_skip_also_restores_batchnorm_statistics_after_a_nan_forward_pass(tmp_path: Path) -> None:
     seed_everything(0)
     model = ResNet(depth=8, scheduler="constant")
