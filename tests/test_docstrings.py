@@ -4,8 +4,10 @@ with README.md."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,3 +51,36 @@ def test_the_getting_started_page_is_the_readme_s_first_ten_minutes() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.PAGE.read_text() == module.page(), "README.md changed: run python docs/getting_started.py"
+
+
+def crossrefs_hook() -> Any:
+    path = Path(__file__).parents[1] / "docs" / "hooks" / "crossrefs.py"
+    spec = importlib.util.spec_from_file_location("crossrefs", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_site_hook_links_code_spans_that_name_public_objects_and_nothing_else() -> None:
+    hook = crossrefs_hook()
+    linked = hook.link_code_spans("<p>Use <code>GradientHealthCallback</code> or <code>DoctorResult.plot()</code>.</p>")
+    assert linked == (
+        '<p>Use <autoref identifier="stabilize.callbacks.GradientHealthCallback" optional>'
+        "<code>GradientHealthCallback</code></autoref> or "
+        '<autoref identifier="stabilize.doctor.DoctorResult.plot" optional>'
+        "<code>DoctorResult.plot()</code></autoref>.</p>"
+    )
+    for name, target in [
+        ("stabilize.health.HealthCriteria", "stabilize.health.HealthCriteria"),
+        ("ConfigurationError", "stabilize.errors.ConfigurationError"),  # a module without __all__
+    ]:
+        assert f'identifier="{target}"' in hook.link_code_spans(f"<code>{name}</code>")
+    untouched = [
+        '<a href="x"><code>GradientHealthCallback</code></a>',  # a link already
+        "<pre><code>GradientHealthCallback(verbose=False)</code></pre>",  # a code block
+        "<h2><code>GradientHealthCallback</code></h2>",  # a heading, its own anchor
+        "<code>max_steps</code> <code>stabilize.cli</code>",  # not a public object of a documented subpackage
+    ]
+    for html in untouched:
+        assert hook.link_code_spans(html) == html
