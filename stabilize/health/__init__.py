@@ -4,7 +4,7 @@ diagnosis and the figures. `GradientHealthCallback` is the Lightning plumbing ov
 from stabilize.health.collapse import gradient_collapse
 from stabilize.health.counters import DeviceCounters
 from stabilize.health.criteria import HealthCriteria
-from stabilize.health.diagnosis import ModelTraits, diagnosis_lines, model_hints, verdict, verdict_class
+from stabilize.health.diagnosis import diagnosis_lines, verdict, verdict_class
 from stabilize.health.explosions import classify_spikes
 from stabilize.health.figures import flow_figure, gradient_histograms
 from stabilize.health.layers import LayerIndex
@@ -22,6 +22,7 @@ from stabilize.health.records import (
 )
 from stabilize.health.saved import judge_saved
 from stabilize.health.stall import loss_stall
+from stabilize.health.traits import ModelTraits, model_hints
 
 __all__ = [
     "DepthRatio",

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from stabilize.health.diagnosis import RELU_LIKE, SATURATING
+from stabilize.health.traits import RELU_LIKE, SATURATING
 
 
 class ActivationProbe:

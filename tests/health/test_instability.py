@@ -9,10 +9,11 @@ import pytest
 
 from stabilize.health import verdict, verdict_class
 from stabilize.health.criteria import HealthCriteria
-from stabilize.health.diagnosis import ModelTraits, diagnosis_lines, vanishing_remedies
+from stabilize.health.diagnosis import diagnosis_lines
 from stabilize.health.explosions import classify_spikes
 from stabilize.health.instability import loss_blowups, unrecovered
 from stabilize.health.trace import StepTrace, TracePoint
+from stabilize.health.traits import ModelTraits, vanishing_remedies
 from tests.helpers.health import health_summary, spike
 
 
