@@ -30,6 +30,7 @@ Everything else is a *transient* spike, reported with its steps and peak so that
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections.abc import Sequence
@@ -60,7 +61,7 @@ def classify_spikes(
     `stabilize.health.instability`) undid training too."""
     explosions: list[ExplosionEvent] = []
     transient: list[SpikeEvent] = []
-    for event in merge_runs(spikes):
+    for event in merge_runs(spikes, [p["step"] for p in trace] if trace else None):
         rule = _evidence(event, history, nonfinite, criteria, trace, blowups)
         if rule is None:
             transient.append(event)
@@ -78,12 +79,15 @@ def classify_spikes(
     return explosions, transient
 
 
-def merge_runs(spikes: Sequence[SpikeEvent]) -> list[SpikeEvent]:
-    """Join events that are one run of spikes cut by a logging step (the next starts the step after the last)."""
+def merge_runs(spikes: Sequence[SpikeEvent], steps: Sequence[int] | None = None) -> list[SpikeEvent]:
+    """Join events that are one run of spikes cut by a logging step: the next starts at the optimizer's next step
+    after the last. ``steps``: the global steps the optimizer stepped at, in order (its trace's); without them, the
+    next global step. A GAN's generator steps once in every ``n + 1`` global steps (``n`` discriminator steps), so
+    its next step is not the next global step."""
     merged: list[SpikeEvent] = []
     for event in spikes:
         previous = merged[-1] if merged else None
-        if previous is not None and event["first_step"] == previous["last_step"] + 1:
+        if previous is not None and event["first_step"] == _next_step(previous["last_step"], steps):
             merged[-1] = {
                 "first_step": previous["first_step"],
                 "last_step": event["last_step"],
@@ -100,6 +104,15 @@ def merge_runs(spikes: Sequence[SpikeEvent]) -> list[SpikeEvent]:
         else:
             merged.append(event)
     return merged
+
+
+def _next_step(step: int, steps: Sequence[int] | None) -> int:
+    """The optimizer's first step after ``step`` (``step + 1`` without its ``steps``, or after the last of them)."""
+    if steps:
+        index = bisect.bisect_right(steps, step)
+        if index < len(steps):
+            return steps[index]
+    return step + 1
 
 
 def _evidence(

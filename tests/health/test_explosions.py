@@ -56,6 +56,10 @@ def test_a_run_cut_by_logging_steps_is_judged_as_one() -> None:
     (merged,) = merge_runs(parts)
     assert (merged["first_step"], merged["last_step"], merged["steps"], merged["longest_run"]) == (5, 12, 8, 8)
     assert len(merge_runs([spike(5), spike(7)])) == 2
+    # A GAN's generator steps once in six global steps (five discriminator steps): its next step after 5 is 11.
+    generator_steps = list(range(5, 100, 6))
+    assert len(merge_runs([spike(5), spike(11)], generator_steps)) == 1
+    assert len(merge_runs([spike(5), spike(17)], generator_steps)) == 2
 
 
 def test_a_gradient_that_fell_with_its_loss_is_convergence_not_collapse() -> None:
