@@ -26,7 +26,7 @@ from stabilize.health.activations import ActivationProbe
 from stabilize.health.diagnosis import report
 from stabilize.health.judgements import judges_loss
 from stabilize.health.layers import ForwardOrder
-from stabilize.health.monitor import Observation
+from stabilize.health.pending import Observation
 from stabilize.health.records import jsonable, record_metrics
 from stabilize.health.temporal import TemporalProbe
 

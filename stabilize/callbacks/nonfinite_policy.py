@@ -10,7 +10,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from stabilize.errors import ConfigurationError
-from stabilize.health.monitor import GradientMonitor, Observation
+from stabilize.health.monitor import GradientMonitor
+from stabilize.health.pending import Observation
 from stabilize.health.snapshot import BufferSnapshot
 
 NonFinitePolicy = Literal["warn", "skip", "raise"]

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stabilize.health.records import NonFiniteEvent, SpikeEvent
+
 _NO_STEP = -1
 
 
@@ -107,3 +109,34 @@ class DeviceCounters:
     @property
     def device(self) -> torch.device:
         return self.spikes.device
+
+
+def counter_events(
+    counters: dict[str, Any], record_step: int, layer_names: list[str]
+) -> tuple[SpikeEvent | None, NonFiniteEvent | None]:
+    """The spike event and the non-finite event the host values of the counters (`DeviceCounters.unpack`) hold
+    (None where the interval had none); ``record_step``: the step they are read at."""
+    spike: SpikeEvent | None = None
+    if counters["spikes"]:
+        spike = {
+            "first_step": counters["spike_first"],
+            "last_step": counters["spike_last"],
+            "steps": counters["spikes"],
+            "max_norm": counters["spike_max_norm"],
+            "peak_ratio": counters["spike_max_ratio"],
+            "peak_step": counters["spike_peak_step"],
+            "longest_run": counters["spike_longest_run"],
+            "persistent_steps": counters["persistent_spikes"],
+            "ceiling_steps": counters["ceiling_steps"],
+            "persistent_ceiling": counters["persistent_ceiling"],
+            "record_step": record_step,
+        }
+    nonfinite: NonFiniteEvent | None = None
+    if counters["nonfinite_tensors"]:
+        nonfinite = {
+            "first_step": counters["nonfinite_first"],
+            "last_step": counters["nonfinite_last"],
+            "tensors": counters["nonfinite_tensors"],
+            "layers": [layer_names[i] for i, v in enumerate(counters["layer_nonfinite"]) if v > 0],
+        }
+    return spike, nonfinite

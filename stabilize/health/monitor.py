@@ -19,52 +19,34 @@ print(monitor.summary())
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from stabilize.health.alerts import confirmed_findings
-from stabilize.health.counters import DeviceCounters
-from stabilize.health.criteria import DEAD_UNITS_FRACTION, HealthCriteria
-from stabilize.health.judgements import judgements
+from stabilize.health.counters import DeviceCounters, counter_events
+from stabilize.health.criteria import HealthCriteria
 from stabilize.health.layers import LayerIndex
+from stabilize.health.monitor_state import checkpointed_fields, restored_fields
+from stabilize.health.pending import Observation, PendingSteps
 from stabilize.health.records import (
     Alert,
     HealthSummary,
     NonFiniteEvent,
     SpikeEvent,
     StepRecord,
-    largest_update,
 )
-from stabilize.health.spike_counting import StepChunk, count_chunk
+from stabilize.health.spike_counting import count_chunk
+from stabilize.health.summary import run_summary
 from stabilize.health.trace import StepTrace
 
 #: Steps counted together on the device (see `stabilize.health.spike_counting`); a logging step or any read of
 #: the counters counts the steps gathered so far.
 CHUNK_STEPS = 64
-
-
-@dataclass
-class Observation:
-    """One step's per-tensor gradient norms on the device (of the parameters at ``positions``), for the record of
-    a logging step and the non-finite policies; what they need of it is computed when first asked for."""
-
-    positions: tuple[int, ...]
-    norms: Tensor
-
-    @cached_property
-    def total(self) -> Tensor:
-        return self.norms.square().sum().sqrt()
-
-    @cached_property
-    def tensor_nonfinite(self) -> Tensor:
-        return ~torch.isfinite(self.norms)
 
 
 @dataclass
@@ -113,19 +95,14 @@ class GradientMonitor:
     #: Steps observed since the window was filled from a checkpoint (the relative rule's warm-up counts them).
     _window_position: int = 0
     _last_median: Tensor | None = None
-    #: Steps observed but not yet counted: their numbers, norms and losses (with the steps they belong to).
-    _chunk_steps: list[int] = field(default_factory=list)
-    _chunk_norms: list[Tensor] = field(default_factory=list)
-    _chunk_losses: list[tuple[int, Tensor]] = field(default_factory=list)
-    _chunk_key: tuple[tuple[int, ...], bool] = ((), False)
+    #: Steps observed but not yet counted, and counted ones not yet read into the trace (see `PendingSteps`).
+    _pending: PendingSteps = field(default_factory=PendingSteps)
     _saved_norms: list[float] = field(default_factory=list)
     _saved_counters: dict[str, Any] | None = None
     _pending_update: tuple[int, tuple[int, ...], list[Tensor], Tensor] | None = None
     _positions_seen: tuple[int, ...] = ()
-    #: Every counted step's loss and total norm on the host (checkpointed as ``trace``), and those still on the
-    #: device: each chunk's step numbers and its ``(2, C)`` losses and norms, read with the next logging step.
+    #: Every counted step's loss and total norm on the host (checkpointed as ``trace``).
     _trace: StepTrace = field(default_factory=StepTrace)
-    _unread: list[tuple[list[int], Tensor]] = field(default_factory=list)
     #: Observed steps at the last alert check (the rules read the whole trace, so they run every few steps).
     _alerts_checked_at: int = -(10**9)
 
@@ -169,13 +146,10 @@ class GradientMonitor:
             norms = norms / grad_scale.to(norms.device)
         self._counters(norms.device)
         # A chunk holds steps of one parameter subset and one AMP mode; counted when full.
-        if self._chunk_norms and (len(self._chunk_norms) >= CHUNK_STEPS or self._chunk_key != (positions, amp)):
+        pending = self._pending
+        if pending.norms and (len(pending.norms) >= CHUNK_STEPS or pending.key != (positions, amp)):
             self._count_chunk()
-        self._chunk_key = (positions, amp)
-        if loss is not None:
-            self._chunk_losses.append((len(self._chunk_norms), loss.detach().reshape(()).to(norms.device)))
-        self._chunk_norms.append(norms)
-        self._chunk_steps.append(step)
+        pending.add(step, norms, loss, (positions, amp))
         self._window_position += 1
         self.steps += 1
         self.last_step = step
@@ -183,35 +157,19 @@ class GradientMonitor:
 
     def _count_chunk(self) -> None:
         """Count the steps observed since the last count into the device counters (device ops only)."""
-        if not self._chunk_norms:
+        pending = self._pending
+        if not pending.norms:
             return
         counters, window = self.counters, self._window
         assert counters is not None and window is not None
         device = counters.device
-        positions, amp = self._chunk_key
-        size = len(self._chunk_norms)
-        first_position = self._window_position - size  # the window position of the chunk's first step
-        steps = self._chunk_steps
-        losses = [loss for _, loss in self._chunk_losses]
-        loss_positions = [position for position, _ in self._chunk_losses]
-        chunk = StepChunk(
-            steps=_device_integers(steps, device),
-            norms=torch.stack(self._chunk_norms),
-            losses=torch.stack(losses) if losses else None,
-            loss_index=None if len(losses) in (0, size) else _device_integers(loss_positions, device),
-            judged=torch.arange(size, device=device) >= self.criteria.judged_after - first_position,
-            amp=amp,
-        )
+        first_position = self._window_position - len(pending.norms)  # the window position of the chunk's first step
+        chunk = pending.chunk(self.criteria.judged_after - first_position, device)
         self._window, medians, totals = count_chunk(
-            self.criteria, counters, window, chunk, self._layers().layer_index(positions, device)
+            self.criteria, counters, window, chunk, self._layers().layer_index(pending.key[0], device)
         )
         self._last_median = medians[-1]
-        step_losses = torch.full((size,), math.nan, device=device)
-        if chunk.losses is not None:
-            index = chunk.loss_index if chunk.loss_index is not None else torch.arange(size, device=device)
-            step_losses.index_copy_(0, index, chunk.losses.float())
-        self._unread.append((steps, torch.stack([step_losses, totals])))
-        self._chunk_steps, self._chunk_norms, self._chunk_losses = [], [], []
+        pending.counted(chunk, totals)
 
     def nonfinite_layers(self, observation: Observation) -> list[str]:
         """Layers with a non-finite gradient in ``observation``, in forward order (one host read)."""
@@ -259,7 +217,7 @@ class GradientMonitor:
             torch.stack([observation.total, self._median_now(device).to(observation.total.dtype)]),
             counters.pack(),
             temporal.to(device) if temporal is not None else torch.zeros(0, device=device),
-            self._unread_values(device),
+            self._pending.unread_values(device),
             *[value.detach().float().to(device).reshape(1) for value in extras],
         ]
         values = torch.cat(parts).tolist()  # the one host transfer of a logging step
@@ -375,24 +333,17 @@ class GradientMonitor:
             self._read_trace()
 
     # ------------------------------------------------------------------------------------------- the step trace
-    def _unread_values(self, device: torch.device) -> Tensor:
-        """The losses, then the norms, of every chunk not yet read, flat (empty when none)."""
-        if not self._unread:
-            return torch.zeros(0, device=device)
-        return torch.cat([values.to(device) for _, values in self._unread], dim=1).reshape(-1)
-
     def _extend_trace(self, values: list[float]) -> None:
-        """Append the host values of `_unread_values` to the trace, and forget them on the device."""
-        steps = [step for chunk_steps, _ in self._unread for step in chunk_steps]
-        self._unread = []
-        self._trace.extend(steps, values[: len(steps)], values[len(steps) :])
+        """Append the host values of the pending steps' ``unread_values`` to the trace."""
+        self._trace.extend(*self._pending.take_unread(values))
 
     def _read_trace(self) -> None:
         """Bring every counted step to the host trace (one host read, when any is on the device)."""
         if self.counters is not None:
             self._count_chunk()
-        if self._unread:
-            self._extend_trace(self._unread_values(self._unread[0][1].device).tolist())
+        unread = self._pending.unread
+        if unread:
+            self._extend_trace(self._pending.unread_values(unread[0][1].device).tolist())
 
     def new_alerts(self, judge_loss: bool = True, final: bool = False) -> list[Alert]:
         """Findings confirmed since the last call (see `confirmed_findings`), also
@@ -412,49 +363,16 @@ class GradientMonitor:
 
     # ------------------------------------------------------------------------------------------------ results
     def summary(self, judge_loss: bool = True) -> HealthSummary:
-        """The whole run as data. ``judge_loss=False`` leaves out the loss stall: with several optimizers each
-        network's loss is measured against the other (a GAN discriminator's hovers by design) or is a part of the
-        whole, so a flat one says nothing."""
+        """The whole run as data (see `stabilize.health.summary.run_summary`). ``judge_loss=False`` leaves out the
+        loss stall: with several optimizers each network's loss is measured against the other (a GAN
+        discriminator's hovers by design) or is a part of the whole, so a flat one says nothing."""
         self._read_trace()
-        last = self.history[-1] if self.history else None
-        worst, temporal, last_temporal = self.worst_depth_ratio, self.worst_temporal_ratio, self.last_temporal_ratio
-        trace = self._trace.points()
-        judged = judgements(self.history, self.spikes, self.nonfinite, self.criteria, judge_loss, trace=trace)
-        return {
-            "steps": self.steps,
-            "logged_steps": len(self.history),
-            "vanishing_layers_now": {
-                name: self.vanishing_since[name] for name in (last["vanishing_layers"] if last else [])
-            },
-            "ever_vanished": dict(self.first_vanished),
-            "nonfinite": list(self.nonfinite),
-            "skipped_steps": list(self.skipped_steps),
-            "amp_skipped_steps": self.amp_skipped,
-            "worst_depth_ratio": None if worst is None else {"ratio": worst[0], "step": worst[1]},
-            "worst_temporal_ratio": None if temporal is None else {"ratio": temporal[0], "step": temporal[1]},
-            "last_temporal_ratio": None
-            if last_temporal is None
-            else {"ratio": last_temporal[0], "step": last_temporal[1]},
-            "last_global_norm": last["global_norm"] if last else None,
-            "num_layers": len(self.layers.names) if self.layers is not None else len(last["layers"] if last else {}),
-            **judged,
-            "dead_units": {name: f for name, f in self.dead_units.items() if f >= DEAD_UNITS_FRACTION},
-            "shared_parameters": dict(self.shared_parameters),
-            "never_gradient_layers": self._layers_without(self.gradient_layers) if self.steps else [],
-            "zero_lr_layers": [] if self.learning_layers is None else self._layers_without(self.learning_layers),
-            "largest_update_to_weight": largest_update(self.history),
-            "alerts": list(self.alerts),
-            "stopped_by": self.stopped_by,
-        }
+        return run_summary(self, self._trace.points(), judge_loss)
 
     def trace_points(self) -> list[dict[str, Any]]:
         """The per-step trace (see `StepTrace`) as points, e.g. for ``save_json``."""
         self._read_trace()
         return [dict(point) for point in self._trace.points()]
-
-    def _layers_without(self, names: set[str]) -> list[str]:
-        """The watched layers not in ``names``, in forward order (none once the layers are detached)."""
-        return [name for name in self.layers.names if name not in names] if self.layers is not None else []
 
     def recent_norms(self) -> list[float]:
         """The finite total norms of the running-median window, oldest first (one host read)."""
@@ -464,35 +382,16 @@ class GradientMonitor:
         return [value for value in self._window.tolist() if math.isfinite(value)]
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue after a resume, device counters included (one host read): the host records
-        (every public field but those in ``_NOT_CHECKPOINTED``), the recent norms and the counters."""
+        """Everything needed to continue after a resume, device counters included (one host read): see
+        `stabilize.health.monitor_state`."""
         self._read_trace()
         counters = self.counters.unpack(self.counters.pack().tolist()) if self.counters else self._saved_counters
-        # Copies: a checkpoint written in the background (AsyncCheckpointIO) must not see the records grow meanwhile.
-        state = copy.deepcopy({f.name: getattr(self, f.name) for f in fields(self) if _checkpointed(f.name)})
-        state["gradient_layers"] = sorted(self.gradient_layers)
-        state["learning_layers"] = None if self.learning_layers is None else sorted(self.learning_layers)
-        return {**state, "norm_history": self.recent_norms(), "counters": counters, "trace": self._trace.state_dict()}
+        return {**checkpointed_fields(self), "norm_history": self.recent_norms(), "counters": counters}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], criteria: HealthCriteria) -> GradientMonitor:
-        """The monitor `state_dict` saved; a key an older checkpoint lacks keeps its field's default (keys it
-        has that are gone, such as the ``explosions`` of the rule before the spike rules, are not carried)."""
-        # Copies: the restored monitor must not append to the lists of a state that another monitor still holds.
-        saved = copy.deepcopy({f.name: state[f.name] for f in fields(cls) if _checkpointed(f.name) and f.name in state})
-        for name in ("worst_depth_ratio", "worst_temporal_ratio", "last_temporal_ratio"):
-            pair = saved.get(name)
-            saved[name] = (pair[0], pair[1]) if pair else None
-        for name in ("gradient_layers", "learning_layers"):
-            if saved.get(name) is not None:
-                saved[name] = set(saved[name])
-        return cls(
-            criteria=criteria,
-            **saved,
-            _saved_norms=list(state["norm_history"]),
-            _saved_counters=state.get("counters"),
-            _trace=StepTrace.from_state_dict(state["trace"]) if "trace" in state else StepTrace(),
-        )
+        """The monitor `state_dict` saved (see `stabilize.health.monitor_state`)."""
+        return cls(criteria=criteria, **restored_fields(cls, state))
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _layers(self) -> LayerIndex:
@@ -522,36 +421,12 @@ class GradientMonitor:
     def _apply_counters(self, counters: dict[str, Any], record_step: int) -> tuple[int, int, int]:
         """Record the events the counters hold; returns the persistent or above-ceiling spikes, non-finite tensors
         and AMP-skipped steps."""
-        spikes, nonfinite = counters["spikes"], counters["nonfinite_tensors"]
-        if spikes:
-            self.spikes.append(
-                {
-                    "first_step": counters["spike_first"],
-                    "last_step": counters["spike_last"],
-                    "steps": spikes,
-                    "max_norm": counters["spike_max_norm"],
-                    "peak_ratio": counters["spike_max_ratio"],
-                    "peak_step": counters["spike_peak_step"],
-                    "longest_run": counters["spike_longest_run"],
-                    "persistent_steps": counters["persistent_spikes"],
-                    "ceiling_steps": counters["ceiling_steps"],
-                    "persistent_ceiling": counters["persistent_ceiling"],
-                    "record_step": record_step,
-                }
-            )
-        if nonfinite:
-            names = self._layers().names
-            self.nonfinite.append(
-                {
-                    "first_step": counters["nonfinite_first"],
-                    "last_step": counters["nonfinite_last"],
-                    "tensors": nonfinite,
-                    "layers": [names[i] for i, v in enumerate(counters["layer_nonfinite"]) if v > 0],
-                }
-            )
+        spike, nonfinite = counter_events(counters, record_step, self._layers().names)
+        self.spikes += [spike] if spike else []
+        self.nonfinite += [nonfinite] if nonfinite else []
         self.amp_skipped += counters["amp_skipped"]
         exploding = max(counters["persistent_spikes"], counters["persistent_ceiling"])
-        return exploding, nonfinite, counters["amp_skipped"]
+        return exploding, counters["nonfinite_tensors"], counters["amp_skipped"]
 
     def _update_vanishing(self, vanishing: list[str], step: int, in_warmup: bool) -> None:
         for name in vanishing:
@@ -563,15 +438,6 @@ class GradientMonitor:
                 del self.vanishing_since[name]
 
 
-#: Public fields a checkpoint does not hold: settings given anew, the layers of the new fit, device state (saved as
-#: ``counters`` in host form), and the exception that stopped the previous fit.
-_NOT_CHECKPOINTED = frozenset({"criteria", "layers", "counters", "stopped_by"})
-
-
-def _checkpointed(name: str) -> bool:
-    return not name.startswith("_") and name not in _NOT_CHECKPOINTED
-
-
 def _split(values: list[float], sizes: list[int]) -> list[list[float]]:
     """Cut ``values`` into consecutive pieces of ``sizes``; the rest is the last piece."""
     pieces, start = [], 0
@@ -579,14 +445,3 @@ def _split(values: list[float], sizes: list[int]) -> list[list[float]]:
         pieces.append(values[start : start + size])
         start += size
     return [*pieces, values[start:]]
-
-
-def _device_integers(values: list[int], device: torch.device) -> Tensor:
-    """``values`` as a long tensor on ``device`` without a host sync: an ``arange`` when they are consecutive (the
-    usual steps), else a copy from pinned memory on CUDA."""
-    if values == list(range(values[0], values[0] + len(values))):
-        return torch.arange(values[0], values[0] + len(values), device=device)
-    host = torch.tensor(values, dtype=torch.long)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
