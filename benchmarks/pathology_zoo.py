@@ -10,7 +10,7 @@ whose outcome contradicts its label is reported as ``label not borne out`` and l
 The verdict's class is :func:`stabilize.health.verdict_class` of each optimizer's summary, the worst across
 optimizers (exploding, then vanishing, collapse, stalled, healthy); non-finite gradients count as exploding.
 
-    python benchmarks/pathology_zoo.py                 # all 41 cases (9 need the zoo extra), ~4 minutes on 2 cores
+    python benchmarks/pathology_zoo.py                 # all 42 cases (9 need the zoo extra), ~4 minutes on 2 cores
     python benchmarks/pathology_zoo.py --cadences 1 5 50   # each case at three logging cadences too, ~20 minutes
     python benchmarks/pathology_zoo.py --cases mlp-adam deep-sigmoid
     python benchmarks/pathology_zoo.py --smoke         # five cases, one per label (the test runs this)

@@ -69,6 +69,8 @@ class RepairCase:
 
     case: zoo.Case
     healthy_bar: Callable[[LightningModule], tuple[bool, str]] | None
+    #: The metric the doctor judges trials by and its mode (None: the training loss).
+    monitor: tuple[str, str] | None = None
 
 
 def loader(case: zoo.Case, seed: int) -> Callable[[], DataLoader | LightningDataModule]:
@@ -152,7 +154,8 @@ def random_rate(repairing: int, remedies: int, draws: int) -> float:
 def run(repair_case: RepairCase, seed: int, with_random: bool) -> dict[str, Any]:
     case = repair_case.case
     start = time.perf_counter()
-    result = doctor(case.module, loader(case, seed), steps=case.steps, seed=seed)
+    monitor, mode = repair_case.monitor or (None, "min")
+    result = doctor(case.module, loader(case, seed), steps=case.steps, seed=seed, monitor=monitor, mode=mode)
     seconds = time.perf_counter() - start
     best = result.best
     row: dict[str, Any] = {
@@ -161,7 +164,13 @@ def run(repair_case: RepairCase, seed: int, with_random: bool) -> dict[str, Any]
         "detected": result.probe.verdict_class,
         "probe_verdict": result.probe.verdict,
         "trials": [
-            {"remedy": t.name, "verdict": t.verdict_class, "final_loss": t.final_loss, "works": t.works}
+            {
+                "remedy": t.name,
+                "verdict": t.verdict_class,
+                "final_loss": t.final_loss,
+                **({"final_metric": t.final_metric} if monitor else {}),
+                "works": t.works,
+            }
             for t in result.trials
         ],
         "remedy": best.name if best is not None else None,
@@ -262,10 +271,8 @@ def cases() -> list[RepairCase]:
     bars = repair_cases.healthy_bars()
     chosen = []
     for case in [*zoo.cases(), *repair_cases.collection_cases()]:
-        if case.label == "healthy":
-            chosen.append(RepairCase(case, None))
-        else:
-            chosen.append(RepairCase(case, bars[case.name]))
+        monitor = repair_cases.MONITORS.get(case.name)
+        chosen.append(RepairCase(case, None if case.label == "healthy" else bars[case.name], monitor))
     return chosen
 
 

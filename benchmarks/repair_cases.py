@@ -77,6 +77,14 @@ def collection_cases() -> list[zoo.Case]:
     ]
 
 
+#: The metric the doctor judges a case's trials by, where its run logs one (a GAN has no single loss to judge by):
+#: the name and whether lower (``"min"``) or higher is better.
+MONITORS: dict[str, tuple[str, str]] = {
+    "minimax-gan": ("gan/mean_gap", "min"),
+    "gan-non-saturating": ("gan/mean_gap", "min"),
+}
+
+
 def healthy_bars() -> dict[str, Bar]:
     """The bar each failing case's repaired run must reach, by case name."""
     teacher = zoo.accuracy(zoo.teacher_data(2000, seed=1), at_least=0.7)

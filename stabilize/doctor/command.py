@@ -4,8 +4,10 @@
     stabilize fit --config configs/exploding_relu.yaml --config stabilize-doctor/fix.yaml ...
 
 Every argument the ``fit`` subcommand takes describes the run; ``--doctor.*`` options set the doctor's own:
-``steps`` (probe budget, default 200), ``max_trials`` (8), ``try_all``, ``baseline_loss`` and ``out`` (the folder
-of ``report.md``, ``loss.png`` and, when a remedy works, ``fix.yaml``: default ``stabilize-doctor``).
+``steps`` (probe budget, default 200), ``max_trials`` (8), ``try_all``, ``baseline_loss``, ``monitor`` and ``mode``
+(judge the trials by a metric the model logs, e.g. ``--doctor.monitor val/acc --doctor.mode max``; default: the
+training loss) and ``out`` (the folder of ``report.md``, ``loss.png`` and, when a remedy works, ``fix.yaml``:
+default ``stabilize-doctor``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def doctor_options(arguments: Sequence[str]) -> tuple[argparse.Namespace, list[s
     parser.add_argument("--doctor.try_all", dest="try_all", action="store_true")
     parser.add_argument("--doctor.baseline_loss", dest="baseline_loss", type=float, default=None)
     parser.add_argument("--doctor.seed", dest="seed", type=int, default=None)
+    parser.add_argument("--doctor.monitor", dest="monitor", default=None)
+    parser.add_argument("--doctor.mode", dest="mode", choices=("min", "max"), default="min")
     parser.add_argument("--doctor.out", dest="out", type=Path, default=Path("stabilize-doctor"))
     return parser.parse_known_args(list(arguments))
 
@@ -125,6 +129,8 @@ def doctor_main(arguments: Sequence[str]) -> DoctorResult:
         try_all=options.try_all,
         baseline_loss=options.baseline_loss,
         log=lambda line: print(f"  {line}", flush=True),
+        monitor=options.monitor,
+        mode=options.mode,
     )
     report = result.report()
     options.out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from stabilize.callbacks.learning_rate_scale import LearningRateScale
 from stabilize.doctor.remedies import Findings, Remedy, learning_rate, plan
 from stabilize.doctor.trial import LEARNED_FRACTION, DataSource, ModelFactory, Trial, run_trial
 from stabilize.errors import ConfigurationError, check_integers
-from stabilize.health.diagnosis import ModelTraits
+from stabilize.health.traits import ModelTraits
 from stabilize.models.variants import declared_variants
 
 if TYPE_CHECKING:
@@ -30,7 +30,8 @@ class DoctorResult:
     """What the doctor did: the probe, the trials in the order tried, and the remedy that works (if any).
 
     ``trials`` holds the remedies in the order tried. `ranked` orders them: those that repaired the run first, then
-    by final loss, then in the order tried; `best` is the first of them that works.
+    by the monitored metric (when there is one) or the final loss, then in the order tried; `best` is the first of
+    them that works.
     """
 
     probe: Trial
@@ -38,6 +39,9 @@ class DoctorResult:
     steps: int = 0
     #: Why the doctor stopped, in words.
     conclusion: str = ""
+    #: The metric trials are judged by (None: the training loss) and whether lower (``"min"``) or higher is better.
+    monitor: str | None = None
+    mode: str = "min"
 
     @property
     def healthy(self) -> bool:
@@ -51,10 +55,10 @@ class DoctorResult:
 
     def ranked(self) -> list[Trial]:
         def key(trial: Trial) -> tuple[bool, float]:
-            loss = trial.final_loss if trial.final_loss is not None else math.inf
-            return (not trial.works, loss if math.isfinite(loss) else math.inf)
+            return (not trial.works, outcome_of(trial, self.monitor, self.mode)[1])
 
-        # A stable sort: trials without a loss to rank them (a GAN's) keep the plan's order, most likely first.
+        # A stable sort: trials without a loss or metric to rank them (a GAN's, unmonitored) keep the plan's order,
+        # most likely first.
         return sorted(self.trials, key=key)
 
     @property
@@ -65,11 +69,16 @@ class DoctorResult:
 
     def table(self) -> str:
         """The ranked trials as a Markdown table, the probe last."""
-        rows = ["| remedy | verdict | loss at start | final loss | time | repaired |", "|---|---|---:|---:|---:|:-:|"]
+        metric = f" {self.monitor} |" if self.monitor else ""
+        rows = [
+            f"| remedy | verdict | loss at start | final loss |{metric} time | repaired |",
+            f"|---|---|---:|---:|{'---:|' if metric else ''}---:|:-:|",
+        ]
         for trial in [*self.ranked(), self.probe]:
+            value = f" {_loss(trial.final_metric)} |" if metric else ""
             rows.append(
-                f"| {trial.name} | {trial.verdict_class} | {_loss(trial.start_loss)} | {_loss(trial.final_loss)}"
-                f" | {trial.seconds:.0f} s | {'yes' if trial.works else ('-' if trial.remedy is None else 'no')} |"
+                f"| {trial.name} | {trial.verdict_class} | {_loss(trial.start_loss)} | {_loss(trial.final_loss)} |"
+                f"{value} {trial.seconds:.0f} s | {'yes' if trial.works else ('-' if trial.remedy is None else 'no')} |"
             )
         return "\n".join(rows)
 
@@ -117,6 +126,8 @@ def doctor(
     try_all: bool = False,
     baseline_loss: float | None = None,
     log: Callable[[str], None] | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
 ) -> DoctorResult:
     """Probe a run for ``steps`` optimizer steps and, when its verdict is not healthy, try the remedies its findings
     call for (`plan`), each at the same budget and seed.
@@ -126,6 +137,13 @@ def doctor(
     below the probe's and at most 0.9x the trivial baseline: ``baseline_loss`` (e.g. ln 10 for ten balanced classes)
     or else the smallest loss any run started at; and when the probe learned before it failed, the final loss keeps
     at least half of the progress the probe had made at its best (32-step median).
+
+    With a ``monitor`` (a metric the module logs with ``self.log``: a GAN's sample quality, a validation accuracy),
+    trials are judged and ranked by it instead of the loss: a trial repairs when its verdict is healthy (or
+    tolerated) and its final value (the median of its last 32 training values, or one validation pass after
+    training when the module logs it only in validation) is better than the probe's and than its own first value.
+    A run of several optimizers (a GAN) has no single loss: without a monitor its trials are judged by verdict
+    alone and ranked in the plan's order.
 
     The doctor stops one family after the first family of remedies that repairs (a second opinion, so that two cures
     are ranked; a family such as "LR /10, /100" goes one step further while that lowers the final loss;
@@ -146,9 +164,12 @@ def doctor(
         try_all: Try every remedy of the plan up to ``max_trials`` instead of stopping at the first that works.
         baseline_loss: The task's trivial loss (what predicting the prior scores).
         log: Called with a line after the probe and after each trial (e.g. ``print``).
+        monitor: The metric to judge trials by (None: the training loss).
+        mode: ``"min"`` when a lower ``monitor`` is better, ``"max"`` when higher is.
 
     Raises:
-        ConfigurationError: If ``steps`` or ``max_trials`` is not a positive integer.
+        ConfigurationError: If ``steps`` or ``max_trials`` is not a positive integer, ``mode`` is neither
+            ``"min"`` nor ``"max"``, or the probe never logs ``monitor``.
 
     Example:
         ```python
@@ -161,27 +182,35 @@ def doctor(
     check_integers(1, steps=steps, max_trials=max_trials)
     if baseline_loss is not None and not (math.isfinite(baseline_loss) and baseline_loss > 0):
         raise ConfigurationError(f"baseline_loss must be a positive number, got {baseline_loss}.")
+    if mode not in ("min", "max"):
+        raise ConfigurationError(f"mode must be 'min' or 'max', got {mode!r}.")
     say = log or (lambda line: None)
     kwargs = dict(trainer_kwargs or {})
     own = callbacks or list
 
     def trial(remedy: Remedy | None) -> Trial:
-        result = run_trial(model, data, remedy, steps, seed, kwargs, own, template)
+        result = run_trial(model, data, remedy, steps, seed, kwargs, own, template, monitor)
         if remedy is not None:
-            result.works = repaired(result, probe, baseline_loss, [probe, *tried])
+            result.works = repaired(result, probe, baseline_loss, [probe, *tried], monitor, mode)
             tried.append(result)
         mark = "" if remedy is None else ("  -> repaired" if result.works else "  -> not repaired")
         mark += f"  ({result.error.split('. ')[0]})" if result.error else ""  # its first sentence
-        say(f"{result.name:<28} {result.verdict_class:<10} final loss {_loss(result.final_loss):>8}{mark}")
+        value = f" {monitor} {_loss(result.final_metric):>8}" if monitor else ""
+        say(f"{result.name:<28} {result.verdict_class:<10} final loss {_loss(result.final_loss):>8}{value}{mark}")
         return result
 
     tried: list[Trial] = []
     template = model()
     probe = trial(None)
-    result = DoctorResult(probe, tried, steps)
+    result = DoctorResult(probe, tried, steps, monitor=monitor, mode=mode)
     if probe.error is not None and not probe.summaries:
         result.conclusion = f"The run as configured fails before its first step: {probe.error}"
         return result
+    if monitor is not None and probe.final_metric is None:
+        raise ConfigurationError(
+            f"The run never logs {monitor!r} (neither in training nor in a validation pass after it): name a metric"
+            " the module logs with self.log, or leave monitor out to judge by the training loss."
+        )
     if probe.verdict_class == "healthy":
         result.conclusion = "The run is healthy: nothing to repair (one probe, no change)."
         return result
@@ -204,7 +233,7 @@ def doctor(
             # stalled rather than unstable (stuck after its first blow-up), so a changed failure is no reason to
             # stop. Past the first step that repairs, one step more while it keeps lowering the final loss: the
             # search for the factor (a stalled run's LR 100x up learns, 1000x up may learn what healthy runs do).
-            if best_in_family is not None and not _better(outcome, best_in_family):
+            if best_in_family is not None and not _better(outcome, best_in_family, monitor, mode):
                 break
             if outcome.works:
                 best_in_family = outcome
@@ -216,7 +245,7 @@ def doctor(
             if second_opinion or len(tried) >= max_trials:
                 break
             second_opinion = True
-    for pair in _combinations(tried):
+    for pair in _combinations(tried, monitor, mode):
         if result.best is not None or len(tried) >= max_trials:
             break
         trial(pair)
@@ -224,12 +253,34 @@ def doctor(
     return result
 
 
-def repaired(trial: Trial, probe: Trial, baseline: float | None, runs: Sequence[Trial]) -> bool:
+def outcome_of(trial: Trial, monitor: str | None, mode: str = "min") -> tuple[float | None, float]:
+    """A trial's outcome, lower is better: its first and its final value of ``monitor`` (negated for ``"max"``), or
+    of the training loss; a missing or non-finite final value ranks last (``inf``)."""
+    start, final = (trial.start_metric, trial.final_metric) if monitor else (trial.start_loss, trial.final_loss)
+    sign = -1.0 if monitor and mode == "max" else 1.0
+    ranked = sign * final if final is not None and math.isfinite(final) else math.inf
+    return (sign * start if start is not None else None), ranked
+
+
+def repaired(
+    trial: Trial,
+    probe: Trial,
+    baseline: float | None,
+    runs: Sequence[Trial],
+    monitor: str | None = None,
+    mode: str = "min",
+) -> bool:
     """Whether ``trial`` repaired ``probe``'s run (see `doctor`)."""
     remedy = trial.remedy
     tolerated = remedy is not None and trial.verdict_class in remedy.tolerates
     if trial.error is not None or not (trial.verdict_class == "healthy" or tolerated):
         return False
+    if monitor is not None:
+        # A metric has no floor to measure "learned" against (a loss has 0): better than the probe, and than the
+        # trial's own start where training logs it.
+        start, final = outcome_of(trial, monitor, mode)
+        _, failing = outcome_of(probe, monitor, mode)
+        return math.isfinite(final) and final < failing and (start is None or final < start)
     if trial.final_loss is None or probe.final_loss is None:
         return trial.verdict_class == "healthy"  # no single loss (a GAN): the verdict is the outcome
     starts = [r.start_loss for r in [*runs, trial] if r.start_loss is not None and math.isfinite(r.start_loss)]
@@ -243,9 +294,9 @@ def repaired(trial: Trial, probe: Trial, baseline: float | None, runs: Sequence[
     return learned and trial.final_loss <= best + (trivial - best) / 2
 
 
-def _better(trial: Trial, than: Trial) -> bool:
-    """``trial`` repaired too, to a lower final loss."""
-    return trial.works and (trial.final_loss or math.inf) < (than.final_loss or math.inf)
+def _better(trial: Trial, than: Trial, monitor: str | None, mode: str) -> bool:
+    """``trial`` repaired too, to a better outcome (a lower final loss, or a better monitored metric)."""
+    return trial.works and outcome_of(trial, monitor, mode)[1] < outcome_of(than, monitor, mode)[1]
 
 
 def _overshot(outcome: Trial, probe: Trial) -> bool:
@@ -264,13 +315,13 @@ def _overshot(outcome: Trial, probe: Trial) -> bool:
 COMBINATIONS = 2
 
 
-def _combinations(tried: list[Trial]) -> list[Remedy]:
+def _combinations(tried: list[Trial], monitor: str | None = None, mode: str = "min") -> list[Remedy]:
     """Pairs of single remedies of different kinds of change, most promising first, at most `COMBINATIONS`:
     a remedy that cured the verdict without learning (clipping that tamed an RNN's explosion but left it stuck) with
     each other remedy, lowest final loss first (AdamW, which learned while still exploding); then pairs of the
     remedies that brought the final loss lowest."""
     singles = [t for t in tried if t.remedy is not None and " + " not in t.remedy.name and t.error is None]
-    singles.sort(key=lambda t: t.final_loss if t.final_loss is not None else math.inf)
+    singles.sort(key=lambda t: outcome_of(t, monitor, mode)[1])
     cured = [t for t in singles if t.verdict_class == "healthy" or t.verdict_class in _tolerated(t)]
     pairs = [(other, cure) for cure in cured for other in singles if _combinable(other, cure)]
     pairs += [(a, b) for i, a in enumerate(singles) for b in singles[i + 1 :] if _combinable(a, b)]

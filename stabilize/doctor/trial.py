@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from typing_extensions import override
 
 from stabilize.callbacks.gradient_health import GradientHealthCallback
 from stabilize.doctor.remedies import Remedy
@@ -53,6 +54,11 @@ class Trial:
     summaries: dict[str, HealthSummary] = field(default_factory=dict, repr=False)
     #: The class names of the optimizers the run trained with (after any remedy's swap).
     optimizers: tuple[str, ...] = ()
+    #: The doctor's ``monitor`` metric: its first logged training value (None: validation only, or not
+    #: monitored) and its final value (the median of its last `FINAL_STEPS` training values, or the value of a
+    #: validation run after training when the module logs it only there; None: never logged).
+    start_metric: float | None = None
+    final_metric: float | None = None
 
     @property
     def name(self) -> str:
@@ -68,9 +74,11 @@ def run_trial(
     trainer_kwargs: Mapping[str, Any],
     callbacks: Callable[[], list[Callback]],
     template: LightningModule | None = None,
+    monitor: str | None = None,
 ) -> Trial:
     """Train ``model`` (or ``remedy``'s variant of ``template``) for ``steps`` optimizer steps from ``seed`` with
-    the run's own ``callbacks`` and the remedy's, and measure it. An exception is a failed trial, not a crash."""
+    the run's own ``callbacks`` and the remedy's, and measure it (and the metric ``monitor`` the module logs). An
+    exception is a failed trial, not a crash."""
     seed_everything(seed, verbose=False)
     start = time.perf_counter()
     own = callbacks()
@@ -78,6 +86,7 @@ def run_trial(
     if health is None:
         health = GradientHealthCallback(verbose=False)
         own = [health, *own]
+    metric = MetricTrace(monitor) if monitor is not None else None
     module: LightningModule | None = None
     trainer: Trainer | None = None
     error = None
@@ -97,7 +106,7 @@ def run_trial(
                     "limit_val_batches": 0,
                     **trainer_kwargs,
                     **(remedy.trainer if remedy else {}),
-                    "callbacks": [*own, *(remedy.make_callbacks() if remedy else [])],
+                    "callbacks": [*own, *(remedy.make_callbacks() if remedy else []), *([metric] if metric else [])],
                 }
             )
             source = data() if callable(data) else data
@@ -105,6 +114,8 @@ def run_trial(
                 trainer.fit(module, datamodule=source)
             else:
                 trainer.fit(module, train_dataloaders=source)
+            if metric is not None and not metric.values and isinstance(source, LightningDataModule):
+                metric.validated = _validate(module, source, monitor, trainer_kwargs)
     except Exception as failure:  # a variant that does not build, a run that raised on NaN: the trial failed
         error = f"{type(failure).__name__}: {failure}"
     seconds = time.perf_counter() - start
@@ -127,7 +138,52 @@ def run_trial(
         diagnosis=health.diagnosis(module) if module is not None and summaries else "",
         summaries=summaries,
         optimizers=tuple(type(o).__name__ for o in trainer.optimizers) if trainer is not None else (),
+        start_metric=metric.values[0] if metric is not None and metric.values else None,
+        final_metric=metric.final() if metric is not None else None,
     )
+
+
+class MetricTrace(Callback):
+    """Record one logged metric after every training batch (what the module's ``self.log`` put in
+    ``trainer.callback_metrics``), for the doctor's ``monitor``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.values: list[float] = []
+        #: The metric of a validation run after training, when training never logged it.
+        self.validated: float | None = None
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        value = trainer.callback_metrics.get(self.name)
+        if value is not None:
+            number = float(value)
+            self.values.append(number if math.isfinite(number) else math.nan)
+
+    def final(self) -> float | None:
+        """The median of the last `FINAL_STEPS` values (NaN when any of them is not finite), else the validated
+        value."""
+        if not self.values:
+            return self.validated
+        tail = self.values[-FINAL_STEPS:]
+        return math.nan if any(math.isnan(v) for v in tail) else statistics.median(tail)
+
+
+def _validate(
+    module: LightningModule, source: LightningDataModule, name: str | None, trainer_kwargs: Mapping[str, Any]
+) -> float | None:
+    """``name`` after one validation pass of the trained ``module`` (None: the module does not log it there)."""
+    trainer = Trainer(
+        **{
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            **{k: v for k, v in trainer_kwargs.items() if k in ("accelerator", "devices", "precision")},
+        }
+    )
+    trainer.validate(module, datamodule=source, verbose=False)
+    value = trainer.callback_metrics.get(name or "")
+    return float(value) if value is not None else None
 
 
 def _losses(

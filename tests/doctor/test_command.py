@@ -43,6 +43,9 @@ def test_doctor_options_are_split_from_the_run_s_arguments() -> None:
     )
     assert options.steps == 50 and options.try_all and options.max_trials == 8
     assert rest == ["--config", "a.yaml", "--model.lr", "1"]
+    assert (options.monitor, options.mode) == (None, "min")
+    monitored, _ = doctor_options(["--doctor.monitor", "val/acc", "--doctor.mode", "max"])
+    assert (monitored.monitor, monitored.mode) == ("val/acc", "max")
 
 
 def test_config_patch_keeps_the_run_s_callbacks_and_writes_whole_model_for_another_class() -> None:

@@ -7,13 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
 
 from stabilize.doctor import DoctorResult, Findings, Remedy, Trial, doctor, plan, repaired
+from stabilize.doctor import remedies as remedies_module
 from stabilize.doctor import repair as doctor_module
 from stabilize.doctor.remedies import clipping, learning_rate, optimizer_swap, reinitialisation
-from stabilize.health.diagnosis import ModelTraits
+from stabilize.errors import ConfigurationError
+from stabilize.health.traits import ModelTraits
 from stabilize.models.variants import Variant
-from tests.helpers.doctor_models import TeacherNet
+from tests.helpers.doctor_models import TeacherNet, teacher
 
 RELU = ModelTraits(relu_like=True)
 
@@ -223,3 +227,114 @@ def test_cures_without_a_loss_to_rank_them_keep_the_plan_s_order_not_their_speed
     second = Trial(learning_rate(0.01), "healthy", "healthy", None, None, 5.0, works=True)
     result = DoctorResult(Trial(None, "collapse", "collapse", None, None, 10.0), [first, second], 100)
     assert result.best is first and result.ranked() == [first, second]
+
+
+def test_plan_for_a_collapse_speeds_up_the_network_that_collapsed_after_the_loss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    declared = {"non_saturating_loss": Variant("non-saturating loss", {"loss": "non-saturating"})}
+    monkeypatch.setattr(remedies_module, "class_of", lambda summary: summary["class"])
+    quiet = {"explosions": [], "nonfinite": []}
+    two = {"generator": {"class": "collapse", **quiet}, "discriminator": {"class": "healthy", **quiet}}
+    findings = Findings.of("collapse", two, ("Adam", "Adam"))  # type: ignore[arg-type]
+    assert findings.collapsed == ((0, "generator"),)
+    families = names(plan(findings, RELU, declared, 3000))
+    assert families[:3] == [
+        ["non saturating loss"],
+        ["LR x10 (generator)", "LR x100 (generator)"],
+        ["LR /10", "LR /100"],
+    ]
+    faster = plan(findings, RELU, declared, 3000)[1][0].make_callbacks()[0]
+    assert faster.optimizers == [0] and faster.factor == 10.0  # type: ignore[attr-defined]
+    # One optimizer, or one that never stepped (no summary of its own): no network to speed up alone.
+    assert Findings.of("collapse", {"generator": two["generator"]}, ("Adam",)).collapsed == ()  # type: ignore[arg-type]
+    assert Findings.of("collapse", two, ("Adam", "Adam", "SGD")).collapsed == ()  # type: ignore[arg-type]
+
+
+def test_repaired_by_a_monitored_metric_better_than_the_probe_s_and_its_own_start() -> None:
+    probe = trial(None, "collapse", None, None, start_metric=8.5, final_metric=8.4)
+    better = trial("a", "healthy", None, None, start_metric=8.5, final_metric=4.4)
+    assert repaired(better, probe, None, [probe], "gap")
+    assert not repaired(trial("a", "collapse", None, None, final_metric=0.1), probe, None, [probe], "gap")
+    assert not repaired(trial("a", "healthy", None, None, start_metric=8.5, final_metric=8.6), probe, None, [], "gap")
+    assert not repaired(trial("a", "healthy", None, None, final_metric=math.nan), probe, None, [probe], "gap")
+    # "max": higher is better (an accuracy), judged against a validation value without a start.
+    chance = trial(None, "vanishing", 1.38, start_metric=0.25, final_metric=0.26)
+    assert repaired(trial("a", "healthy", 1.38, final_metric=0.9), chance, None, [chance], "acc", "max")
+    assert not repaired(trial("a", "healthy", 0.1, final_metric=0.2), chance, None, [chance], "acc", "max")
+
+
+def test_the_doctor_ranks_gan_cures_by_the_monitored_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repair bench's minimax GAN: the non-saturating loss cures the verdict but moves the generator halfway;
+    its LR x10 reaches the data. Without a monitor the plan's order would pick the first cure."""
+    metrics = {None: ("collapse", 8.4), "non saturating loss": ("healthy", 4.4)}
+    metrics |= {"LR x10 (generator)": ("healthy", 0.1), "LR x100 (generator)": ("healthy", 0.6)}
+    tried: list[str] = []
+
+    def fake(model: Any, data: Any, remedy: Remedy | None, *args: Any) -> Trial:
+        tried.append(str(None if remedy is None else remedy.name))
+        verdict, gap = metrics.get(None if remedy is None else remedy.name, ("collapse", 8.5))
+        quiet = {"explosions": [], "nonfinite": []}
+        summaries = {"generator": {"class": verdict, **quiet}, "discriminator": {"class": "healthy", **quiet}}
+        return Trial(
+            remedy,
+            verdict,
+            verdict,
+            None,
+            None,
+            1.0,
+            summaries=summaries,
+            optimizers=("Adam", "Adam"),  # type: ignore[arg-type]
+            start_metric=8.5,
+            final_metric=gap,
+        )
+
+    monkeypatch.setattr(doctor_module, "run_trial", fake)
+    monkeypatch.setattr(remedies_module, "class_of", lambda summary: summary["class"])
+    result = doctor(MinimaxStub, None, steps=100, monitor="gan/mean_gap")
+    # The first cure, then a second opinion (the next family, one step further while it helps: x100 does not).
+    assert tried == ["None", "non saturating loss", "LR x10 (generator)", "LR x100 (generator)"]
+    assert result.best is not None and result.best.name == "LR x10 (generator)"
+    assert "gan/mean_gap" in result.table().splitlines()[0]
+
+
+class MinimaxStub(TeacherNet):
+    """A module that declares the non-saturating loss (the doctor's plan reads only the declaration here)."""
+
+    def stabilize_variants(self) -> dict[str, Variant]:
+        return {"non_saturating_loss": Variant("the non-saturating loss", {"loss": "non-saturating"})}
+
+
+def test_the_doctor_judges_a_real_run_by_a_logged_metric_and_refuses_one_never_logged() -> None:
+    result = doctor(lambda: TeacherNet(bias=-10.0), None, steps=100, monitor="train/accuracy", mode="max")
+    probe, best = result.probe, result.best
+    assert probe.final_metric is not None and probe.final_metric < 0.55  # dead ReLUs: 0.45 (the best trial 0.81)
+    assert best is not None and best.final_metric is not None and best.final_metric > probe.final_metric + 0.3
+    assert best.final_metric == max(t.final_metric or 0.0 for t in result.trials)
+    with pytest.raises(ConfigurationError, match="never logs 'train/acc'"):
+        doctor(TeacherNet, None, steps=5, monitor="train/acc")
+    with pytest.raises(ConfigurationError, match="mode"):
+        doctor(TeacherNet, None, steps=5, monitor="train/accuracy", mode="up")
+
+
+class ValidatedTeacher(TeacherNet):
+    """TeacherNet that logs its accuracy in validation only (a held-out metric)."""
+
+    def validation_step(self, batch: tuple[Any, Any], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/accuracy", (self(x).argmax(1) == y).float().mean())
+
+
+class TeacherData(LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(teacher(), batch_size=64, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(teacher(512, seed=1), batch_size=256)
+
+
+def test_a_metric_logged_in_validation_only_is_measured_by_one_validation_pass_after_training() -> None:
+    result = doctor(ValidatedTeacher, TeacherData(), steps=100, monitor="val/accuracy", mode="max")
+    probe = result.probe
+    assert result.healthy and probe.start_metric is None  # no training value: nothing to start from
+    assert probe.final_metric is not None and 0.6 < probe.final_metric <= 1.0  # 100 Adam steps learn the teacher
