@@ -7,6 +7,7 @@ judged by its *outcome* (did the loss learn, against the probe and the trivial b
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -207,9 +208,12 @@ def doctor(
         result.conclusion = f"The run as configured fails before its first step: {probe.error}"
         return result
     if monitor is not None and probe.final_metric is None:
+        close = difflib.get_close_matches(monitor, probe.logged_metrics, n=1)
+        logged = f" It logs: {', '.join(probe.logged_metrics)}." if probe.logged_metrics else " It logs no metric."
         raise ConfigurationError(
-            f"The run never logs {monitor!r} (neither in training nor in a validation pass after it): name a metric"
-            " the module logs with self.log, or leave monitor out to judge by the training loss."
+            f"The run never logs {monitor!r} (neither in training nor in a validation pass after it)"
+            + (f"; did you mean {close[0]!r}?" if close else ".")
+            + logged
         )
     if probe.verdict_class == "healthy":
         result.conclusion = "The run is healthy: nothing to repair (one probe, no change)."

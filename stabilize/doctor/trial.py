@@ -59,6 +59,8 @@ class Trial:
     #: validation run after training when the module logs it only there; None: never logged).
     start_metric: float | None = None
     final_metric: float | None = None
+    #: The names of the metrics the run logged (what a ``monitor`` may name).
+    logged_metrics: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -140,6 +142,7 @@ def run_trial(
         optimizers=tuple(type(o).__name__ for o in trainer.optimizers) if trainer is not None else (),
         start_metric=metric.values[0] if metric is not None and metric.values else None,
         final_metric=metric.final() if metric is not None else None,
+        logged_metrics=tuple(sorted(trainer.callback_metrics)) if trainer is not None else (),
     )
 
 

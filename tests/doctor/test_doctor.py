@@ -311,7 +311,7 @@ def test_the_doctor_judges_a_real_run_by_a_logged_metric_and_refuses_one_never_l
     assert probe.final_metric is not None and probe.final_metric < 0.55  # dead ReLUs: 0.45 (the best trial 0.81)
     assert best is not None and best.final_metric is not None and best.final_metric > probe.final_metric + 0.3
     assert best.final_metric == max(t.final_metric or 0.0 for t in result.trials)
-    with pytest.raises(ConfigurationError, match="never logs 'train/acc'"):
+    with pytest.raises(ConfigurationError, match=r"never logs 'train/acc'.*did you mean 'train/accuracy'"):
         doctor(TeacherNet, None, steps=5, monitor="train/acc")
     with pytest.raises(ConfigurationError, match="mode"):
         doctor(TeacherNet, None, steps=5, monitor="train/accuracy", mode="up")
