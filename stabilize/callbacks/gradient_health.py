@@ -160,7 +160,8 @@ class GradientHealthCallback(Callback):
     | ``activation_dead/<module>`` | dead-channel fraction after a ReLU-like module (``track_activations``) |
     | ``activation_saturated/<module>`` | saturated-output fraction of sigmoid/tanh (``track_activations``) |
 
-    TensorBoard also receives ``grad_hist/<layer>`` histograms, the ``grad_health/flow`` figure and the
+    TensorBoard also receives ``grad_hist/<layer>`` histograms, ``grad_log10/<layer>`` histograms of ``log10 |g|``
+    (non-zero values: readable axes for tiny gradients), the ``grad_health/flow`` figure and the
     ``grad_health/alerts`` text.
     """
 

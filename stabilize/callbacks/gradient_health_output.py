@@ -140,6 +140,8 @@ class HealthOutput:
         # Sharded gradients (FSDP2) would be one process's slice: no histogram rather than a wrong one.
         if writers and not layers.sharded and (histograms.due(own_step) or (final and histograms.every)):
             self.write_histograms(writers, f"grad_hist/{prefix}", gradient_histograms(layers, positions), step)
+            magnitudes = gradient_histograms(layers, positions, magnitude=True)
+            self.write_histograms(writers, f"grad_log10/{prefix}", magnitudes, step)
         if writers and (figures.due(own_step) or (final and figures.every)):
             names = list(record["layers"])
             figure = draw(names, [record["layers"][name]["grad_norm"] for name in names])

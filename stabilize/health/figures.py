@@ -108,9 +108,13 @@ class Histogram(NamedTuple):
     bucket_counts: list[float]
 
 
-def gradient_histograms(layers: LayerIndex, positions: tuple[int, ...]) -> list[Histogram]:
-    """Per-layer histograms of the gradients at ``positions``, binned on the device: only 64 counts and four
-    statistics per layer travel to the host, in one transfer. Layers with non-finite gradients are left out."""
+def gradient_histograms(layers: LayerIndex, positions: tuple[int, ...], magnitude: bool = False) -> list[Histogram]:
+    """Per-layer histograms of the gradients at ``positions``, binned on the device: only 64 counts and five
+    statistics per layer travel to the host, in one transfer. Layers with non-finite gradients are left out.
+
+    ``magnitude``: histograms of ``log10 |g|`` over the non-zero gradient values instead, whose axis reads in
+    orders of magnitude (-7 for 1e-7) where the plain histogram of tiny values is a smear of ``0.0000…`` labels;
+    exact zeros are left out of it (the plain histogram counts them)."""
     by_layer: dict[int, list[Tensor]] = {}
     for position in positions:
         grad = layers.params[position].grad
@@ -118,21 +122,30 @@ def gradient_histograms(layers: LayerIndex, positions: tuple[int, ...]) -> list[
             by_layer.setdefault(layers.layer_of_param[position], []).append(grad)
     if not by_layer:
         return []
-    rows, sizes = [], []
+    rows = []
     for grads in by_layer.values():
         # Sparse gradients: their stored values; complex ones: their modulus.
         parts = [stored_values(g.detach()) for g in grads]
         values = torch.cat([(p.abs() if p.is_complex() else p).flatten().float() for p in parts])
-        low, high = values.min(), values.max()
+        kept = torch.ones_like(values, dtype=torch.bool)
+        if magnitude:  # masks, not indexing: the number of non-zero values stays on the device (no host sync)
+            kept = values != 0
+            values = values.abs().clamp(min=torch.finfo(torch.float32).tiny).log10()
+        low = values.masked_fill(~kept, math.inf).min()
+        high = values.masked_fill(~kept, -math.inf).max()
         width = (high - low).clamp(min=torch.finfo(torch.float32).tiny)
-        bins = ((values - low) / width * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1)
-        counts = torch.bincount(bins, minlength=HISTOGRAM_BINS).float()
-        rows.append(torch.cat([torch.stack([low, high, values.sum(), values.square().sum()]), counts]))
-        sizes.append(values.numel())
+        bins = ((values - low) / width * HISTOGRAM_BINS).nan_to_num().long().clamp_(0, HISTOGRAM_BINS - 1)
+        # Left-out values go to one bin more, dropped: weights would be simpler, but a weighted bincount on CUDA
+        # raises under torch.use_deterministic_algorithms.
+        bins = bins.masked_fill(~kept, HISTOGRAM_BINS)
+        counts = torch.bincount(bins, minlength=HISTOGRAM_BINS + 1)[:HISTOGRAM_BINS].float()
+        values = values.masked_fill(~kept, 0)
+        statistics = torch.stack([low, high, values.sum(), values.square().sum(), kept.sum().float()])
+        rows.append(torch.cat([statistics, counts]))
     histograms = []
-    for layer, size, row in zip(by_layer, sizes, torch.stack(rows).tolist()):
-        low, high, total, squares = row[:4]
+    for layer, row in zip(by_layer, torch.stack(rows).tolist()):
+        low, high, total, squares, size = row[:5]
         if all(math.isfinite(v) for v in row[:4]):
             limits = [low + (high - low) * (k + 1) / HISTOGRAM_BINS for k in range(HISTOGRAM_BINS)]
-            histograms.append(Histogram(layers.names[layer], size, low, high, total, squares, limits, row[4:]))
+            histograms.append(Histogram(layers.names[layer], int(size), low, high, total, squares, limits, row[5:]))
     return histograms

@@ -409,6 +409,9 @@ def test_tensorboard_has_scalars_histograms_and_the_flow_figure(tmp_path: Path) 
     assert list(health.history[0]["layers"])[-1] == "network.7.2"  # the head's linear layer
     histogram = events.Histograms("grad_hist/network.7.2")[0].histogram_value
     assert histogram.num == 650 and len(histogram.bucket) == 64 and sum(histogram.bucket) == 650  # 64*10 + 10
+    magnitudes = events.Histograms("grad_log10/network.7.2")[0].histogram_value
+    assert magnitudes.num == sum(magnitudes.bucket) and 0 < magnitudes.num <= 650  # non-zero values only
+    assert -12 < magnitudes.min < magnitudes.max < 2  # orders of magnitude, not 0.0000... labels
     assert "grad_health/flow" in tags["images"]
     assert [e.step for e in events.Images("grad_health/flow")] == [0, 4]
 
