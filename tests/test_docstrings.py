@@ -84,3 +84,21 @@ def test_the_site_hook_links_code_spans_that_name_public_objects_and_nothing_els
     ]
     for html in untouched:
         assert hook.link_code_spans(html) == html
+
+
+SITE = PACKAGE.parent / "site"
+
+
+@pytest.mark.skipif(not (SITE / "reference").is_dir(), reason="the site is not built (CI runs mkdocs build first)")
+def test_the_built_site_shows_no_raw_restructuredtext() -> None:
+    """What a reader sees: every page of the built site (CI builds it before the tests), not only the docstrings."""
+    role = re.compile(r":(?:class|func|meth|data|mod|attr|obj|exc):(?:`|<code>)")
+    table = re.compile(r"={3,}\s+={3,}")
+    literal = re.compile(r"\w::\s*</p>")
+    found = [
+        f"{page.relative_to(SITE)}: {pattern.pattern}"
+        for page in SITE.rglob("*.html")
+        for pattern in (role, table, literal)
+        if pattern.search(page.read_text(errors="replace"))
+    ]
+    assert not found, found
