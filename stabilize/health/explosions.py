@@ -30,7 +30,7 @@ Everything else is a *transient* spike, reported with its steps and peak so that
 
 from __future__ import annotations
 
-import bisect
+import itertools
 import math
 import statistics
 from collections.abc import Sequence
@@ -80,14 +80,16 @@ def classify_spikes(
 
 
 def merge_runs(spikes: Sequence[SpikeEvent], steps: Sequence[int] | None = None) -> list[SpikeEvent]:
-    """Join events that are one run of spikes cut by a logging step: the next starts at the optimizer's next step
-    after the last. ``steps``: the global steps the optimizer stepped at, in order (its trace's); without them, the
-    next global step. A GAN's generator steps once in every ``n + 1`` global steps (``n`` discriminator steps), so
-    its next step is not the next global step."""
+    """Join events that are one run of spikes cut by a logging step: the next starts within one step of the
+    optimizer after the last. ``steps``: the first steps of the optimizer's trace points, whose smallest spacing is
+    that step: a GAN's generator steps once in ``n + 1`` global steps (``n`` discriminator steps), so its next step
+    is ``n + 1`` on; in a run long enough that a point stands for several steps, the point's span, the finest the
+    loss rules read the trace at anyway. Without them, the next global step."""
+    spacing = min((b - a for a, b in itertools.pairwise(steps) if b > a), default=1) if steps else 1
     merged: list[SpikeEvent] = []
     for event in spikes:
         previous = merged[-1] if merged else None
-        if previous is not None and event["first_step"] == _next_step(previous["last_step"], steps):
+        if previous is not None and 0 < event["first_step"] - previous["last_step"] <= spacing:
             merged[-1] = {
                 "first_step": previous["first_step"],
                 "last_step": event["last_step"],
@@ -104,15 +106,6 @@ def merge_runs(spikes: Sequence[SpikeEvent], steps: Sequence[int] | None = None)
         else:
             merged.append(event)
     return merged
-
-
-def _next_step(step: int, steps: Sequence[int] | None) -> int:
-    """The optimizer's first step after ``step`` (``step + 1`` without its ``steps``, or after the last of them)."""
-    if steps:
-        index = bisect.bisect_right(steps, step)
-        if index < len(steps):
-            return steps[index]
-    return step + 1
 
 
 def _evidence(

@@ -60,6 +60,9 @@ def test_a_run_cut_by_logging_steps_is_judged_as_one() -> None:
     generator_steps = list(range(5, 100, 6))
     assert len(merge_runs([spike(5), spike(11)], generator_steps)) == 1
     assert len(merge_runs([spike(5), spike(17)], generator_steps)) == 2
+    # A long run's trace point stands for 4 steps: events within a point's span are one run, as the loss rules see it.
+    assert len(merge_runs([spike(5), spike(8)], list(range(0, 100, 4)))) == 1
+    assert len(merge_runs([spike(5), spike(10)], list(range(0, 100, 4)))) == 2
 
 
 def test_a_gradient_that_fell_with_its_loss_is_convergence_not_collapse() -> None:
