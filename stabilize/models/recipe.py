@@ -136,10 +136,15 @@ class TrainingRecipe(DeviceLoggedModule):
         return torch.optim.RMSprop(groups, lr=hp["lr"], momentum=hp["momentum"], foreach=True)
 
     def _fused_sgd_allowed(self, groups: list[dict[str, Any]]) -> bool:
-        """Whether SGD runs fused: one kernel per group for the whole update, bitwise the steps of ``foreach`` on the
-        CPU and 60 us a step less for FastCNN's three groups there (issue 22). Not under fp16 AMP: a fused step
-        unscales the gradients itself, after ``on_before_optimizer_step``, and Lightning refuses to clip them; not
-        on a device without fused kernels. (Adam and AdamW stay ``foreach``: their fused steps round differently.)"""
+        """Whether SGD runs fused: one kernel per group for the whole update, 60 us a step less for FastCNN's three
+        groups on the CPU (issue 22). The same arithmetic as ``foreach`` but not always the same rounding: bitwise at
+        a constant learning rate with weight decay, a few float32 ulps apart under a schedule or without weight
+        decay (3e-9 relative in the weights after 40 steps of the quickstart's BatchNormCNN; after its 300 steps the
+        third decimal of the loss moves), so a run since 2026-12-03 repeats one from before only to rounding.
+
+        Not under fp16 AMP: a fused step unscales the gradients itself, after ``on_before_optimizer_step``, and
+        Lightning refuses to clip them; not on a device without fused kernels. (Adam and AdamW stay ``foreach``:
+        their fused steps round differently.)"""
         plugin = self._trainer.precision_plugin if self._trainer is not None else None
         if getattr(plugin, "scaler", None) is not None:
             return False
