@@ -362,7 +362,10 @@ def _conclusion(result: DoctorResult, traits: ModelTraits, families: list[list[R
     runs = len(result.trials) + 1
     cost = f"{runs} runs of {result.steps} steps, {result.cost:.1f}x the probe's time"
     if best is not None and best.remedy is not None:
-        return f"Repaired by {best.remedy.name} ({best.verdict_class}, final loss {_loss(best.final_loss)}; {cost})."
+        outcome = f"final loss {_loss(best.final_loss)}"
+        if result.monitor:
+            outcome += f", {result.monitor} {_loss(best.final_metric)} (the probe's {_loss(result.probe.final_metric)})"
+        return f"Repaired by {best.remedy.name} ({best.verdict_class}, {outcome}; {cost})."
     if not families:
         return f"No remedy fits a {result.probe.verdict_class} run of this model ({cost})."
     functional = (

@@ -296,6 +296,7 @@ def test_the_doctor_ranks_gan_cures_by_the_monitored_metric(monkeypatch: pytest.
     assert tried == ["None", "non saturating loss", "LR x10 (generator)", "LR x100 (generator)"]
     assert result.best is not None and result.best.name == "LR x10 (generator)"
     assert "gan/mean_gap" in result.table().splitlines()[0]
+    assert "gan/mean_gap 0.1 (the probe's 8.4)" in result.conclusion
 
 
 class MinimaxStub(TeacherNet):
