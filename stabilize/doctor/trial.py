@@ -11,7 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from torch import Tensor
 from typing_extensions import override
 
 from stabilize.callbacks.gradient_health import GradientHealthCallback
@@ -148,11 +150,13 @@ def run_trial(
 
 class MetricTrace(Callback):
     """Record one logged metric after every training batch (what the module's ``self.log`` put in
-    ``trainer.callback_metrics``), for the doctor's ``monitor``."""
+    ``trainer.callback_metrics``), for the doctor's ``monitor``. The values stay on their device until read: a host
+    read per batch would synchronise every step of the trial."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.values: list[float] = []
+        self._logged: list[Tensor] = []
+        self._values: list[float] = []
         #: The metric of a validation run after training, when training never logged it.
         self.validated: float | None = None
 
@@ -160,15 +164,25 @@ class MetricTrace(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         value = trainer.callback_metrics.get(self.name)
         if value is not None:
-            number = float(value)
-            self.values.append(number if math.isfinite(number) else math.nan)
+            # A copy: the logged tensor may be updated in place at a later step.
+            self._logged.append(torch.as_tensor(value).detach().float().reshape(()).clone())
+
+    @property
+    def values(self) -> list[float]:
+        """Every training batch's value, oldest first, non-finite ones as NaN (one host transfer for those logged
+        since the last read)."""
+        if len(self._values) < len(self._logged):
+            fresh = torch.stack(self._logged[len(self._values) :]).tolist()
+            self._values += [v if math.isfinite(v) else math.nan for v in fresh]
+        return self._values
 
     def final(self) -> float | None:
         """The median of the last `FINAL_STEPS` values (NaN when any of them is not finite), else the validated
         value."""
-        if not self.values:
+        values = self.values
+        if not values:
             return self.validated
-        tail = self.values[-FINAL_STEPS:]
+        tail = values[-FINAL_STEPS:]
         return math.nan if any(math.isnan(v) for v in tail) else statistics.median(tail)
 
 
