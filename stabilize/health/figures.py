@@ -122,30 +122,39 @@ def gradient_histograms(layers: LayerIndex, positions: tuple[int, ...], magnitud
             by_layer.setdefault(layers.layer_of_param[position], []).append(grad)
     if not by_layer:
         return []
-    rows = []
+    rows: list[Tensor] = []
+    sizes: list[int | None] = []
     for grads in by_layer.values():
         # Sparse gradients: their stored values; complex ones: their modulus.
         parts = [stored_values(g.detach()) for g in grads]
         values = torch.cat([(p.abs() if p.is_complex() else p).flatten().float() for p in parts])
-        kept = torch.ones_like(values, dtype=torch.bool)
-        if magnitude:  # masks, not indexing: the number of non-zero values stays on the device (no host sync)
-            kept = values != 0
+        # The magnitudes leave out the zeros by masks, not indexing: the count of the rest stays on the device (no
+        # host sync); the plain histogram keeps every value and counts them on the host, exactly.
+        left_out = values == 0 if magnitude else None
+        if magnitude:
             values = values.abs().clamp(min=torch.finfo(torch.float32).tiny).log10()
-        low = values.masked_fill(~kept, math.inf).min()
-        high = values.masked_fill(~kept, -math.inf).max()
+        sizes.append(None if magnitude else values.numel())
+        low, high = _without(values, left_out, math.inf).min(), _without(values, left_out, -math.inf).max()
         width = (high - low).clamp(min=torch.finfo(torch.float32).tiny)
         bins = ((values - low) / width * HISTOGRAM_BINS).nan_to_num().long().clamp_(0, HISTOGRAM_BINS - 1)
         # Left-out values go to one bin more, dropped: weights would be simpler, but a weighted bincount on CUDA
         # raises under torch.use_deterministic_algorithms.
-        bins = bins.masked_fill(~kept, HISTOGRAM_BINS)
-        counts = torch.bincount(bins, minlength=HISTOGRAM_BINS + 1)[:HISTOGRAM_BINS].float()
-        values = values.masked_fill(~kept, 0)
-        statistics = torch.stack([low, high, values.sum(), values.square().sum(), kept.sum().float()])
-        rows.append(torch.cat([statistics, counts]))
+        counts = torch.bincount(_without(bins, left_out, HISTOGRAM_BINS), minlength=HISTOGRAM_BINS + 1).float()
+        values = _without(values, left_out, 0)
+        # Exact up to 2**24 non-zero values (float32), TensorBoard's informational "num" above.
+        count = values.new_full((), math.nan) if left_out is None else (~left_out).sum().float()
+        statistics = torch.stack([low, high, values.sum(), values.square().sum(), count])
+        rows.append(torch.cat([statistics, counts[:HISTOGRAM_BINS]]))
     histograms = []
-    for layer, row in zip(by_layer, torch.stack(rows).tolist()):
-        low, high, total, squares, size = row[:5]
+    for layer, size, row in zip(by_layer, sizes, torch.stack(rows).tolist()):
+        low, high, total, squares, count = row[:5]
+        size = count if size is None else size
         if all(math.isfinite(v) for v in row[:4]):
             limits = [low + (high - low) * (k + 1) / HISTOGRAM_BINS for k in range(HISTOGRAM_BINS)]
             histograms.append(Histogram(layers.names[layer], int(size), low, high, total, squares, limits, row[5:]))
     return histograms
+
+
+def _without(values: Tensor, left_out: Tensor | None, fill: float) -> Tensor:
+    """``values`` with the ``left_out`` entries set to ``fill`` (no mask: ``values`` itself, no copy)."""
+    return values if left_out is None else values.masked_fill(left_out, fill)
