@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -52,13 +54,18 @@ class NoisyLM(TransformerLM):
         return super().training_step(batch, batch_idx) * noise_from_every_generator()
 
 
-def final_state(tmp_path: Path, make: Callable[[], tuple[LightningModule, object]], callbacks: list[Callback]) -> dict:
+def final_state(
+    tmp_path: Path,
+    make: Callable[[], tuple[LightningModule, object]],
+    callbacks: list[Callback],
+    logger: Logger | bool = False,
+) -> dict:
     seed_everything(0)
     module, data = make()
     Trainer(
         max_epochs=3,
         accelerator="cpu",
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -115,3 +122,26 @@ def test_final_weights_and_generators_are_bitwise_those_of_a_run_without_the_obs
     torch_state, python_state, numpy_state = with_observer["generators"]
     assert torch.equal(torch_state, without["generators"][0])
     assert python_state == without["generators"][1] and np.array_equal(numpy_state, without["generators"][2])
+
+
+def test_the_tensorboard_pictures_leave_training_bitwise_as_it_was(tmp_path: Path) -> None:
+    # Histograms (plain and log10 magnitudes) and flow figures at every logging step: what runs only with a
+    # TensorBoardLogger, which the test above leaves out.
+    health = GradientHealthCallback(
+        log_every_n_steps=2,
+        histogram_every_n_steps=2,
+        figure_every_n_steps=2,
+        histogram_min_interval_s=0,
+        figure_min_interval_s=0,
+        verbose=False,
+    )
+    without = final_state(tmp_path, mlp, [])
+    with_pictures = final_state(tmp_path, mlp, [health], TensorBoardLogger(tmp_path, name="tb"))
+    for name, value in without["weights"].items():
+        assert torch.equal(value, with_pictures["weights"][name]), name
+    torch_state, python_state, numpy_state = with_pictures["generators"]
+    assert torch.equal(torch_state, without["generators"][0])
+    assert python_state == without["generators"][1] and np.array_equal(numpy_state, without["generators"][2])
+    (events_file,) = (tmp_path / "tb").rglob("events.out.tfevents.*")
+    tags = EventAccumulator(str(events_file.parent)).Reload().Tags()
+    assert any(t.startswith("grad_log10/") for t in tags["histograms"]) and "grad_health/flow" in tags["images"]
